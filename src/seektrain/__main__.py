@@ -1,0 +1,5 @@
+import sys
+
+from seektrain.cli import main
+
+sys.exit(main())
