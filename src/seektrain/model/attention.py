@@ -1,0 +1,59 @@
+"""Multi-head Latent Attention (MLA, DeepSeek-V2/V3).
+
+Queries come from h directly (`q_proj`) or through a low-rank bottleneck (`q_a_proj` → norm →
+`q_b_proj`). Keys and values are compressed into one latent c_kv of `kv_lora_rank` dims plus a
+single RoPE key shared by all heads (`kv_a_proj_with_mqa`), then expanded per head by `kv_b_proj`.
+Module names are those of the published checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seektrain.model.config import ModelConfig
+from seektrain.model.layers import RMSNorm, apply_rope
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.scale = cfg.softmax_scale()
+        self.q_lora = cfg.q_lora_rank is not None
+        d, h, qk = cfg.hidden_size, cfg.num_attention_heads, cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, h * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * cfg.v_head_dim, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        H = self.n_heads
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
+        q = q.view(B, T, H, self.nope + self.rope).transpose(1, 2)  # (B, H, T, d_qk)
+        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
+
+        kv_a = self.kv_a_proj_with_mqa(x)  # (B, T, r_kv + d_rope)
+        c_kv, k_rope = kv_a.split([self.kv_lora_rank, self.rope], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        k_rope = k_rope.view(B, 1, T, self.rope)  # one RoPE key shared by all heads
+
+        q_rope = apply_rope(q_rope, cos, sin)
+        k_rope = apply_rope(k_rope, cos, sin)
+
+        kv = self.kv_b_proj(c_kv).view(B, T, H, self.nope + self.v_dim).transpose(1, 2)  # (B, H, T, nope+v)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, d_qk)
+        k = torch.cat([k_nope, k_rope.expand(B, H, T, self.rope)], dim=-1)  # (B, H, T, d_qk)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # (B, H, T, v)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_dim))

@@ -1,0 +1,145 @@
+"""DeepSeekMoE: shared experts + sigmoid-routed experts with group-limited top-k and aux-loss-free bias.
+
+Routing (in fp32, as transformers and the V3 reference do):
+  s = sigmoid(h W_gate^T)                                   affinities (N, E)
+  choice = s + b                                            b = e_score_correction_bias, a buffer the
+                                                            trainer nudges toward balance; it changes
+                                                            WHICH experts win, never their weights
+  keep the topk_group groups whose top-2 `choice` sum is largest, mask the rest with -inf
+  idx = top-k(choice);  w = s[idx] / sum(s[idx]) * routed_scaling_factor
+Routed experts are stacked `[E, …]` weights; tokens are sorted by expert (stable) and multiplied by
+one grouped GEMM per projection (`F.grouped_mm` where the build has a kernel, else one matmul per
+EXPERT from a single host sync). No token is dropped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seektrain.model.config import ModelConfig
+from seektrain.model.layers import MLP
+
+
+def route(
+    logits: torch.Tensor, bias: torch.Tensor, cfg: ModelConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-limited top-k on sigmoid affinities. logits (N, E) fp32 -> weights (N, k) fp32,
+    expert ids (N, k) int64, affinities (N, E) fp32."""
+    scores = logits.sigmoid()
+    choice = scores + bias.float()
+    if cfg.n_group > 1:
+        N, E = choice.shape
+        grouped = choice.view(N, cfg.n_group, E // cfg.n_group)
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # (N, G)
+        group_idx = group_scores.topk(cfg.topk_group, dim=-1, sorted=False).indices  # (N, topk_group)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)  # (N, G)
+        choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(N, E)
+    idx = choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=False).indices  # (N, k)
+    weights = scores.gather(1, idx)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, idx, scores
+
+
+def _has_grouped_mm_kernel(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether this build/device/dtype has a native grouped GEMM (else the per-expert fallback runs)."""
+    fn_available = hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")
+    if not fn_available or x.dtype != w.dtype:
+        return False
+    if x.device.type == "cuda":
+        major_minor = torch.cuda.get_device_capability(x.device)
+        return x.dtype == torch.bfloat16 and major_minor >= ((8, 0) if hasattr(F, "grouped_mm") else (9, 0))
+    if x.device.type == "cpu":
+        # CPU kernels exist from torch 2.9; before 2.11 they also need 16-byte aligned operands.
+        version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+        aligned = x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
+        return version >= (2, 11) or (version >= (2, 9) and aligned)
+    return False
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x (S, K), sorted by expert, times their expert's w[e] (E, K, N) -> (S, N).
+    `offsets` (E,) int32 are the cumulative row counts, `counts` (E,) the per-expert counts."""
+    if torch.is_autocast_enabled(x.device.type):  # the grouped kernels are not autocast-aware
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dtype), w.to(dtype)
+    else:
+        x = x.to(w.dtype)
+    if _has_grouped_mm_kernel(x, w):
+        fn = F.grouped_mm if hasattr(F, "grouped_mm") else torch._grouped_mm
+        return fn(x, w, offs=offsets)
+    # Fallback: one GEMM per expert (never per token); `tolist` is the only host sync.
+    pieces = x.split(counts.tolist())
+    return torch.cat([piece @ w[e] for e, piece in enumerate(pieces)])
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored stacked, in transformers' in-memory layout:
+    gate_up_proj (E, 2I, D) = [gate; up] and down_proj (E, D, I)."""
+
+    def __init__(self, n_experts: int, dim: int, inter: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (S, D) sorted by expert, counts (E,) rows per expert -> (S, D)."""
+        offsets = counts.cumsum(0).to(torch.int32)
+        gate, up = grouped_mm(x, self.gate_up_proj.transpose(-2, -1), offsets, counts).chunk(2, dim=-1)
+        return grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offsets, counts)
+
+
+class MoE(nn.Module):
+    """Shared experts + routed experts. Returns the output, the per-expert token counts of this call and
+    the α-weighted sequence-wise balance loss (0 when α == 0)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        E = cfg.n_routed_experts
+        self.gate = nn.Linear(cfg.hidden_size, E, bias=False)  # router; applied in fp32
+        self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32), persistent=True)
+        self.experts = GroupedExperts(E, cfg.hidden_size, cfg.moe_intermediate_size)
+        shared_inter = cfg.moe_intermediate_size * cfg.n_shared_experts
+        self.shared_experts = MLP(cfg.hidden_size, shared_inter) if cfg.n_shared_experts else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, D = x.shape
+        k, E = self.cfg.num_experts_per_tok, self.cfg.n_routed_experts
+        flat = x.reshape(B * T, D)
+        logits = F.linear(flat.float(), self.gate.weight.float())  # (N, E) fp32
+        weights, idx, scores = route(logits, self.e_score_correction_bias, self.cfg)  # (N, k), (N, k), (N, E)
+
+        # Sort the N*k (token, expert) pairs by expert; stable, so ties keep token order (deterministic).
+        expert_sorted, order = idx.reshape(-1).sort(stable=True)  # (S,) with S = N*k
+        ends = torch.searchsorted(expert_sorted, torch.arange(E, device=x.device), right=True)  # (E,)
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))  # (E,) int64, no host sync
+        # Expand (backward = a sum over k) then permute, instead of gathering token rows k times:
+        # keeps the input gradient free of atomic scatter-adds, hence deterministic on GPU.
+        x_pairs = flat.unsqueeze(1).expand(B * T, k, D).reshape(B * T * k, D)  # (S, D) in pair order
+        y_sorted = self.experts(x_pairs[order], counts)  # (S, D)
+        y_sorted = y_sorted * weights.reshape(-1)[order, None]  # fp32 combine weights
+        y_pairs = torch.index_put(torch.zeros_like(y_sorted), (order,), y_sorted)  # back to pair order
+        routed = y_pairs.view(B * T, k, D).sum(1).to(x.dtype).view(B, T, D)
+
+        out = routed + self.shared_experts(x) if self.shared_experts is not None else routed
+        balance = self._balance_loss(scores.view(B, T, E), idx.view(B, T, k))
+        return out, counts.detach(), balance
+
+    def _balance_loss(self, scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Sequence-wise balance loss of DeepSeek-V3 (eq. 17-20): α Σ_i f_i P_i per sequence, batch mean.
+        f_i = E/(k T) · #tokens routed to i, P_i = mean over tokens of the normalized affinity s_i/Σ_j s_j."""
+        alpha = self.cfg.seq_aux_loss_alpha
+        if alpha == 0:
+            return scores.new_zeros(())
+        B, T, E = scores.shape
+        k = idx.shape[-1]
+        with torch.no_grad():
+            hits = torch.zeros(B, E, device=scores.device).scatter_add_(
+                1, idx.reshape(B, T * k), torch.ones(B, T * k, device=scores.device)
+            )
+            f = hits * (E / (k * T))  # (B, E)
+        p = (scores / scores.sum(-1, keepdim=True)).mean(1)  # (B, E)
+        return alpha * (f * p).sum(-1).mean()

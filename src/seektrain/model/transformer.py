@@ -1,0 +1,139 @@
+"""The DeepSeek-V3 trunk: embedding, blocks (MLA + dense MLP or MoE), final norm, head, MTP modules.
+
+Single-device and rank-free: the trainer wraps `model.layers[i]` / `model.mtp[i]` with activation
+checkpointing, FSDP or torch.compile from outside. Everything a step needs (losses as sums and counts,
+per-expert loads) is returned by `forward`, never accumulated as a side effect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seektrain.model.attention import MLA
+from seektrain.model.config import ModelConfig
+from seektrain.model.layers import MLP, RMSNorm, rope_cos_sin
+from seektrain.model.moe import GroupedExperts, MoE
+from seektrain.model.mtp import MTPModule, shift_left
+
+IGNORE_INDEX = -100
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)). Names follow the checkpoint."""
+
+    def __init__(self, cfg: ModelConfig, moe: bool) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """x (B, T, D) -> (x, expert counts (E,) or None, balance loss or None)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            y, counts, balance = self.mlp(h)
+            return x + y, counts, balance
+        return x + self.mlp(h), None, None
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V)
+    loss: torch.Tensor | None = None  # main mean + λ·MTP mean + balance (None without targets)
+    main_loss_sum: torch.Tensor | None = None  # fp32 sum of token CE over valid targets
+    main_count: torch.Tensor | None = None  # int64 number of valid targets
+    mtp_loss_sum: torch.Tensor | None = None  # same for MTP, summed over depths
+    mtp_count: torch.Tensor | None = None
+    balance_loss: torch.Tensor | None = None  # α-weighted sequence-wise balance loss, summed over MoE layers
+    expert_counts: torch.Tensor | None = None  # (n_moe_layers, E) int64 tokens per expert, main layers only
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, moe=cfg.is_moe_layer(i)) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.num_mtp_layers))
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    def moe_layers(self) -> list[MoE]:
+        """The main model's MoE modules, in the row order of `expert_counts`."""
+        return [block.mlp for block in self.layers if isinstance(block.mlp, MoE)]
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The one place weights are initialized (also after `to_empty` from the meta device):
+        every Linear, the embedding and the stacked experts ~ N(0, initializer_range²), as transformers
+        does; RMSNorm gains = 1; the routers' correction biases = 0."""
+        std = self.cfg.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, GroupedExperts):
+                nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
+                nn.init.normal_(module.down_proj, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, MoE):
+                module.e_score_correction_bias.zero_()
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+        """tokens (B, T) int64; targets (B, T) int64 with -100 = ignore. MTP runs only with targets."""
+        B, T = tokens.shape
+        cos, sin = rope_cos_sin(self.cfg, T, tokens.device)  # (T, d_rope/2) each
+        h = self.embed_tokens(tokens)  # (B, T, D)
+        counts, balances = [], []
+        for block in self.layers:
+            h, c, bal = block(h, cos, sin)
+            if c is not None:
+                counts.append(c)
+                balances.append(bal)
+        logits = self.lm_head(self.norm(h))  # (B, T, V)
+        if counts:
+            expert_counts = torch.stack(counts)  # (n_moe_layers, E)
+        else:
+            expert_counts = torch.zeros(0, self.cfg.n_routed_experts, dtype=torch.int64, device=tokens.device)
+        out = ModelOutput(logits=logits, expert_counts=expert_counts)
+        if targets is None:
+            return out
+
+        out.main_loss_sum, out.main_count = _ce_sum(logits, targets)
+        out.mtp_loss_sum = torch.zeros((), device=logits.device)
+        out.mtp_count = torch.zeros((), dtype=torch.int64, device=logits.device)
+        for k, module in enumerate(self.mtp, start=1):
+            emb = self.embed_tokens(shift_left(tokens, k, fill=0))  # Emb(t_{i+k}); padded tail has no target
+            h, bal = module(h, emb, cos, sin)
+            if bal is not None:
+                balances.append(bal)
+            loss_sum, count = _ce_sum(self.lm_head(module.norm(h)), shift_left(targets, k, fill=IGNORE_INDEX))
+            out.mtp_loss_sum = out.mtp_loss_sum + loss_sum
+            out.mtp_count = out.mtp_count + count
+        out.balance_loss = torch.stack(balances).sum() if balances else torch.zeros((), device=logits.device)
+        out.loss = (
+            out.main_loss_sum / out.main_count.clamp(min=1)
+            + self.cfg.mtp_loss_weight * out.mtp_loss_sum / out.mtp_count.clamp(min=1)
+            + out.balance_loss
+        )
+        return out
+
+
+def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of fp32 token cross-entropies over targets != -100, and their count (int64)."""
+    loss = F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss, (targets != IGNORE_INDEX).sum()
