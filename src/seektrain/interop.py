@@ -1,0 +1,159 @@
+"""transformers interop: save our model as a DeepSeek-V3 checkpoint directory and read one back.
+
+The directory holds `config.json` (`model_type: deepseek_v3`) and `model.safetensors`, or shards
+`model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json` above `max_shard_bytes`.
+`transformers.AutoModelForCausalLM.from_pretrained(dir)` loads it as `DeepseekV3ForCausalLM`; the
+name table lives in `seektrain.model.hf`. Every file is written to a temp name and `os.replace`d.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from seektrain.errors import UserError
+from seektrain.model.hf import FP32_SUFFIXES, config_from_hf, from_hf_state_dict, hf_config, to_hf_state_dict
+from seektrain.model.moe import MoE
+from seektrain.model.transformer import Transformer
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def save_hf(
+    model: Transformer,
+    out_dir: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write `model` as a transformers DeepSeek-V3 directory; returns its path. The routers' correction
+    biases stay fp32 whatever `dtype` is."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    tensors = {
+        # copy=True: per-expert slices and the MTP copies of embedding/head must not share storage
+        name: t.detach().to("cpu", _save_dtype(name, dtype), copy=True).contiguous()
+        for name, t in to_hf_state_dict(model.state_dict(), cfg).items()
+    }
+    shards = _plan_shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        names = [SINGLE_NAME]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for fname, shard in zip(names, shards, strict=True):
+        _atomic(out / fname, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+            "weight_map": {k: f for f, shard in zip(names, shards, strict=True) for k in sorted(shard)},
+        }
+        _write_json(out / INDEX_NAME, index)
+    _write_json(out / "config.json", hf_config(cfg, dtype))
+    # Remove what an earlier, differently sharded save left (only files with our exact names).
+    for stale in out.iterdir():
+        ours = stale.name == SINGLE_NAME or SHARD_NAME.fullmatch(stale.name) or stale.name == INDEX_NAME
+        if ours and stale.name not in names and not (stale.name == INDEX_NAME and len(shards) > 1):
+            stale.unlink()
+    return out
+
+
+def load_hf(
+    hf_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> Transformer:
+    """Read a DeepSeek-V3 directory (single or sharded safetensors) into our `Transformer`.
+    MTP modules absent from the files (e.g. a directory transformers saved) keep their fresh init."""
+    from safetensors.torch import load_file
+
+    src = Path(hf_dir)
+    if not (src / "config.json").is_file():
+        raise UserError(f"{src} is not a transformers model directory (no config.json)")
+    try:
+        cfg = config_from_hf(json.loads((src / "config.json").read_text()))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{src / 'config.json'} is not valid JSON: {e}") from e
+    if (src / INDEX_NAME).is_file():
+        files = sorted(set(json.loads((src / INDEX_NAME).read_text())["weight_map"].values()))
+    elif (src / SINGLE_NAME).is_file():
+        files = [SINGLE_NAME]
+    else:
+        raise UserError(f"{src} has neither {SINGLE_NAME} nor {INDEX_NAME}")
+    hf: dict[str, torch.Tensor] = {}
+    for fname in files:
+        if not (src / fname).is_file():
+            raise UserError(f"{src / fname} is listed in {INDEX_NAME} but missing")
+        hf.update(load_file(src / fname))
+    sd = from_hf_state_dict(hf, cfg)
+    if cfg.tie_word_embeddings:
+        sd.setdefault("lm_head.weight", sd.get("embed_tokens.weight"))
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    model.init_weights()
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd and not k.startswith("mtp.")]
+    unexpected = [k for k in sd if k not in expected]
+    if missing or unexpected:
+        raise UserError(
+            f"{src}: weights do not match config.json (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    for name, t in sd.items():
+        if t.shape != expected[name].shape:
+            raise UserError(
+                f"{src}: {name} has shape {tuple(t.shape)}, config.json implies {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(sd, strict=False)
+    model.to(dtype=dtype)
+    for module in model.modules():  # the correction biases stay fp32
+        if isinstance(module, MoE):
+            module.e_score_correction_bias.data = module.e_score_correction_bias.data.float()
+    return model
+
+
+def _save_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if name.endswith(FP32_SUFFIXES) else dtype
+
+
+def _plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+    _atomic(path, write)
+
+
+__all__ = ["load_hf", "save_hf"]

@@ -1,0 +1,209 @@
+"""Our names ↔ the published DeepSeek-V3 checkpoint layout (what transformers' DeepseekV3 reads).
+
+Our module names already are the checkpoint's, so the table is short:
+  ours                                   checkpoint
+  embed_tokens.weight                    model.embed_tokens.weight
+  norm.weight                            model.norm.weight
+  lm_head.weight                         lm_head.weight
+  layers.{i}.<rest>                      model.layers.{i}.<rest>
+  layers.{i}.mlp.e_score_correction_bias model.layers.{i}.mlp.gate.e_score_correction_bias
+  layers.{i}.mlp.experts.gate_up_proj    model.layers.{i}.mlp.experts.{e}.{gate,up}_proj.weight (split)
+  layers.{i}.mlp.experts.down_proj       model.layers.{i}.mlp.experts.{e}.down_proj.weight      (split)
+  mtp.{k}.{enorm,hnorm,eh_proj}.weight   model.layers.{L+k}.{enorm,hnorm,eh_proj}.weight
+  mtp.{k}.norm.weight                    model.layers.{L+k}.shared_head.norm.weight
+  mtp.{k}.block.<rest>                   model.layers.{L+k}.<rest>     (same renames as a layer)
+  (shared, written as copies)            model.layers.{L+k}.embed_tokens.weight, .shared_head.head.weight
+with L = num_hidden_layers. transformers ignores the MTP layers on load; `load_hf` reads them back.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from seektrain.errors import UserError
+from seektrain.model.config import ModelConfig
+
+TOP_LEVEL = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "lm_head.weight": "lm_head.weight"}  # fmt: skip
+BLOCK_RENAMES = {"mlp.e_score_correction_bias": "mlp.gate.e_score_correction_bias"}
+MTP_OWN = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
+           "norm.weight": "shared_head.norm.weight"}  # fmt: skip
+MTP_SHARED_COPIES = {
+    "embed_tokens.weight": "embed_tokens.weight",
+    "shared_head.head.weight": "lm_head.weight",
+}
+EXPERT_KEY = re.compile(r"(.*mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+FP32_SUFFIXES = ("e_score_correction_bias",)  # kept in fp32 whatever the export dtype (transformers does too)
+
+
+def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state dict -> checkpoint names, experts split per expert (views; nothing is copied)."""
+    L, out = cfg.num_hidden_layers, {}
+    for name, t in sd.items():
+        if name in TOP_LEVEL:
+            if not (name == "lm_head.weight" and cfg.tie_word_embeddings):
+                out[TOP_LEVEL[name]] = t
+            continue
+        m = re.fullmatch(r"(layers|mtp)\.(\d+)\.(.+)", name)
+        if m is None:
+            raise KeyError(f"no checkpoint name for {name!r}")
+        kind, idx, rest = m.group(1), int(m.group(2)), m.group(3)
+        if kind == "mtp":
+            prefix = f"model.layers.{L + idx}."
+            if rest in MTP_OWN:
+                out[prefix + MTP_OWN[rest]] = t
+                continue
+            if not rest.startswith("block."):
+                raise KeyError(f"no checkpoint name for {name!r}")
+            rest = rest.removeprefix("block.")
+        else:
+            prefix = f"model.layers.{idx}."
+        if rest.endswith("mlp.experts.gate_up_proj"):
+            inter = t.shape[1] // 2
+            for e in range(t.shape[0]):
+                out[f"{prefix}mlp.experts.{e}.gate_proj.weight"] = t[e, :inter]
+                out[f"{prefix}mlp.experts.{e}.up_proj.weight"] = t[e, inter:]
+        elif rest.endswith("mlp.experts.down_proj"):
+            for e in range(t.shape[0]):
+                out[f"{prefix}mlp.experts.{e}.down_proj.weight"] = t[e]
+        else:
+            out[prefix + BLOCK_RENAMES.get(rest, rest)] = t
+    for k in range(cfg.num_mtp_layers):
+        for hf_name, ours in MTP_SHARED_COPIES.items():
+            if ours == "lm_head.weight" and cfg.tie_word_embeddings:
+                ours = "embed_tokens.weight"
+            out[f"model.layers.{L + k}.{hf_name}"] = sd[ours]
+    return out
+
+
+def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Checkpoint names -> ours, per-expert weights stacked back into `[E, …]` tensors."""
+    L, out = cfg.num_hidden_layers, {}
+    inverse_top = {v: k for k, v in TOP_LEVEL.items()}
+    inverse_block = {v: k for k, v in BLOCK_RENAMES.items()}
+    inverse_mtp = {v: k for k, v in MTP_OWN.items()}
+    experts: dict[str, dict[str, dict[int, torch.Tensor]]] = {}  # our prefix -> proj -> e -> tensor
+    for name, t in hf.items():
+        if name.endswith("weight_scale_inv"):
+            raise UserError(
+                f"{name}: FP8 block-quantized checkpoints are not supported; dequantize to bf16 first"
+            )
+        if name in inverse_top:
+            out[inverse_top[name]] = t
+            continue
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+        if m is None:
+            raise UserError(f"unexpected tensor {name!r} in a deepseek_v3 checkpoint")
+        idx, rest = int(m.group(1)), m.group(2)
+        if idx < L:
+            prefix = f"layers.{idx}."
+        elif idx < L + cfg.num_mtp_layers:
+            prefix = f"mtp.{idx - L}."
+            if rest in MTP_SHARED_COPIES:
+                continue  # copies of the shared embedding / head
+            if rest in inverse_mtp:
+                out[prefix + inverse_mtp[rest]] = t
+                continue
+            prefix += "block."
+        else:
+            raise UserError(
+                f"tensor {name!r} is beyond the {L} layers + {cfg.num_mtp_layers} MTP modules of config.json"
+            )
+        em = EXPERT_KEY.fullmatch(rest)
+        if em:
+            experts.setdefault(prefix + em.group(1), {}).setdefault(em.group(3), {})[int(em.group(2))] = t
+        else:
+            out[prefix + inverse_block.get(rest, rest)] = t
+    for prefix, projs in experts.items():
+        stacks = {}
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            got = projs.get(proj, {})
+            missing = sorted(set(range(cfg.n_routed_experts)) - set(got))
+            if missing:
+                raise UserError(f"{prefix}: {proj} missing for experts {missing[:8]}")
+            stacks[proj] = torch.stack([got[e] for e in range(cfg.n_routed_experts)])
+        out[prefix + ".gate_up_proj"] = torch.cat([stacks["gate_proj"], stacks["up_proj"]], dim=1)
+        out[prefix + ".down_proj"] = stacks["down_proj"]
+    return out
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """config.json for `DeepseekV3ForCausalLM` (transformers ≥ 5), plus the legacy keys older loaders read."""
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        y = cfg.yarn()
+        assert y is not None
+        rope = {"rope_type": "yarn", "rope_theta": cfg.rope_theta, **y}
+    d = {f: v for f, v in cfg.to_dict().items() if f not in NOT_HF_FIELDS}
+    d.update(
+        architectures=["DeepseekV3ForCausalLM"],
+        model_type="deepseek_v3",
+        num_key_value_heads=cfg.num_attention_heads,
+        hidden_act="silu",
+        rope_parameters=rope,
+        rope_interleave=True,
+        attention_bias=False,
+        attention_dropout=0.0,
+        q_lora_rank=cfg.q_lora_rank,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        pad_token_id=cfg.pad_token_id,
+        num_nextn_predict_layers=cfg.num_mtp_layers,
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+        dtype=str(dtype).removeprefix("torch."),
+        use_cache=True,
+        seektrain={name: getattr(cfg, name) for name in SEEKTRAIN_EXTRAS},  # fields transformers lacks
+    )
+    return d
+
+
+# ModelConfig fields that config.json spells differently (rope, MTP depth) or that transformers lacks.
+SEEKTRAIN_EXTRAS = ("mtp_loss_weight", "seq_aux_loss_alpha")
+NOT_HF_FIELDS = ("num_mtp_layers", "rope_scaling", "rope_theta", *SEEKTRAIN_EXTRAS)
+
+
+def config_from_hf(d: dict[str, Any]) -> ModelConfig:
+    """Inverse of `hf_config`; also reads published DeepSeek-V3 configs (legacy `rope_scaling`)."""
+    if d.get("model_type") != "deepseek_v3":
+        raise UserError(
+            f"config.json has model_type {d.get('model_type')!r}; only 'deepseek_v3' can be imported"
+        )
+    for key, want in (("rope_interleave", True), ("attention_bias", False), ("hidden_act", "silu"),
+                      ("scoring_func", "sigmoid")):  # fmt: skip
+        if key in d and d[key] != want:
+            raise UserError(f"config.json has {key}={d[key]!r}; seektrain supports only {want!r}")
+    fields = {f for f in ModelConfig.__dataclass_fields__ if f not in NOT_HF_FIELDS}
+    kw: dict[str, Any] = {k: v for k, v in d.items() if k in fields}
+    kw["n_group"] = kw.get("n_group") or 1
+    kw["topk_group"] = kw.get("topk_group") or 1
+    if isinstance(kw.get("eos_token_id"), list):
+        kw["eos_token_id"] = kw["eos_token_id"][0]
+    rope = d.get("rope_parameters") or {}
+    legacy = d.get("rope_scaling") or {}
+    kw["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+    kind = rope.get("rope_type") or legacy.get("type") or legacy.get("rope_type") or "default"
+    if kind == "yarn":
+        src = rope if rope.get("rope_type") == "yarn" else legacy
+        kw["rope_scaling"] = {
+            "type": "yarn",
+            **{k: v for k, v in src.items() if k in _YARN_FIELDS and v is not None},
+        }
+    elif kind != "default":
+        raise UserError(f"config.json uses rope type {kind!r}; seektrain supports 'default' and 'yarn'")
+    kw["num_mtp_layers"] = int(d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 0)) or 0)
+    kw.update(d.get("seektrain", {}))
+    return ModelConfig.from_dict(kw)
+
+
+_YARN_FIELDS = (
+    "factor",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+)
