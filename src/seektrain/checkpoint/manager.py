@@ -1,0 +1,124 @@
+"""Checkpoints as directories `step_XXXXXXXX/` that appear atomically, with retention and discovery.
+
+A checkpoint is written into a hidden temporary directory, every file fsynced, and only then renamed
+to its final name; a directory with a final name is therefore always complete, and a crash mid-write
+leaves only a `.tmp-*` directory that discovery ignores and the next save removes. Old checkpoints
+are removed by renaming them to a hidden name first, so a half-deleted one never looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seektrain.errors import UserError
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+CONFIG_FILE = "config.toml"
+_NAME = re.compile(r"^step_(\d{8})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+class CheckpointManager:
+    """Saves, lists and loads checkpoints under `root` (RUN_DIR/checkpoints), keeping the newest `keep`."""
+
+    def __init__(self, root: str | os.PathLike, keep: int):
+        self.root = Path(root)
+        self.keep = keep
+
+    def list(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if _NAME.match(p.name) and is_complete(p)]
+        return sorted(found, key=lambda p: p.name)
+
+    def latest(self) -> Path | None:
+        found = self.list()
+        return found[-1] if found else None
+
+    def save(self, step: int, state: dict[str, Any], config_toml: str, meta: dict[str, Any]) -> Path:
+        """Write a checkpoint for `step` (replacing one of the same step) and apply retention."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_stale()
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
+        tmp.mkdir()
+        _write(tmp / STATE_FILE, lambda f: torch.save(state, f))
+        _write(tmp / CONFIG_FILE, lambda f: f.write(config_toml.encode()))
+        _write(tmp / META_FILE, lambda f: f.write(json.dumps({"step": step, **meta}, indent=1).encode()))
+        _fsync_dir(tmp)
+        if final.exists():
+            self._discard(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        for old in self.list()[: -self.keep]:
+            self._discard(old)
+        return final
+
+    def _discard(self, path: Path) -> None:
+        trash = self.root / f".trash-{path.name}-{os.getpid()}"
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _remove_stale(self) -> None:
+        """Leftovers of interrupted saves/deletes (any process: they are never resumed from)."""
+        for p in self.root.iterdir():
+            if p.name.startswith((".tmp-", ".trash-")):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def is_complete(path: Path) -> bool:
+    return all((path / name).is_file() for name in (STATE_FILE, META_FILE, CONFIG_FILE))
+
+
+def resolve_resume(resume: str, run_dir: Path) -> Path | None:
+    """`never` → None; `auto` → newest complete checkpoint of the run (or None); else a checkpoint
+    directory, or a run directory whose newest checkpoint is taken."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return CheckpointManager(run_dir / "checkpoints", keep=1).latest()
+    path = Path(resume)
+    if _NAME.match(path.name) and is_complete(path):
+        return path
+    latest = CheckpointManager(path / "checkpoints", keep=1).latest() if path.is_dir() else None
+    if latest is None:
+        raise UserError(
+            f"--resume {resume}: not a complete checkpoint (step_XXXXXXXX/ with {STATE_FILE}) "
+            "nor a run directory with one"
+        )
+    return latest
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """The state dict saved by `CheckpointManager.save` (tensors on CPU)."""
+    try:
+        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign file
+        raise UserError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def _write(path: Path, write) -> None:
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,99 @@
+"""RunConfig: presets, files, --set overrides, and errors that name the key and the closest valid ones."""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from seektrain.config import RunConfig, config_reference, load_config, preset_names
+from seektrain.errors import UserError
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "train.md"
+
+
+def test_presets_load_and_validate():
+    assert {"tiny", "small"} <= set(preset_names())
+    for name in preset_names():
+        cfg = load_config(preset=name)
+        assert cfg.model.preset == name
+        cfg.model_config()  # resolves against ModelConfig
+
+
+def test_set_overrides_are_typed():
+    cfg = load_config(
+        overrides=[
+            "train.steps=7",
+            "optim.lr=1e-3",
+            "optim.name=lamb",
+            "train.compile=true",
+            "model.num_hidden_layers=3",
+            "train.mtp_weight_schedule=[[0, 0.3], [0.5, 0.1]]",
+        ]
+    )
+    assert (
+        cfg.train.steps == 7
+        and cfg.optim.lr == 1e-3
+        and cfg.optim.name == "lamb"
+        and cfg.train.compile is True
+    )
+    assert cfg.model_config().num_hidden_layers == 3
+    assert cfg.train.mtp_weight_schedule == [[0, 0.3], [0.5, 0.1]]
+    assert load_config(overrides=["train.grad_clip=2"]).train.grad_clip == 2.0  # int accepted for float
+
+
+def test_config_file_then_set(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('[model]\npreset = "tiny"\nhidden_size = 64\n[train]\nsteps = 11\n')
+    cfg = load_config(config=f, overrides=["train.steps=12"])
+    assert cfg.train.steps == 12 and cfg.model_config().hidden_size == 64
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.stpes=3", ["train.stpes", "train.steps"]),
+        ("optim.learning_rate=1", ["optim.learning_rate", "optim.lr"]),
+        ("model.hidden_sise=8", ["model.hidden_sise", "model.hidden_size"]),
+        ("trian.steps=3", ["trian", "train"]),
+        ("optim.schedule=cosin", ["optim.schedule", "cosine"]),
+        ("train.precision=fp8", ["train.precision", "fp16"]),
+        ("train.steps=abc", ["train.steps", "int"]),
+        ("train.steps=0", ["train.steps", "positive"]),
+        ("train.global_batch_size=12", ["micro_batch_size", "global_batch_size"]),
+        ("model.n_group=3", ["n_group"]),
+    ],
+)
+def test_bad_values_name_the_key(override, words):
+    with pytest.raises(UserError) as e:
+        load_config(overrides=[override])
+    for word in words:
+        assert word in str(e.value)
+
+
+def test_unknown_preset_and_missing_file(tmp_path):
+    with pytest.raises(UserError, match="tiny"):
+        load_config(preset="tinny")
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(config=tmp_path / "nope.toml")
+
+
+def test_resolved_round_trip():
+    cfg = load_config(overrides=["model.q_lora_rank=none", "train.steps=5", "optim.schedule=wsd"])
+    text = cfg.to_toml()
+    again = RunConfig.from_dict(tomllib.loads(text))
+    assert again.to_toml() == text
+    assert again.model_config() == cfg.model_config()
+    assert again.model_config().q_lora_rank is None
+    assert dataclasses.asdict(again.train) == dataclasses.asdict(cfg.train)
+
+
+def test_docs_config_reference_in_sync():
+    """docs/train.md carries the generated table verbatim (regenerate with `python -m seektrain.config`)."""
+    text = DOCS.read_text()
+    assert config_reference() in text, (
+        "docs/train.md config reference is stale: run python -m seektrain.config"
+    )
+    keys = set(re.findall(r"^\| `([a-z_]+\.[a-z_<>]+)`", config_reference(), flags=re.M))
+    assert {"data.path", "train.steps", "optim.lr", "checkpoint.every", "parallel.data_parallel"} <= keys

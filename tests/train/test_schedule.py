@@ -1,0 +1,67 @@
+"""Learning-rate schedules, batch ramp and λ schedule at their key points (exact arithmetic)."""
+
+import math
+
+import pytest
+
+from seektrain.config import OptimConfig, TrainConfig
+from seektrain.train.schedule import global_batch_at, lr_factor, mtp_weight_at
+
+
+def cfg(**kw):
+    return OptimConfig(**{"warmup_steps": 10, **kw})
+
+
+def test_warmup_is_linear_for_every_schedule():
+    for name in ("cosine", "wsd", "multistep", "constant"):
+        c = cfg(schedule=name)
+        assert lr_factor(1, 100, c) == pytest.approx(0.1)
+        assert lr_factor(5, 100, c) == pytest.approx(0.5)
+        assert lr_factor(10, 100, c) == pytest.approx(1.0)
+
+
+def test_cosine_key_points():
+    c = cfg(schedule="cosine", min_lr_ratio=0.01)
+    assert lr_factor(11, 110, c) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi / 100)))
+    assert lr_factor(60, 110, c) == pytest.approx(0.01 + 0.99 * 0.5)  # halfway after warmup
+    assert lr_factor(110, 110, c) == pytest.approx(0.01)  # ends at min_lr_ratio
+    values = [lr_factor(s, 110, c) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_wsd_key_points():
+    c = cfg(schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0)
+    assert lr_factor(11, 110, c) == 1.0
+    assert lr_factor(90, 110, c) == 1.0  # progress 0.8: still stable
+    assert lr_factor(100, 110, c) == pytest.approx(0.5)  # half of the decay
+    assert lr_factor(110, 110, c) == pytest.approx(0.0)
+
+
+def test_multistep_by_tokens():
+    c = cfg(schedule="multistep", warmup_steps=0)
+    assert lr_factor(1, 100, c) == 1.0
+    assert lr_factor(80, 100, c) == 1.0  # 79 % of tokens seen before step 80
+    assert lr_factor(81, 100, c) == 0.316
+    assert lr_factor(91, 100, c) == 0.1
+    # with a batch ramp the milestones follow tokens, not steps
+    assert lr_factor(50, 100, c, token_fraction=lambda s: 0.85) == 0.316
+
+
+def test_constant():
+    assert lr_factor(500, 1000, cfg(schedule="constant")) == 1.0
+
+
+def test_batch_ramp():
+    t = TrainConfig(micro_batch_size=2, global_batch_size=16, batch_ramp_steps=8, batch_ramp_start=4)
+    sizes = [global_batch_at(s, t) for s in range(1, 12)]
+    assert sizes[0] == 4 and sizes[-1] == 16 and all(s % 2 == 0 for s in sizes)
+    assert all(a <= b for a, b in zip(sizes, sizes[1:], strict=False))
+    assert global_batch_at(3, TrainConfig(global_batch_size=16, micro_batch_size=2)) == 16
+
+
+def test_mtp_weight_schedule():
+    sched = [[0.0, 0.3], [0.7, 0.1]]
+    assert mtp_weight_at(1, 100, sched, 0.5) == 0.3
+    assert mtp_weight_at(70, 100, sched, 0.5) == 0.3
+    assert mtp_weight_at(71, 100, sched, 0.5) == 0.1
+    assert mtp_weight_at(10, 100, [], 0.5) == 0.5
