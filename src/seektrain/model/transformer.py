@@ -57,17 +57,23 @@ class ModelOutput:
 
 
 class Transformer(nn.Module):
+    """Built on the meta device, then (unless the default device is meta) materialized on the default
+    device and initialized by `init_weights`, so both paths give the same weights for the same seed."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, moe=cfg.is_moe_layer(i)) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-        self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.num_mtp_layers))
-        if not any(p.is_meta for p in self.parameters()):
+        device = torch.get_default_device()
+        with torch.device("meta"):  # always build empty: init_weights alone decides the values
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            self.layers = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.num_hidden_layers))
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            if cfg.tie_word_embeddings:
+                self.lm_head.weight = self.embed_tokens.weight
+            self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.num_mtp_layers))
+        if device.type != "meta":
+            self.to_empty(device=device)
             self.init_weights()
 
     def moe_layers(self) -> list[MoE]:
@@ -78,7 +84,9 @@ class Transformer(nn.Module):
     def init_weights(self) -> None:
         """The one place weights are initialized (also after `to_empty` from the meta device):
         every Linear, the embedding and the stacked experts ~ N(0, initializer_range²), as transformers
-        does; RMSNorm gains = 1; the routers' correction biases = 0."""
+        does; RMSNorm gains = 1; the routers' correction biases = 0. Also re-ties a tied head."""
+        if self.cfg.tie_word_embeddings:  # `to_empty` unties shared parameters; tie again
+            self.lm_head.weight = self.embed_tokens.weight
         std = self.cfg.initializer_range
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
