@@ -32,14 +32,24 @@ class MetricsLog:
     """Appends JSON lines to RUN_DIR/metrics.jsonl and mirrors numbers to TensorBoard (RUN_DIR/tb)."""
 
     def __init__(self, run_dir: Path, keep_through_step: int, tensorboard: bool):
-        self.path = Path(run_dir) / METRICS_FILE
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS_FILE
+        self.tensorboard = tensorboard
+        self._open(keep_through_step)
+
+    def _open(self, keep_through_step: int) -> None:
         truncate_metrics(self.path, keep_through_step)
         self._file = open(self.path, "a")  # noqa: SIM115 (open for the run, closed by close())
         self._tb = None
-        if tensorboard:
+        if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=keep_through_step + 1)
+            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=keep_through_step + 1)
+
+    def rewind(self, keep_through_step: int) -> None:
+        """Forget everything logged after `keep_through_step` (a rollback)."""
+        self.close()
+        self._open(keep_through_step)
 
     def write(self, record: dict[str, Any], tb_prefix: str | None = None) -> None:
         self._file.write(json.dumps(record) + "\n")

@@ -1,0 +1,457 @@
+"""The training loop: set up a run, step, log, evaluate, checkpoint, guard, resume.
+
+`Trainer(cfg, run_dir, resume).fit()` returns the process exit code (0, or 130/143 after
+SIGINT/SIGTERM once a checkpoint is written). Everything is validated before anything is written,
+so bad input never harms an existing run directory. The gradient path of one step lives in
+`step.py`; this file is the loop around it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from seektrain.checkpoint.manager import CheckpointManager, load_checkpoint, resolve_resume
+from seektrain.config import RunConfig
+from seektrain.distributed.env import detect, pick_device
+from seektrain.distributed.parallelize import apply_activation_checkpointing, apply_compile
+from seektrain.errors import UserError
+from seektrain.train import balance
+from seektrain.train.display import Display
+from seektrain.train.guard import OK, ROLLBACK, SKIP, Guard
+from seektrain.train.metrics import MetricsLog, flops_per_token, memory_gib, peak_flops
+from seektrain.train.optim import build_optimizer
+from seektrain.train.schedule import global_batch_at, lr_factor, mtp_weight_at
+from seektrain.train.step import Stepper
+
+DEFAULT_DATA = Path("data/stdlib")
+MAX_ROLLBACKS_TO_ONE_CHECKPOINT = 3
+
+
+@dataclasses.dataclass
+class Counters:
+    """Loop state saved in every checkpoint (the LR schedule's state is `step`)."""
+
+    step: int = 0  # optimizer steps done (including skipped ones)
+    tokens: int = 0  # target tokens trained on in this trajectory
+    skipped_steps: int = 0  # fp16 overflows (the scaler skipped the update)
+    bad_steps: int = 0  # non-finite loss or gradient norm (the guard skipped the update)
+    rollbacks: int = 0
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: str | os.PathLike, resume: str = "auto"):
+        self.run_dir = Path(run_dir)
+        self.dist = detect()
+        self.device = pick_device(cfg.train.device, self.dist.local_rank)
+        resume_from = resolve_resume(resume, self.run_dir)
+        if (
+            resume == "never"
+            and (self.run_dir / "checkpoints").is_dir()
+            and any((self.run_dir / "checkpoints").iterdir())
+        ):
+            raise UserError(
+                f"{self.run_dir} already holds checkpoints: continue it with --resume auto, "
+                "or choose another --run-dir"
+            )
+        data_dir = Path(cfg.data.path)
+        if not (data_dir / "manifest.json").exists() and data_dir.resolve() == DEFAULT_DATA.resolve():
+            self._prepare_default(data_dir)
+        t = cfg.train
+        unit = t.micro_batch_size * self.dist.world_size
+        if t.global_batch_size % unit:
+            raise UserError(
+                f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size × ranks = {t.micro_batch_size} × {self.dist.world_size}"
+            )
+        from seektrain.data.loader import TokenLoader
+
+        # The loader serves the global stream in units of one micro-batch per rank; a step takes as many
+        # units as its global batch needs (which the batch-size ramp varies).
+        self.loader = TokenLoader(
+            data_dir,
+            split="train",
+            seq_len=cfg.data.seq_len,
+            micro_batch_size=t.micro_batch_size,
+            global_batch_size=unit,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            seed=t.seed,
+            shuffle=True,
+        )
+        self.cfg = _with_data_vocab(cfg, self.loader.vocab_size, self.loader.eos_id)
+        self.model_cfg = self.cfg.model_config()
+        self.resume_state = None
+        if resume_from is not None:
+            self.resume_state = load_checkpoint(resume_from)
+            _check_same_model(self.resume_state["config"]["model"], self.cfg, resume_from)
+            self.loader.load_state_dict(self.resume_state["loader"])  # validates the data stream too
+        self.resume_from = resume_from
+        self._build()
+
+    # --- setup -------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        t = self.cfg.train
+        _seed_everything(t.seed)
+        with torch.device("meta"):
+            from seektrain.model.transformer import Transformer
+
+            model = Transformer(self.model_cfg)
+        model.to_empty(device=self.device)
+        model.init_weights()
+        self.model = model
+        if t.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if t.compile:
+            apply_compile(model)
+        self.optimizer = build_optimizer(model, self.cfg.optim)
+        self.stepper = Stepper(model, self.optimizer, t.precision, self.device, t.grad_clip)
+        self.guard = Guard(t.max_bad_steps, t.spike_zscore, t.spike_window)
+        self.counters = Counters()
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", self.cfg.checkpoint.keep)
+        self.rollback_targets: dict[int, int] = {}
+        # tokens-so-far per step for the multistep schedule (only differs from steps under a batch ramp)
+        sizes = np.array([global_batch_at(s, t) for s in range(1, t.steps + 1)], dtype=np.float64)
+        self._token_before = np.concatenate([[0.0], np.cumsum(sizes)]) / max(sizes.sum(), 1.0)
+        if self.resume_state is not None:
+            self._load_state(self.resume_state, restore_loader=False)  # loader already restored
+            self.resume_state = None
+        self.flops_per_token = flops_per_token(self.model_cfg, self.cfg.data.seq_len)
+        self.peak = peak_flops(self.device)
+
+    @staticmethod
+    def _prepare_default(data_dir: Path) -> None:
+        from seektrain.data.prepare import PrepareConfig, prepare
+
+        print(f"{data_dir} is missing: preparing Python's standard library as the default corpus")
+        prepare(PrepareConfig(inputs=["stdlib"], out_dir=str(data_dir)))
+
+    # --- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.stepper.scaler.state_dict(),
+            "loader": self.loader.state_dict(),
+            "rng": _rng_state(),
+            "counters": dataclasses.asdict(self.counters),
+            "guard": self.guard.state_dict(),
+            "config": self.cfg.to_dict(),
+        }
+        return state
+
+    def _load_state(self, state: dict, restore_loader: bool) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.stepper.scaler.load_state_dict(state["scaler"])
+        if restore_loader:
+            self.loader.load_state_dict(state["loader"])
+        _set_rng_state(state["rng"])
+        self.counters = Counters(**state["counters"])
+        self.guard.load_state_dict(state["guard"])
+
+    def save_checkpoint(self) -> Path:
+        c = self.counters
+        return self.checkpoints.save(
+            c.step, self.state_dict(), self.cfg.to_toml(), {"tokens": c.tokens, "time": time.time()}
+        )
+
+    # --- the loop ----------------------------------------------------------------------------------
+    def fit(self) -> int:
+        t, c = self.cfg.train, self.counters
+        if c.step >= t.steps:
+            print(
+                f"{self.run_dir} is complete at step {c.step} (train.steps={t.steps}); nothing to do. "
+                "Raise train.steps to continue, or use another --run-dir."
+            )
+            return 0
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.run_dir / "config.toml", self.cfg.to_toml())
+        self.metrics = MetricsLog(self.run_dir, c.step if self.resume_from else -1, self.cfg.log.tensorboard)
+        self.display = Display(t.steps, c.step, self.cfg.log.progress)
+        self._announce()
+        stop = _SignalFlag()
+        try:
+            if c.step == 0:
+                self._evaluate()
+            exit_code = self._loop(stop)
+        finally:
+            stop.restore()
+            self.display.close()
+            self.metrics.close()
+        return exit_code
+
+    def _loop(self, stop: _SignalFlag) -> int:
+        t, ck = self.cfg.train, self.cfg.checkpoint
+        window_tokens, window_start = 0, time.perf_counter()
+        while self.counters.step < t.steps:
+            c = self.counters
+            step = c.step + 1
+            n_units = global_batch_at(step, t) // (t.micro_batch_size * self.dist.world_size)
+            batches = [next(self.loader) for _ in range(n_units)]
+            mtp_weight = mtp_weight_at(step, t.steps, t.mtp_weight_schedule, self.model_cfg.mtp_loss_weight)
+            stats = self.stepper.forward_backward(batches, mtp_weight, self.model_cfg.num_mtp_layers)
+            grad_norm = self.stepper.clip()
+            lr = self.cfg.optim.lr * lr_factor(
+                step, t.steps, self.cfg.optim, lambda s: self._token_before[s - 1]
+            )
+            loss_ok = math.isfinite(stats.loss) and math.isfinite(stats.mtp_loss)
+            if t.precision == "fp16" and loss_ok and not math.isfinite(grad_norm):
+                decision = OK  # an overflow: the scaler skips the update and backs off
+            else:
+                decision = self.guard.check(stats.loss if loss_ok else math.nan, grad_norm)
+            if decision == ROLLBACK:
+                self._rollback(step, self.guard.last_reason)
+                continue
+            c.step = step
+            if decision == SKIP:
+                self.stepper.discard()
+                c.bad_steps += 1
+                self.metrics.write({"step": step, "event": "skip", "reason": self.guard.last_reason})
+                self.display.print(f"step {step}: skipped ({self.guard.last_reason})")
+            elif self.stepper.apply(lr):
+                balance.update_expert_bias(self.model.moe_layers(), stats.expert_counts, t.bias_update_speed)
+            else:
+                c.skipped_steps += 1
+            c.tokens += stats.tokens * self.dist.world_size
+            window_tokens += stats.tokens * self.dist.world_size
+
+            if step % t.log_every == 0 or step == t.steps:
+                elapsed = time.perf_counter() - window_start
+                speed = window_tokens / elapsed if elapsed > 0 else 0.0
+                self._log_step(stats, grad_norm, lr, mtp_weight, speed, global_batch_at(step, t))
+                window_tokens, window_start = 0, time.perf_counter()
+            self.display.update(step, stats.loss, None)
+            if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+                self._evaluate()
+            if step % ck.every == 0 or step == t.steps:
+                self.save_checkpoint()
+            if stop.signum is not None:
+                if step % ck.every and step != t.steps:
+                    self.save_checkpoint()
+                name = signal.Signals(stop.signum).name
+                self.metrics.write({"step": step, "event": "stopped", "signal": name})
+                self.display.print(f"{name}: checkpoint written at step {step}; continue with --resume auto")
+                return 128 + stop.signum
+        self.display.print(
+            f"done: {self.counters.step} steps, {self.counters.tokens:,} tokens; run directory {self.run_dir}"
+        )
+        return 0
+
+    def _log_step(self, stats, grad_norm: float, lr: float, mtp_weight: float, speed: float, gb: int) -> None:
+        c = self.counters
+        record = {
+            "step": c.step,
+            "tokens": c.tokens,
+            "loss": stats.loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": speed,
+            "mem_gib": memory_gib(self.device),
+        }
+        if self.model_cfg.num_mtp_layers:
+            record.update(mtp_loss=stats.mtp_loss, mtp_weight=mtp_weight)
+        if stats.expert_counts.numel():
+            record["expert_max_violation"] = balance.max_violation(stats.expert_counts)
+        if self.model_cfg.seq_aux_loss_alpha:
+            record["balance_loss"] = stats.balance_loss
+        if self.peak:
+            record["mfu"] = speed * self.flops_per_token / self.peak
+        if self.cfg.train.batch_ramp_steps:
+            record["global_batch"] = gb
+        if self.stepper.scaler.is_enabled():
+            record["loss_scale"] = self.stepper.scaler.get_scale()
+        record.update(skipped_steps=c.skipped_steps, bad_steps=c.bad_steps, rollbacks=c.rollbacks)
+        self.metrics.write(record, tb_prefix="train")
+        self.display.update(c.step, stats.loss, speed)
+        line = (
+            f"step {c.step:>6}  loss {stats.loss:.4f}  lr {lr:.2e}  grad_norm {grad_norm:.3f}  "
+            f"{speed:,.0f} tok/s"
+        )
+        if "expert_max_violation" in record:
+            line += f"  maxvio {record['expert_max_violation']:.2f}"
+        self.display.print(line)
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean main-model cross-entropy on (the first `eval_batches` micro-batches of) the val split."""
+        from seektrain.data.loader import TokenLoader
+
+        t = self.cfg.train
+        try:
+            val = TokenLoader(
+                self.cfg.data.path,
+                split="val",
+                seq_len=self.cfg.data.seq_len,
+                micro_batch_size=t.micro_batch_size,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+                shuffle=False,
+                verify=False,
+            )
+        except UserError:
+            return None  # no (or too small a) validation split
+        self.model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0
+        for i, (x, y) in enumerate(val.epoch()):
+            if t.eval_batches and i >= t.eval_batches:
+                break
+            with self.stepper.autocast():
+                out = self.model(x.to(self.device), y.to(self.device))
+            total += out.main_loss_sum.double()
+            count += int(out.main_count)
+        self.model.train()
+        return total.item() / count if count else None
+
+    def _evaluate(self) -> None:
+        val_loss = self.evaluate()
+        if val_loss is None:
+            return
+        self.metrics.write({"step": self.counters.step, "val_loss": val_loss}, tb_prefix="eval")
+        self.display.print(f"step {self.counters.step:>6}  val_loss {val_loss:.4f}")
+
+    def _rollback(self, bad_step: int, reason: str) -> None:
+        """Reload the newest checkpoint but keep the loader where it is: the data window since the
+        checkpoint, which caused the spike, is skipped. The new position is saved at once."""
+        latest = self.checkpoints.latest()
+        if latest is None:
+            raise UserError(
+                f"training diverged at step {bad_step} ({reason}) before the first checkpoint; "
+                "lower optim.lr or raise optim.warmup_steps"
+            )
+        state = load_checkpoint(latest)
+        to_step = state["counters"]["step"]
+        self.rollback_targets[to_step] = self.rollback_targets.get(to_step, 0) + 1
+        if self.rollback_targets[to_step] > MAX_ROLLBACKS_TO_ONE_CHECKPOINT:
+            raise UserError(
+                f"rolled back to step {to_step} {MAX_ROLLBACKS_TO_ONE_CHECKPOINT} times and the "
+                f"loss still diverges ({reason}); lower optim.lr"
+            )
+        old = self.counters
+        self._load_state(state, restore_loader=False)
+        self.counters.skipped_steps, self.counters.bad_steps = old.skipped_steps, old.bad_steps
+        self.counters.rollbacks = old.rollbacks + 1
+        self.guard.reset_bad()
+        self.metrics.rewind(to_step)
+        event = {
+            "step": to_step,
+            "event": "rollback",
+            "reason": reason,
+            "at_step": bad_step,
+            "checkpoint": latest.name,
+            "skipped_data_steps": bad_step - to_step,
+        }
+        self.metrics.write(event)
+        self.display.print(
+            f"ROLLBACK at step {bad_step}: {reason}; reloaded {latest.name} and skipped the "
+            f"data of steps {to_step + 1}..{bad_step}"
+        )
+        self.save_checkpoint()
+
+    def _announce(self) -> None:
+        m, t = self.model_cfg, self.cfg.train
+        what = f"resuming {self.resume_from} at step {self.counters.step}" if self.resume_from else "new run"
+        self.display.print(
+            f"seektrain train: {what} in {self.run_dir}\n"
+            f"  model {self.cfg.model.preset}: {m.num_params(include_mtp=True) / 1e6:.2f}M parameters "
+            f"({m.num_active_params() / 1e6:.2f}M active), vocab {m.vocab_size}\n"
+            f"  data {self.cfg.data.path}: seq_len {self.cfg.data.seq_len}, "
+            f"global batch {t.global_batch_size} (micro {t.micro_batch_size}), {t.steps} steps\n"
+            f"  {self.device.type}, {t.precision}, optimizer {self.cfg.optim.name}, "
+            f"schedule {self.cfg.optim.schedule}, lr {self.cfg.optim.lr}"
+        )
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+class _SignalFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the current step and exits."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _with_data_vocab(cfg: RunConfig, vocab_size: int, eos_id: int) -> RunConfig:
+    """The model's vocab comes from the data's tokenizer (unless set at least as large explicitly)."""
+    overrides = dict(cfg.model.overrides)
+    wanted = overrides.get("vocab_size")
+    if wanted is not None and wanted < vocab_size:
+        raise UserError(
+            f"model.vocab_size={wanted} is smaller than the tokenizer's {vocab_size} "
+            f"({cfg.data.path}); drop the override or raise it"
+        )
+    overrides.setdefault("vocab_size", vocab_size)
+    overrides.setdefault("eos_token_id", eos_id)
+    model = dataclasses.replace(cfg.model, overrides=overrides)
+    return dataclasses.replace(cfg, model=model)
+
+
+def _check_same_model(saved: dict, cfg: RunConfig, path: Path) -> None:
+    now = cfg.to_dict()["model"]
+    diffs = [
+        f"model.{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
+        for k in sorted(set(saved) | set(now))
+        if k != "preset" and saved.get(k) != now.get(k)
+    ]
+    if diffs:
+        raise UserError(
+            f"cannot resume from {path}: the model differs ({'; '.join(diffs[:4])}"
+            f"{' …' if len(diffs) > 4 else ''}); use the same model config or a new --run-dir"
+        )
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
