@@ -113,11 +113,11 @@ def load_hf(
             raise UserError(
                 f"{src}: {name} has shape {tuple(t.shape)}, config.json implies {tuple(expected[name].shape)}"
             )
-    model.load_state_dict(sd, strict=False)
     model.to(dtype=dtype)
     for module in model.modules():  # the correction biases stay fp32
         if isinstance(module, MoE):
             module.e_score_correction_bias.data = module.e_score_correction_bias.data.float()
+    model.load_state_dict(sd, strict=False)
     return model
 
 

@@ -1,0 +1,177 @@
+"""Parity with the real transformers DeepseekV3ForCausalLM loaded from our export, and export/import."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from seektrain.errors import UserError
+from seektrain.interop import load_hf, save_hf
+from seektrain.model.config import ModelConfig
+from seektrain.model.transformer import Transformer
+
+transformers = pytest.importorskip("transformers")
+
+# initializer_range 0.1 instead of 0.02 gives O(1) logits and peaked routing, so 1e-4 is a strict bound.
+TINY = dataclasses.replace(ModelConfig.from_preset("tiny"), vocab_size=1024, initializer_range=0.1)
+TOY = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, q_lora_rank=32, kv_lora_rank=32,
+           qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, vocab_size=512)  # fmt: skip
+CONFIGS = {
+    "tiny": TINY,
+    # no q low-rank path, one expert group, YaRN RoPE with mscale (softmax scale and cos/sin amplitude)
+    "no_q_lora_one_group_yarn": dataclasses.replace(
+        TINY,
+        **{**TOY, "q_lora_rank": None},
+        n_group=1,
+        topk_group=1,
+        num_experts_per_tok=3,
+        n_shared_experts=2,
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+        max_position_embeddings=256,
+        rope_scaling={
+            "type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+            "beta_fast": 32,
+            "beta_slow": 1,
+        },  # fmt: skip
+    ),
+    # q low-rank, 8 groups of 2 with 3 kept, no dense layer, two MTP modules, tied embeddings
+    "q_lora_eight_groups_tied": dataclasses.replace(
+        TINY,
+        **TOY,
+        first_k_dense_replace=0,
+        num_hidden_layers=3,
+        n_group=8,
+        topk_group=3,
+        num_experts_per_tok=5,
+        num_mtp_layers=2,
+        tie_word_embeddings=True,
+    ),
+}
+
+# fp32 on both sides; the only differences are accumulation order (SDPA vs eager attention, grouped GEMM vs
+# per-expert matmuls, sum over top-k vs index_add). Observed max |Δ| is ~1e-6 on logits of magnitude ~1.
+TOL = 1e-4
+
+
+def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():  # a non-zero correction bias, so that parity covers it too
+        for moe in model.moe_layers():
+            moe.e_score_correction_bias.normal_(std=0.05)
+    return model
+
+
+def load_transformers(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+
+
+def greedy(forward, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    ids = prompt
+    for _ in range(steps):
+        ids = torch.cat([ids, forward(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[:, prompt.shape[1] :]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_and_greedy_decoding_match_transformers(name, tmp_path):
+    cfg = CONFIGS[name]
+    ours = build(cfg)
+    save_hf(ours, tmp_path)
+    theirs = load_transformers(tmp_path)
+    assert type(theirs).__name__ == "DeepseekV3ForCausalLM"
+
+    tokens = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ours(tokens).logits, theirs(tokens).logits
+        assert (a - b).abs().max().item() <= TOL, (
+            f"max |Δ| {(a - b).abs().max():.2e}, logits std {a.std():.2f}"
+        )
+        print(f"{name}: max |Δ| {(a - b).abs().max():.2e}, logits std {a.std():.2f}")
+        ours_ids = greedy(lambda ids: ours(ids).logits, tokens[:, :8], 32)
+        theirs_ids = greedy(lambda ids: theirs(ids).logits, tokens[:, :8], 32)
+    assert torch.equal(ours_ids, theirs_ids)
+    assert len(ours_ids.unique()) > 4  # a decode that repeats one token would prove little
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_export_then_import_is_bitwise(name, tmp_path):
+    ours = build(CONFIGS[name])
+    save_hf(ours, tmp_path)
+    back = load_hf(tmp_path)
+    assert back.cfg == ours.cfg
+    want, got = ours.state_dict(), back.state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        assert want[k].dtype == got[k].dtype and torch.equal(want[k], got[k]), k
+
+
+def test_checkpoint_layout_uses_published_names(tmp_path):
+    from safetensors import safe_open
+
+    save_hf(build(TINY), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v3" and config["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert config["rope_interleave"] is True and config["num_nextn_predict_layers"] == 1
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+        assert f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias").dtype == torch.float32
+    L = TINY.num_hidden_layers
+    for name in [
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.1.self_attn.q_a_proj.weight",
+        "model.layers.1.self_attn.kv_a_proj_with_mqa.weight",
+        "model.layers.1.mlp.gate.weight",
+        f"model.layers.1.mlp.experts.{TINY.n_routed_experts - 1}.down_proj.weight",
+        "model.layers.1.mlp.shared_experts.up_proj.weight",
+        f"model.layers.{L}.eh_proj.weight",
+        f"model.layers.{L}.enorm.weight",
+        f"model.layers.{L}.shared_head.norm.weight",
+        f"model.layers.{L}.shared_head.head.weight",
+        f"model.layers.{L}.embed_tokens.weight",
+        f"model.layers.{L}.mlp.experts.0.gate_proj.weight",
+    ]:
+        assert name in names, name
+
+
+def test_sharded_bf16_export_loads_in_both(tmp_path):
+    ours = build(TINY)
+    save_hf(ours, tmp_path, dtype=torch.bfloat16, max_shard_bytes=2**20)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and not (tmp_path / "model.safetensors").exists()
+    back = load_hf(tmp_path, dtype=torch.bfloat16)
+    for k, v in ours.state_dict().items():
+        want = v if k.endswith("e_score_correction_bias") else v.to(torch.bfloat16)
+        assert torch.equal(back.state_dict()[k], want), k
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    tokens = torch.randint(0, TINY.vocab_size, (1, 16))
+    with torch.no_grad():
+        # both sides hold the same bf16-rounded weights, computed in fp32
+        assert (back.float()(tokens).logits - theirs(tokens).logits).abs().max() <= TOL
+    # a later unsharded save into the same directory removes the stale shards and index
+    save_hf(ours, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_import_errors_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="no config.json"):
+        load_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(UserError, match="model_type 'llama'"):
+        load_hf(tmp_path)
+    save_hf(build(TINY), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 5}))
+    with pytest.raises(UserError, match="do not match config.json"):
+        load_hf(tmp_path)
