@@ -1,0 +1,129 @@
+"""Prepare training data: read, clean, deduplicate, tokenize and shard raw text into a data dir.
+
+Inputs are files or folders (recursive; .txt .md .py .rst …, optionally .gz), JSONL (--text-field) and
+Parquet files, or the keyword `stdlib` (this Python's standard library, the default corpus). The data dir
+holds tokenizer.json, manifest.json, train/*.bin, val/*.bin and prepare_report.json; it is replaced only
+when the new one is complete. Use --num-slices/--slice-index on several machines and --merge to join.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--input",
+        action="append",
+        metavar="PATH|stdlib",
+        help="file, folder or `stdlib`; repeat for several (default: stdlib)",
+    )
+    p.add_argument("--out", default=None, metavar="DIR", help="data dir to write (default: data/stdlib)")
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument(
+        "--vocab-size", type=int, default=8192, metavar="N", help="train a byte-level BPE of N tokens"
+    )
+    tok.add_argument(
+        "--tokenizer", metavar="FILE", help="use an existing tokenizer.json instead of training one"
+    )
+    p.add_argument(
+        "--dedup",
+        choices=["none", "exact", "minhash"],
+        default="exact",
+        help="exact: identical documents (after normalization); minhash: also near-duplicates",
+    )
+    p.add_argument(
+        "--minhash-threshold",
+        type=float,
+        default=0.8,
+        metavar="J",
+        help="estimated Jaccard similarity of word 5-grams above which documents are near-duplicates",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.01,
+        metavar="F",
+        help="share of documents (chosen by content hash) held out for validation",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="worker processes for cleaning and tokenization (default: all cores)",
+    )
+    p.add_argument(
+        "--text-field", default="text", metavar="NAME", help="JSONL field / Parquet column with the text"
+    )
+    p.add_argument(
+        "--skip-bad-lines",
+        action="store_true",
+        help="count and skip JSONL lines that are not JSON (default: stop with an error)",
+    )
+    p.add_argument(
+        "--unicode",
+        default="NFC",
+        choices=["NFC", "NFKC", "NFD", "NFKD", "none"],
+        help="Unicode normalization form",
+    )
+    p.add_argument("--min-chars", type=int, default=64, metavar="N", help="drop documents shorter than this")
+    p.add_argument(
+        "--max-chars", type=int, default=1_000_000, metavar="N", help="drop documents longer than this"
+    )
+    p.add_argument(
+        "--no-repetition-filter", action="store_true", help="keep documents with repeated lines/n-grams"
+    )
+    p.add_argument("--shard-tokens", type=int, default=1 << 24, metavar="N", help="tokens per shard file")
+    p.add_argument(
+        "--num-slices",
+        type=int,
+        default=1,
+        metavar="K",
+        help="split the input files into K slices (one per machine); needs --tokenizer",
+    )
+    p.add_argument(
+        "--slice-index", type=int, default=0, metavar="I", help="which slice this run prepares (0-based)"
+    )
+    p.add_argument("--merge", nargs="+", metavar="DIR", help="merge prepared slice dirs into --out instead")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from seektrain.data.clean import CleanConfig
+    from seektrain.data.prepare import PrepareConfig, prepare, print_summary
+    from seektrain.errors import UserError
+
+    if args.merge:
+        from seektrain.data.merge import merge
+
+        if args.out is None:
+            raise UserError("--merge needs --out DIR")
+        print_summary(merge(args.merge, args.out))
+        return 0
+    clean = CleanConfig(
+        unicode_form=args.unicode,
+        min_chars=args.min_chars,
+        max_chars=args.max_chars,
+        repetition_filters=not args.no_repetition_filter,
+    )
+    cfg = PrepareConfig(
+        inputs=args.input or ["stdlib"],
+        out_dir=args.out or "data/stdlib",
+        vocab_size=args.vocab_size,
+        tokenizer=args.tokenizer,
+        dedup=args.dedup,
+        minhash_threshold=args.minhash_threshold,
+        val_fraction=args.val_fraction,
+        workers=args.workers,
+        text_field=args.text_field,
+        skip_bad_lines=args.skip_bad_lines,
+        shard_tokens=args.shard_tokens,
+        num_slices=args.num_slices,
+        slice_index=args.slice_index,
+        clean=clean,
+        progress=not args.no_progress,
+    )
+    print_summary(prepare(cfg))
+    return 0

@@ -1,0 +1,170 @@
+"""Per-document cleaning: decode, normalize, clean up characters, filter by length and repetition, hash.
+
+Everything here is a pure function of one document so that it runs in worker processes. Each dropped
+document carries one reason (the first filter that rejected it), counted in `prepare_report.json`.
+
+Decoding policy: bytes are decoded as UTF-8 (a leading BOM removed); invalid sequences become U+FFFD,
+and a document is dropped as `invalid_utf8` when more than `max_invalid_utf8_frac` of its bytes were
+invalid (a binary or wrongly encoded file), otherwise kept with the replacements.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import xxhash
+
+UNICODE_FORMS = ("NFC", "NFKC", "NFD", "NFKD", "none")
+
+# C0/C1 control characters (tab and newline kept), DEL, stray BOMs; Unicode line separators -> newline.
+_CONTROL = {c: None for c in [*range(0, 9), *range(11, 32), 0x7F, *range(0x80, 0xA0), 0xFEFF]}
+_CONTROL.update({0x0D: "\n", 0x2028: "\n", 0x2029: "\n"})
+_TRAILING_WS = re.compile(r"[ \t]+(?=\n)")
+_MANY_BLANK = re.compile(r"\n{4,}")
+
+
+@dataclass
+class CleanConfig:
+    """Cleaning and filtering options (thresholds after Gopher, Rae et al. 2021, loosened for source code)."""
+
+    unicode_form: str = "NFC"
+    max_invalid_utf8_frac: float = 0.01
+    min_chars: int = 64
+    max_chars: int = 1_000_000
+    # Fraction of (non-blank) lines that repeat an earlier line, and the characters they hold.
+    max_dup_line_frac: float = 0.5
+    max_dup_line_char_frac: float = 0.4
+    # Most frequent word n-gram's share of all word characters, per n.
+    max_top_ngram_frac: dict[int, float] = field(default_factory=lambda: {2: 0.30, 3: 0.25, 4: 0.20})
+    # Share of word characters inside n-grams that occur more than once, per n.
+    max_dup_ngram_frac: dict[int, float] = field(default_factory=lambda: {5: 0.50, 10: 0.40})
+    repetition_filters: bool = True
+
+    def __post_init__(self) -> None:
+        from seektrain.errors import UserError
+
+        if self.unicode_form not in UNICODE_FORMS:
+            raise UserError(
+                f"unicode form must be one of {', '.join(UNICODE_FORMS)}, got {self.unicode_form!r}"
+            )
+        if self.min_chars < 0 or self.max_chars < self.min_chars:
+            raise UserError(f"need 0 <= min_chars <= max_chars, got {self.min_chars}, {self.max_chars}")
+        fracs = [
+            self.max_invalid_utf8_frac,
+            self.max_dup_line_frac,
+            self.max_dup_line_char_frac,
+            *self.max_top_ngram_frac.values(),
+            *self.max_dup_ngram_frac.values(),
+        ]
+        if any(not 0.0 <= f <= 1.0 for f in fracs):
+            raise UserError("cleaning thresholds are fractions and must lie in [0, 1]")
+
+
+def decode(raw: bytes | str, max_invalid_frac: float) -> str | None:
+    """UTF-8 text of a document, or None when too much of it is not valid UTF-8 (see module docstring)."""
+    if isinstance(raw, str):
+        return raw
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        invalid = text.count("\ufffd") - raw.count("\ufffd".encode())
+        return None if invalid > max_invalid_frac * max(len(raw), 1) else text
+
+
+def normalize(text: str, form: str) -> str:
+    """Unicode normalization, newline unification, control characters out, trailing spaces trimmed."""
+    if form != "none" and not unicodedata.is_normalized(form, text):
+        text = unicodedata.normalize(form, text)
+    text = text.replace("\r\n", "\n").translate(_CONTROL)
+    text = _TRAILING_WS.sub("", text)
+    text = _MANY_BLANK.sub("\n\n\n", text)
+    return text.lstrip("\n").rstrip()
+
+
+def _ngram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
+    """Rolling polynomial hash of each word n-gram: (W,) word ids -> (W-n+1,) uint64."""
+    h = np.zeros(len(ids) - n + 1, dtype=np.uint64)
+    for j in range(n):
+        h = h * np.uint64(1_000_003) + ids[j : len(ids) - n + 1 + j]
+    return h
+
+
+def repetition_reason(text: str, words: list[str], cfg: CleanConfig) -> str | None:
+    """Name of the first repetition filter the document fails, or None (Gopher-style statistics)."""
+    lines = [ln for ln in text.split("\n") if ln.strip()]
+    if lines:
+        counts = Counter(lines)
+        dup_lines = len(lines) - len(counts)
+        if dup_lines / len(lines) > cfg.max_dup_line_frac:
+            return "dup_lines"
+        dup_chars = sum(len(ln) * (c - 1) for ln, c in counts.items() if c > 1)
+        if dup_chars / max(sum(map(len, lines)), 1) > cfg.max_dup_line_char_frac:
+            return "dup_line_chars"
+    if len(words) < 2:
+        return None
+    vocab: dict[str, int] = {}
+    ids = np.fromiter((vocab.setdefault(w, len(vocab)) for w in words), dtype=np.uint64, count=len(words))
+    lens = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+    total = max(int(lens.sum()), 1)
+    for n, limit in sorted(cfg.max_top_ngram_frac.items()):
+        if len(words) < n:
+            break
+        _, inverse, counts = np.unique(_ngram_hashes(ids, n), return_inverse=True, return_counts=True)
+        top = int(counts.argmax())
+        if counts[top] < 2:
+            continue
+        first = int(np.flatnonzero(inverse == top)[0])
+        if counts[top] * int(lens[first : first + n].sum()) / total > limit:
+            return f"top_{n}gram"
+    for n, limit in sorted(cfg.max_dup_ngram_frac.items()):
+        if len(words) < n:
+            break
+        _, inverse, counts = np.unique(_ngram_hashes(ids, n), return_inverse=True, return_counts=True)
+        starts = np.flatnonzero(counts[inverse] > 1)
+        if not len(starts):
+            continue
+        cover = np.zeros(len(words) + 1, dtype=np.int64)  # difference array: words covered by a dup n-gram
+        np.add.at(cover, starts, 1)
+        np.add.at(cover, starts + n, -1)
+        if lens[np.cumsum(cover[:-1]) > 0].sum() / total > limit:
+            return f"dup_{n}gram"
+    return None
+
+
+@dataclass
+class Cleaned:
+    """Result of cleaning one document: text (None if dropped), drop reason, hashes for dedup and split."""
+
+    text: str | None
+    reason: str | None
+    key_hash: int = 0
+    split_hash: int = 0
+    bands: bytes = b""
+
+
+def clean_document(raw: bytes | str, cfg: CleanConfig, minhash=None) -> Cleaned:
+    """Decode, normalize, filter and hash one document; `minhash` (a MinHasher) adds LSH band hashes."""
+    text = decode(raw, cfg.max_invalid_utf8_frac)
+    if text is None:
+        return Cleaned(None, "invalid_utf8")
+    text = normalize(text, cfg.unicode_form)
+    if len(text) < cfg.min_chars:
+        return Cleaned(None, "too_short")
+    if len(text) > cfg.max_chars:
+        return Cleaned(None, "too_long")
+    words = text.split()
+    if cfg.repetition_filters:
+        reason = repetition_reason(text, words, cfg)
+        if reason is not None:
+            return Cleaned(None, reason)
+    # Exact-dedup key: the cleaned text with whitespace runs collapsed, so re-indented copies match too.
+    key = " ".join(words).encode()
+    bands = minhash.bands(words) if minhash is not None else b""
+    return Cleaned(text, None, xxhash.xxh3_64_intdigest(key), xxhash.xxh3_64_intdigest(key, seed=1), bands)

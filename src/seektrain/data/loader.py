@@ -1,0 +1,202 @@
+"""`TokenLoader`: memory-mapped, rank-sharded, exactly resumable stream of (x, y) training windows.
+
+The split's shards form one token stream of N tokens, cut into n = (N-1) // T windows of T+1 tokens
+(window i starts at token i*T, so every token is a target exactly once per epoch). The GLOBAL order of
+windows depends only on (data, T, seed): epoch e visits them in the permutation drawn from
+numpy's generator seeded with [seed, e] (or in order when shuffle=False), epochs following each other
+forever. Optimizer step g consumes global windows [g*GB, (g+1)*GB); rank r owns the contiguous slice
+[r*GB/W, (r+1)*GB/W) of it, in micro-batches of mb. The state is therefore just the global step (plus
+the micro-batch within it), so a resume on a different number of ranks continues the same stream.
+
+No DataLoader worker processes: a batch is a few memory-mapped slices copied into an int64 array,
+far faster than any model step (see bench/RESULTS.md), so workers would only add state to resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from seektrain.data.shards import load_manifest, verify_shards
+from seektrain.errors import UserError
+
+STATE_VERSION = 1
+
+
+class TokenLoader:
+    """Infinite (train) or finite (`epoch()`) batches of x, y: int64 (mb, T), y = x shifted by one."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        split: str = "train",
+        seq_len: int = 256,
+        micro_batch_size: int = 8,
+        global_batch_size: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        verify: bool = True,
+    ):
+        manifest = load_manifest(data_dir)
+        if split not in manifest["splits"]:
+            raise UserError(f"{data_dir} has no split {split!r} (has: {', '.join(manifest['splits'])})")
+        global_batch_size = global_batch_size or micro_batch_size * world_size
+        if seq_len < 1 or micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise UserError(
+                f"bad loader shape: seq_len={seq_len}, micro_batch_size={micro_batch_size}, "
+                f"rank={rank}, world_size={world_size}"
+            )
+        if global_batch_size % (micro_batch_size * world_size):
+            raise UserError(
+                f"global batch size {global_batch_size} must be a multiple of micro batch size × "
+                f"ranks = {micro_batch_size} × {world_size}"
+            )
+        verify_shards(data_dir, manifest, split, checksums=verify)
+        self.data_dir, self.split, self.seed, self.shuffle = Path(data_dir), split, int(seed), bool(shuffle)
+        self.seq_len, self.micro_batch_size, self.global_batch_size = (
+            seq_len,
+            micro_batch_size,
+            global_batch_size,
+        )
+        self.rank, self.world_size = rank, world_size
+        self.vocab_size, self.eos_id = int(manifest["vocab_size"]), int(manifest["eos_id"])
+        self.tokens_per_step = global_batch_size * seq_len
+        self.micro_steps = global_batch_size // (
+            micro_batch_size * world_size
+        )  # micro-batches per step per rank
+
+        shards = [s for s in manifest["splits"][split]["shards"] if s["tokens"] > 0]
+        dtype = np.dtype(manifest["dtype"])
+        self._maps = [np.memmap(self.data_dir / s["file"], dtype=dtype, mode="r") for s in shards]
+        self._starts = np.cumsum([0] + [s["tokens"] for s in shards])  # (S+1,) first token of each shard
+        self.num_tokens = int(self._starts[-1])
+        self.num_sequences = (self.num_tokens - 1) // seq_len if self.num_tokens else 0
+        if self.num_sequences < 1:
+            raise UserError(
+                f"split {split!r} of {data_dir} has {self.num_tokens} tokens, fewer than seq_len+1 = "
+                f"{seq_len + 1}: use a shorter seq_len or more data"
+            )
+        self._fingerprint = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()[:16]
+        self._perms: dict[int, np.ndarray] = {}
+        self.step, self.micro = 0, 0  # global optimizer step, micro-batch within it (this rank)
+
+    # --- global order -------------------------------------------------------------------------------
+    def _window_ids(self, positions: np.ndarray) -> np.ndarray:
+        """Global stream positions (sequences since the start) -> window indices in the token stream."""
+        epochs, offsets = np.divmod(positions, self.num_sequences)
+        if not self.shuffle:
+            return offsets
+        out = np.empty_like(offsets)
+        for e in np.unique(epochs):
+            if e not in self._perms:
+                if len(self._perms) >= 2:
+                    self._perms.pop(min(self._perms))
+                self._perms[int(e)] = np.random.default_rng([self.seed, int(e)]).permutation(
+                    self.num_sequences
+                )
+            mask = epochs == e
+            out[mask] = self._perms[int(e)][offsets[mask]]
+        return out
+
+    def _gather(self, windows: np.ndarray):
+        """(B,) window indices -> x, y torch int64 (B, T)."""
+        import torch
+
+        T = self.seq_len
+        buf = np.empty((len(windows), T + 1), dtype=np.int64)  # (B, T+1)
+        for row, w in enumerate(windows):
+            start = int(w) * T
+            k = int(np.searchsorted(self._starts, start, side="right")) - 1
+            local, filled = start - int(self._starts[k]), 0
+            while filled < T + 1:  # a window may continue into the next shard(s)
+                piece = self._maps[k][local : local + T + 1 - filled]
+                buf[row, filled : filled + len(piece)] = piece
+                filled, k, local = filled + len(piece), k + 1, 0
+        t = torch.from_numpy(buf)
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+    # --- infinite training stream -----------------------------------------------------------------
+    def __iter__(self) -> TokenLoader:
+        return self
+
+    def __next__(self):
+        per_rank = self.global_batch_size // self.world_size
+        first = self.step * self.global_batch_size + self.rank * per_rank + self.micro * self.micro_batch_size
+        positions = np.arange(first, first + self.micro_batch_size, dtype=np.int64)
+        self.micro += 1
+        if self.micro == self.micro_steps:
+            self.step, self.micro = self.step + 1, 0
+        return self._gather(self._window_ids(positions))
+
+    def state_dict(self) -> dict:
+        """Global position in the stream (JSON-safe, the same on every rank at a step boundary)."""
+        consumed = self.step * self.global_batch_size
+        return {
+            "version": STATE_VERSION,
+            "sequences_consumed": consumed,
+            "epoch": consumed // self.num_sequences,
+            "step": self.step,
+            "micro": self.micro,
+            "global_batch_size": self.global_batch_size,
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "num_sequences": self.num_sequences,
+            "data": self._fingerprint,
+            # only needed to resume in the middle of a step (same ranks and micro batch size then):
+            "world_size": self.world_size,
+            "micro_batch_size": self.micro_batch_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the global stream from `state`; any world size works at a step boundary as long as the
+        stream (data, seq_len, seed, shuffle) is the same and the position is a whole number of steps."""
+        try:
+            mine = self.state_dict()
+            for key in ("version", "seq_len", "seed", "shuffle", "num_sequences", "data"):
+                if state[key] != mine[key]:
+                    raise UserError(
+                        f"loader state does not match this data/loader: {key} was {state[key]!r}, "
+                        f"now {mine[key]!r} (resuming would not continue the same token stream)"
+                    )
+            consumed, micro = int(state["sequences_consumed"]), int(state["micro"])
+            if micro and (state["world_size"], state["micro_batch_size"], state["global_batch_size"]) != (
+                self.world_size,
+                self.micro_batch_size,
+                self.global_batch_size,
+            ):
+                raise UserError(
+                    "loader state was saved in the middle of a step: resume with the same world size, "
+                    "micro and global batch size, or from a step boundary"
+                )
+            if consumed % self.global_batch_size:
+                raise UserError(
+                    f"loader state is at sequence {consumed}, not a multiple of the global batch "
+                    f"size {self.global_batch_size}"
+                )
+        except KeyError as e:
+            raise UserError(f"loader state lacks {e}: not a TokenLoader state") from e
+        self.step, self.micro = consumed // self.global_batch_size, micro
+
+    # --- one finite pass (evaluation) ----------------------------------------------------------------
+    def epoch(self, drop_last: bool = False) -> Iterator:
+        """One pass over the split's windows (epoch 0 order), this rank's share of each global batch;
+        the last global batch may be short and split unevenly (`drop_last` skips it)."""
+        n, gb = self.num_sequences, self.global_batch_size
+        for first in range(0, n, gb):
+            size = min(gb, n - first)
+            if size < gb and drop_last:
+                return
+            bounds = np.linspace(0, size, self.world_size + 1).astype(
+                np.int64
+            )  # equal slices when size == gb
+            lo, hi = first + bounds[self.rank], first + bounds[self.rank + 1]
+            for start in range(lo, hi, self.micro_batch_size):
+                positions = np.arange(start, min(start + self.micro_batch_size, hi), dtype=np.int64)
+                yield self._gather(self._window_ids(positions))

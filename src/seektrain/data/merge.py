@@ -1,0 +1,90 @@
+"""Merge data dirs prepared as slices (`--num-slices/--slice-index`) into one data dir.
+
+The slices must share the tokenizer (same tokenizer.json bytes) and dtype. Shard files are hard-linked
+when possible (same filesystem), else copied; the merged manifest lists them slice by slice with their
+original checksums, so the global token stream is slice 0's, then slice 1's, and so on.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+from seektrain.data.prepare import REPORT, _check_out_dir, _swap_into_place
+from seektrain.data.shards import MANIFEST, atomic_write_json, load_manifest
+from seektrain.errors import UserError
+
+
+def merge(slice_dirs: list[str], out_dir: str) -> dict:
+    """Join the slices' shards and statistics into `out_dir` (atomically); returns the merged report."""
+    manifests = [load_manifest(d) for d in slice_dirs]
+    first = manifests[0]
+    for d, m in zip(slice_dirs[1:], manifests[1:], strict=True):
+        if m["tokenizer"]["sha256"] != first["tokenizer"]["sha256"] or m["dtype"] != first["dtype"]:
+            raise UserError(
+                f"{d} was prepared with another tokenizer than {slice_dirs[0]}: slices must share "
+                f"one (--tokenizer FILE)"
+            )
+    out = Path(out_dir)
+    _check_out_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        shutil.copyfile(Path(slice_dirs[0]) / first["tokenizer"]["file"], tmp / first["tokenizer"]["file"])
+        splits = {}
+        for split in first["splits"]:
+            (tmp / split).mkdir()
+            shards = []
+            for i, (d, m) in enumerate(zip(slice_dirs, manifests, strict=True)):
+                for s in m["splits"][split]["shards"]:
+                    name = f"{split}/{i:03d}-{Path(s['file']).name}"
+                    try:
+                        os.link(Path(d) / s["file"], tmp / name)
+                    except OSError:
+                        shutil.copyfile(Path(d) / s["file"], tmp / name)
+                    shards.append({**s, "file": name})
+            splits[split] = {
+                "tokens": sum(s["tokens"] for s in shards),
+                "documents": sum(m["splits"][split]["documents"] for m in manifests),
+                "shards": shards,
+            }
+        dropped = Counter()
+        for m in manifests:
+            dropped.update(m["sources"]["dropped"])
+        sources = {
+            key: sum(m["sources"][key] for m in manifests)
+            for key in (
+                "files",
+                "documents_in",
+                "bytes_in",
+                "documents_kept",
+                "bytes_kept",
+                "bad_jsonl_lines",
+            )
+        }
+        sources.update(inputs=[str(d) for d in slice_dirs], dropped=dict(sorted(dropped.items())))
+        manifest = {**first, "splits": splits, "sources": sources}
+        report = {
+            "out_dir": str(out),
+            **sources,
+            "tokens": {s: v["tokens"] for s, v in splits.items()},
+            "documents": {s: v["documents"] for s, v in splits.items()},
+            "shards": {s: len(v["shards"]) for s, v in splits.items()},
+            "vocab_size": first["vocab_size"],
+            "dtype": first["dtype"],
+            "tokenizer_trained": False,
+            "workers": 1,
+            "seconds": {"total": 0.0},
+            "mb_per_s": 0.0,
+            "merged_from": sources["inputs"],
+        }
+        atomic_write_json(tmp / REPORT, report)
+        atomic_write_json(tmp / MANIFEST, manifest)
+        _swap_into_place(tmp, out)
+        return report
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

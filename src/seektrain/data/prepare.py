@@ -1,0 +1,412 @@
+"""`prepare`: raw inputs -> cleaned, deduplicated, tokenized, sharded data dir (see shards.py for the format).
+
+Passes, each bounded in memory:
+  1. read + clean (workers) -> cleaned text appended to a scratch file, 8-byte fingerprints kept
+  2. dedup from fingerprints alone (exact, then MinHash LSH) -> keep mask
+  3. tokenizer: load, or train a byte-level BPE on (a stride sample of) the kept documents
+  4. tokenize (workers) -> train/val shards, split by a hash of each document's content
+Everything is written into a temporary sibling directory and renamed over `out_dir` at the end, so a
+failed or interrupted run never harms an existing data dir. Output is a pure function of the inputs
+and options (not of the number of workers): re-running gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from array import array
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from seektrain.data import workers as W
+from seektrain.data.clean import CleanConfig
+from seektrain.data.dedup import MinHasher, exact_keep, near_dup_keep
+from seektrain.data.shards import (
+    FORMAT_VERSION,
+    MANIFEST,
+    ShardWriter,
+    atomic_write_bytes,
+    atomic_write_json,
+    token_dtype,
+)
+from seektrain.data.sources import discover, iter_documents
+from seektrain.data.tokenizer import TokenizerConfig, load_tokenizer, special_tokens, train_bpe
+from seektrain.errors import UserError
+
+DEDUP_MODES = ("none", "exact", "minhash")
+REPORT = "prepare_report.json"
+_BATCH_BYTES = 1 << 20  # documents per worker task: about 1 MB of text
+
+
+@dataclass
+class PrepareConfig:
+    """Options of `seektrain prepare`; the defaults are the CLI's defaults."""
+
+    inputs: list[str] = field(default_factory=lambda: ["stdlib"])
+    out_dir: str = "data/stdlib"
+    vocab_size: int = 8192
+    tokenizer: str | None = None  # an existing tokenizer.json instead of training one
+    dedup: str = "exact"  # none | exact | minhash (minhash also removes exact duplicates)
+    minhash_threshold: float = 0.8
+    minhash_num_perm: int = 128
+    minhash_ngram: int = 5
+    val_fraction: float = 0.01
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    text_field: str = "text"
+    skip_bad_lines: bool = False
+    shard_tokens: int = 1 << 24
+    tokenizer_train_bytes: int = 1 << 30  # BPE training sample cap (a stride sample beyond it)
+    num_slices: int = 1  # prepare only every num_slices-th input file, starting at slice_index
+    slice_index: int = 0
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.inputs, str):
+            self.inputs = [self.inputs]
+        if not self.inputs:
+            raise UserError("no inputs given")
+        if self.dedup not in DEDUP_MODES:
+            raise UserError(f"--dedup must be one of {', '.join(DEDUP_MODES)}, got {self.dedup!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"--val-fraction must lie in [0, 1), got {self.val_fraction}")
+        if self.workers < 1:
+            raise UserError(f"--workers must be at least 1, got {self.workers}")
+        if self.shard_tokens < 1:
+            raise UserError(f"shard size must be at least 1 token, got {self.shard_tokens}")
+        if self.num_slices < 1 or not 0 <= self.slice_index < self.num_slices:
+            raise UserError(
+                f"need 0 <= slice index < number of slices, got {self.slice_index}, {self.num_slices}"
+            )
+        if self.num_slices > 1 and self.tokenizer is None:
+            raise UserError(
+                "slices must share one tokenizer: pass --tokenizer FILE (e.g. from a prepare of a "
+                "sample) with --num-slices"
+            )
+        self.tokenizer_cfg = TokenizerConfig(vocab_size=self.vocab_size, path=self.tokenizer)
+
+
+class _Progress:
+    """A rich progress bar (or nothing): one task per pass."""
+
+    def __init__(self, enabled: bool):
+        self.bar = None
+        if enabled:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn("{task.description:<10}"),
+                BarColumn(),
+                DownloadColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                transient=False,
+            )
+            self.bar.start()
+
+    def task(self, description: str, total: float):
+        return self.bar.add_task(description, total=total) if self.bar else None
+
+    def advance(self, task, amount: float) -> None:
+        if self.bar:
+            self.bar.advance(task, amount)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.stop()
+
+
+def _batches_of_documents(
+    files, cfg: PrepareConfig, stats: dict, progress: _Progress, task
+) -> Iterator[list]:
+    """Raw documents in ~1 MB batches; advances the progress bar by each file's size once it is read."""
+    batch, size, current = [], 0, None
+    for sf, doc in iter_documents(files, cfg.text_field, cfg.skip_bad_lines, stats):
+        if sf is not current:
+            if current is not None:
+                progress.advance(task, current.size)
+            current = sf
+        stats["documents_in"] += 1
+        n = len(doc.content)
+        stats["bytes_in"] += n if isinstance(doc.content, bytes) else len(doc.content.encode())
+        batch.append(doc.content)
+        size += n
+        if size >= _BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+    if current is not None:
+        progress.advance(task, current.size)
+
+
+def _clean_pass(files, cfg: PrepareConfig, scratch: Path, minhash, stats: dict, progress: _Progress):
+    """Pass 1: clean every document into `scratch`; returns per-kept-document (offsets, key hashes,
+    split hashes, band rows)."""
+    offsets, keys, splits, bands = array("Q", [0]), array("Q"), array("Q"), bytearray()
+    dropped = stats["dropped"]
+    task = progress.task("clean", sum(f.size for f in files))
+    with open(scratch, "wb") as out:
+        for results in W.ordered_map(
+            W.clean_batch,
+            _batches_of_documents(files, cfg, stats, progress, task),
+            cfg.workers,
+            W.init_clean,
+            (cfg.clean, minhash),
+        ):
+            for r in results:
+                if r.text is None:
+                    dropped[r.reason] += 1
+                    continue
+                data = r.text.encode()
+                out.write(data)
+                offsets.append(offsets[-1] + len(data))
+                keys.append(r.key_hash)
+                splits.append(r.split_hash)
+                bands += r.bands
+    n = len(keys)
+    band_rows = np.frombuffer(bytes(bands), dtype="<u8").reshape(n, -1) if minhash else None
+    return (
+        np.frombuffer(offsets, np.uint64),
+        np.frombuffer(keys, np.uint64),
+        np.frombuffer(splits, np.uint64),
+        band_rows,
+    )
+
+
+def _read_docs(scratch: Path, offsets: np.ndarray, indices: np.ndarray, max_bytes: int = _BATCH_BYTES):
+    """Batches (lists of str) of the scratch file's documents `indices`, in order."""
+    with open(scratch, "rb") as f:
+        batch, size = [], 0
+        for i in indices:
+            start, end = int(offsets[i]), int(offsets[i + 1])
+            f.seek(start)
+            batch.append(f.read(end - start).decode())
+            size += end - start
+            if size >= max_bytes:
+                yield batch
+                batch, size = [], 0
+        if batch:
+            yield batch
+
+
+def _train_tokenizer(scratch, offsets, kept, cfg: PrepareConfig):
+    sizes = offsets[kept + 1] - offsets[kept]
+    total = int(sizes.sum())
+    stride = max(1, -(-total // cfg.tokenizer_train_bytes))  # every stride-th document when over the cap
+    return train_bpe(_read_docs(scratch, offsets, kept[::stride]), cfg.tokenizer_cfg)
+
+
+def _val_mask(split_hashes: np.ndarray, fraction: float) -> np.ndarray:
+    """(N,) bool: a document is in val when its content hash falls in the lowest `fraction` of the range;
+    if that leaves val empty, the document with the lowest hash (so the split stays deterministic)."""
+    val = split_hashes < np.uint64(min(int(fraction * 2.0**64), 2**64 - 1))
+    if fraction > 0 and not val.any() and len(split_hashes) > 1:
+        val[int(split_hashes.argmin())] = True
+    return val
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Replace `out` by the complete `tmp`; the old dir is removed only after the new one is in place."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
+        raise UserError(f"--out {out} exists and is not a seektrain data dir: refusing to replace it")
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """Run the whole pipeline into `cfg.out_dir`; returns the report (also saved as prepare_report.json)."""
+    t0 = time.perf_counter()
+    out = Path(cfg.out_dir)
+    _check_out_dir(out)
+    files = discover(cfg.inputs)[cfg.slice_index :: cfg.num_slices]
+    if not files:
+        raise UserError(
+            f"slice {cfg.slice_index} of {cfg.num_slices} has no input files (fewer files than slices)"
+        )
+    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    minhash = (
+        MinHasher(cfg.minhash_threshold, cfg.minhash_num_perm, cfg.minhash_ngram)
+        if cfg.dedup == "minhash"
+        else None
+    )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    stats = {"documents_in": 0, "bytes_in": 0, "dropped": Counter()}
+    seconds: dict[str, float] = {}
+    progress = _Progress(cfg.progress)
+    try:
+        scratch = tmp / "clean.scratch"
+        t = time.perf_counter()
+        offsets, keys, split_hashes, band_rows = _clean_pass(files, cfg, scratch, minhash, stats, progress)
+        seconds["clean"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        keep = np.ones(len(keys), dtype=bool)
+        if cfg.dedup != "none":
+            keep = exact_keep(keys)
+            stats["dropped"]["exact_duplicate"] = int((~keep).sum())
+        if minhash is not None:
+            idx = np.flatnonzero(keep)
+            near = near_dup_keep([band_rows[idx, j] for j in range(band_rows.shape[1])])
+            keep[idx[~near]] = False
+            stats["dropped"]["near_duplicate"] = int((~near).sum())
+        kept = np.flatnonzero(keep)
+        seconds["dedup"] = time.perf_counter() - t
+        if not len(kept):
+            reasons = (
+                ", ".join(f"{k}: {v}" for k, v in sorted(stats["dropped"].items())) or "no documents read"
+            )
+            raise UserError(
+                f"empty corpus after filtering ({stats['documents_in']} documents in; dropped {reasons})"
+            )
+
+        t = time.perf_counter()
+        if tokenizer is None:
+            tokenizer = _train_tokenizer(scratch, offsets, kept, cfg)
+        specials = special_tokens(tokenizer, cfg.tokenizer_cfg)
+        seconds["tokenizer"] = time.perf_counter() - t
+        vocab_size, eos = tokenizer.get_vocab_size(with_added_tokens=True), specials["eos"]["id"]
+        dtype = token_dtype(vocab_size)
+
+        t = time.perf_counter()
+        val = _val_mask(split_hashes[kept], cfg.val_fraction)  # (K,) over kept documents, in order
+        writers = {s: ShardWriter(tmp / s, dtype, cfg.shard_tokens) for s in ("train", "val")}
+        task = progress.task("tokenize", int((offsets[kept + 1] - offsets[kept]).sum()))
+        done = 0
+        batches = _read_docs(scratch, offsets, kept)
+        for ids, lens in W.ordered_map(
+            W.tokenize_batch,
+            batches,
+            cfg.workers,
+            W.init_tokenize,
+            (tokenizer.to_str(), eos, dtype.str, cfg.workers == 1),
+        ):
+            in_val = val[done : done + len(lens)]
+            token_val = np.repeat(in_val, lens)  # (N,) split of each token
+            writers["train"].write(ids[~token_val], int((~in_val).sum()))
+            writers["val"].write(ids[token_val], int(in_val.sum()))
+            progress.advance(task, int(offsets[kept[done + len(lens) - 1] + 1] - offsets[kept[done]]))
+            done += len(lens)
+        splits = {s: w.close() for s, w in writers.items()}
+        seconds["tokenize"] = time.perf_counter() - t
+        scratch.unlink()
+
+        tok_bytes = tokenizer.to_str(pretty=True).encode()
+        atomic_write_bytes(tmp / "tokenizer.json", tok_bytes)
+        sources = {
+            "inputs": list(cfg.inputs),
+            "files": len(files),
+            "documents_in": stats["documents_in"],
+            "bytes_in": stats["bytes_in"],
+            "documents_kept": int(len(kept)),
+            "bytes_kept": int((offsets[kept + 1] - offsets[kept]).sum()),
+            "dropped": dict(sorted(stats["dropped"].items())),
+            "bad_jsonl_lines": stats.get("bad_jsonl_lines", 0),
+            "slice": [cfg.slice_index, cfg.num_slices],
+        }
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "dtype": dtype.str,
+            "vocab_size": vocab_size,
+            "special_tokens": specials,
+            "eos_id": eos,
+            "shard_tokens": cfg.shard_tokens,
+            "tokenizer": {
+                "file": "tokenizer.json",
+                "sha256": hashlib.sha256(tok_bytes).hexdigest(),
+                "trained": cfg.tokenizer is None,
+            },
+            "splits": splits,
+            "sources": sources,
+            "options": {
+                "dedup": cfg.dedup,
+                "val_fraction": cfg.val_fraction,
+                "clean": asdict(cfg.clean),
+                **(
+                    {
+                        "minhash": {
+                            "threshold": cfg.minhash_threshold,
+                            "num_perm": cfg.minhash_num_perm,
+                            "ngram": cfg.minhash_ngram,
+                        }
+                    }
+                    if minhash
+                    else {}
+                ),
+            },
+        }
+        seconds["total"] = time.perf_counter() - t0
+        report = {
+            "out_dir": str(out),
+            **sources,
+            "tokens": {s: v["tokens"] for s, v in splits.items()},
+            "documents": {s: v["documents"] for s, v in splits.items()},
+            "shards": {s: len(v["shards"]) for s, v in splits.items()},
+            "vocab_size": vocab_size,
+            "dtype": dtype.name,
+            "tokenizer_trained": cfg.tokenizer is None,
+            "workers": cfg.workers,
+            "seconds": {k: round(v, 3) for k, v in seconds.items()},
+            "mb_per_s": round(stats["bytes_in"] / 1e6 / seconds["total"], 3),
+        }
+        atomic_write_json(tmp / REPORT, report)
+        atomic_write_json(tmp / MANIFEST, manifest)  # last: its presence marks a complete data dir
+        _swap_into_place(tmp, out)
+        return report
+    finally:
+        progress.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_summary(report: dict) -> None:
+    """The one-screen summary printed at the end of `seektrain prepare`."""
+    mb = 1e6
+    dropped = report["dropped"]
+    total_dropped = sum(dropped.values())
+    lines = [
+        f"prepared {report['out_dir']} in {report['seconds']['total']:.1f} s "
+        f"({report['mb_per_s']:.1f} MB/s of raw text, {report['workers']} workers)",
+        f"  input     {report['documents_in']:,} documents, {report['bytes_in'] / mb:.1f} MB from "
+        f"{report['files']:,} files ({', '.join(report['inputs'])})",
+        f"  dropped   {total_dropped:,}"
+        + (": " + ", ".join(f"{k} {v:,}" for k, v in dropped.items() if v) if total_dropped else ""),
+        f"  kept      {report['documents_kept']:,} documents, {report['bytes_kept'] / mb:.1f} MB",
+    ]
+    if report.get("bad_jsonl_lines"):
+        lines.append(f"  skipped   {report['bad_jsonl_lines']:,} JSONL lines that were not JSON")
+    lines += [
+        "  tokens    "
+        + " · ".join(
+            f"{s} {report['tokens'][s]:,} ({report['documents'][s]:,} docs, {report['shards'][s]} shards)"
+            for s in ("train", "val")
+        ),
+        f"  tokenizer vocab {report['vocab_size']:,}, {report['dtype']} ids, "
+        + ("trained here" if report["tokenizer_trained"] else "given"),
+        "  time      " + " · ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items() if k != "total"),
+    ]
+    print("\n".join(lines))

@@ -1,0 +1,218 @@
+"""Readers that turn inputs (files, folders, JSONL, Parquet, `stdlib`) into a stream of raw documents.
+
+Readers yield bytes for plain files (decoding is a cleaning step with a stated policy) and str for
+JSONL/Parquet (already decoded by their parsers). Files are visited in sorted order so that the same
+input always gives the same document order, which makes `prepare` reproducible byte for byte.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from seektrain.errors import UserError
+
+TEXT_EXTENSIONS = (
+    ".txt",
+    ".md",
+    ".py",
+    ".rst",
+    ".text",
+    ".markdown",
+    ".c",
+    ".h",
+    ".js",
+    ".ts",
+    ".rs",
+    ".go",
+    ".java",
+    ".cpp",
+    ".hpp",
+    ".sh",
+    ".toml",
+    ".yaml",
+    ".yml",
+    ".html",
+    ".tex",
+)
+JSONL_EXTENSIONS = (".jsonl", ".ndjson")
+PARQUET_EXTENSIONS = (".parquet",)
+STDLIB = "stdlib"
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One input file and how to read it (`kind` is text, jsonl or parquet)."""
+
+    path: Path
+    kind: str
+    size: int
+
+
+@dataclass
+class Document:
+    """One raw document: where it came from and its content (bytes from text files, str otherwise)."""
+
+    source: str
+    content: bytes | str
+
+
+def _kind(path: Path) -> str | None:
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    if name.endswith(JSONL_EXTENSIONS):
+        return "jsonl"
+    if name.endswith(PARQUET_EXTENSIONS) and not path.name.lower().endswith(".gz"):
+        return "parquet"
+    if name.endswith(TEXT_EXTENSIONS):
+        return "text"
+    return None
+
+
+def stdlib_root() -> Path:
+    """The running Python's standard library folder: the corpus that exists on every machine."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _stdlib_files() -> list[SourceFile]:
+    root = stdlib_root()
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(
+            d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__")
+        )
+        for f in sorted(filenames):
+            if f.endswith(".py"):
+                p = Path(dirpath) / f
+                out.append(SourceFile(p, "text", p.stat().st_size))
+    return out
+
+
+def discover(inputs: list[str]) -> list[SourceFile]:
+    """Expand inputs (files, folders searched recursively, or `stdlib`) into a sorted list of readable files.
+
+    Raises UserError for a missing path or when nothing readable is found.
+    """
+    files: list[SourceFile] = []
+    for item in inputs:
+        if item == STDLIB:
+            files.extend(_stdlib_files())
+            continue
+        path = Path(item)
+        if not path.exists():
+            raise UserError(f"input not found: {item}")
+        if path.is_file():
+            kind = _kind(path)
+            if kind is None:
+                raise UserError(
+                    f"unsupported input file type: {item} (text: {', '.join(TEXT_EXTENSIONS[:5])} …, "
+                    f"jsonl, parquet, each optionally .gz)"
+                )
+            files.append(SourceFile(path, kind, path.stat().st_size))
+            continue
+        found = []
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for f in sorted(filenames):
+                p = Path(dirpath) / f
+                kind = _kind(p)
+                if kind is not None and not f.startswith("."):
+                    found.append(SourceFile(p, kind, p.stat().st_size))
+        if not found:
+            raise UserError(f"no readable files (text, jsonl, parquet) under folder: {item}")
+        files.extend(found)
+    if not files:
+        raise UserError("no input files")
+    return files
+
+
+def _open_bytes(path: Path):
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def read_text_file(path: Path) -> bytes:
+    """Whole file as bytes (gunzipped when the name ends in .gz)."""
+    try:
+        with _open_bytes(path) as f:
+            return f.read()
+    except (OSError, EOFError) as e:
+        raise UserError(f"cannot read {path}: {e}") from e
+
+
+def iter_jsonl(path: Path, text_field: str, skip_bad_lines: bool, stats: dict) -> Iterator[str]:
+    """Documents from a JSONL file, one object per line; `text_field` names the text.
+
+    A line that is not JSON (or lacks the field) fails with its line number unless `skip_bad_lines`,
+    in which case it is counted in `stats["bad_jsonl_lines"]` and skipped.
+    """
+    try:
+        f = _open_bytes(path)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e}") from e
+    with f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                text = obj[text_field]
+                if not isinstance(text, str):
+                    raise TypeError(f"field {text_field!r} is {type(text).__name__}, not a string")
+            except (ValueError, KeyError, TypeError) as e:
+                if skip_bad_lines:
+                    stats["bad_jsonl_lines"] = stats.get("bad_jsonl_lines", 0) + 1
+                    continue
+                what = f"has no field {text_field!r}" if isinstance(e, KeyError) else f"is not valid: {e}"
+                raise UserError(
+                    f"{path}:{lineno}: JSONL line {what} (use --text-field to pick the field, "
+                    f"--skip-bad-lines to count and skip such lines)"
+                ) from e
+            yield text
+
+
+def iter_parquet(path: Path, text_field: str) -> Iterator[str]:
+    """Documents from a Parquet column, streamed one row group at a time (memory stays bounded)."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise UserError(f"cannot read Parquet file {path}: {e}") from e
+    if text_field not in pf.schema_arrow.names:
+        raise UserError(
+            f"{path}: Parquet file has no column {text_field!r} (columns: "
+            f"{', '.join(pf.schema_arrow.names)}); use --text-field"
+        )
+    try:
+        for i in range(pf.num_row_groups):
+            column = pf.read_row_group(i, columns=[text_field]).column(0)
+            for value in column.to_pylist():
+                if isinstance(value, str):
+                    yield value
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot read Parquet file {path}: {e}") from e
+
+
+def iter_documents(
+    files: list[SourceFile], text_field: str = "text", skip_bad_lines: bool = False, stats: dict | None = None
+) -> Iterator[tuple[SourceFile, Document]]:
+    """All documents of all files in order, each with the file it came from (for progress by bytes)."""
+    stats = {} if stats is None else stats
+    for sf in files:
+        name = str(sf.path)
+        if sf.kind == "text":
+            yield sf, Document(name, read_text_file(sf.path))
+        elif sf.kind == "jsonl":
+            for text in iter_jsonl(sf.path, text_field, skip_bad_lines, stats):
+                yield sf, Document(name, text)
+        else:
+            for text in iter_parquet(sf.path, text_field):
+                yield sf, Document(name, text)

@@ -1,0 +1,87 @@
+"""Byte-level BPE tokenizer (HF `tokenizers`): train one, or load an existing `tokenizer.json`.
+
+The special tokens are standard strings recorded in the manifest with their ids, so the file also
+loads with `transformers.PreTrainedTokenizerFast(tokenizer_file=…, bos_token="<|bos|>", …)`.
+Documents are encoded without special tokens; the shard writer appends EOS after each document.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from seektrain.errors import UserError
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+# EOS names other tokenizers use, tried in order when an existing tokenizer lacks ours.
+_EOS_FALLBACKS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<｜end▁of▁sentence｜>")
+_BOS_FALLBACKS = ("<s>", "<bos>", "<|begin_of_text|>", "<｜begin▁of▁sentence｜>")
+_PAD_FALLBACKS = ("<pad>", "<|padding|>")
+
+
+@dataclass
+class TokenizerConfig:
+    """Train a byte-level BPE of `vocab_size` (with bos/eos/pad), or load `path` when given."""
+
+    vocab_size: int = 8192
+    path: str | None = None
+    bos_token: str = BOS
+    eos_token: str = EOS
+    pad_token: str = PAD
+    min_frequency: int = 2
+
+    def __post_init__(self) -> None:
+        if self.path is None and not 260 <= self.vocab_size <= 1 << 24:
+            raise UserError(f"vocab size must be at least 260 (256 bytes + specials), got {self.vocab_size}")
+
+
+def train_bpe(batches: Iterable[list[str]], cfg: TokenizerConfig):
+    """A byte-level BPE trained on batches of texts; special tokens get ids 0, 1, 2 (bos, eos, pad)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=[cfg.bos_token, cfg.eos_token, cfg.pad_token],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(batches, trainer)
+    return tok
+
+
+def load_tokenizer(path: str):
+    """An existing tokenizer.json; UserError when it is missing or does not parse."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except FileNotFoundError as e:
+        raise UserError(f"tokenizer file not found: {path}") from e
+    except Exception as e:  # tokenizers raises a plain Exception for a malformed file
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"tokenizer file does not parse as a HF tokenizers JSON: {path} ({first})") from e
+
+
+def special_tokens(tok, cfg: TokenizerConfig) -> dict[str, dict]:
+    """{"bos"|"eos"|"pad": {"token", "id"}} in the vocabulary; EOS is required (it ends documents)."""
+    found = {}
+    for role, name, fallbacks in (
+        ("bos", cfg.bos_token, _BOS_FALLBACKS),
+        ("eos", cfg.eos_token, _EOS_FALLBACKS),
+        ("pad", cfg.pad_token, _PAD_FALLBACKS),
+    ):
+        for candidate in (name, *fallbacks):
+            i = tok.token_to_id(candidate)
+            if i is not None:
+                found[role] = {"token": candidate, "id": int(i)}
+                break
+    if "eos" not in found:
+        raise UserError(
+            f"tokenizer has no end-of-document token ({cfg.eos_token} or one of "
+            f"{', '.join(_EOS_FALLBACKS)}); use one that has, or let prepare train one"
+        )
+    return found

@@ -1,0 +1,74 @@
+"""Worker-process side of `prepare`: per-batch cleaning and tokenization, and an ordered bounded map.
+
+Workers are forked where the OS can (no re-import of `__main__`, which `spawn` would re-run in scripts
+without a main guard; the children touch neither torch nor rich, and tokenizers' thread pool is off in
+them) and hold their configuration in process state set by the pool initializer. Results come back
+in submission order, so the output never depends on the number of workers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+
+from seektrain.data.clean import CleanConfig, Cleaned, clean_document
+from seektrain.data.dedup import MinHasher
+
+_state: dict = {}  # this worker process's configuration (set once by the pool initializer)
+
+
+def init_clean(cfg: CleanConfig, minhash: MinHasher | None) -> None:
+    _state["clean"], _state["minhash"] = cfg, minhash
+
+
+def clean_batch(raws: list[bytes | str]) -> list[Cleaned]:
+    return [clean_document(r, _state["clean"], _state["minhash"]) for r in raws]
+
+
+def init_tokenize(tokenizer_json: str, eos_id: int, dtype: str, threads: bool) -> None:
+    if not threads:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    from tokenizers import Tokenizer
+
+    _state["tok"] = Tokenizer.from_str(tokenizer_json)
+    _state["eos"], _state["dtype"] = eos_id, np.dtype(dtype)
+
+
+def tokenize_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of the documents, each followed by EOS: ((N,) ids, (D,) per-document lengths incl. EOS)."""
+    tok = _state["tok"]
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast skips offsets (tokenizers >= 0.20)
+    encodings = encode(texts, add_special_tokens=False)
+    lens = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
+    ids = np.empty(int(lens.sum()), dtype=_state["dtype"])
+    pos = 0
+    for e, n in zip(encodings, lens, strict=True):
+        ids[pos : pos + n - 1] = e.ids
+        ids[pos + n - 1] = _state["eos"]
+        pos += n
+    return ids, lens
+
+
+def ordered_map(
+    fn: Callable, tasks: Iterable, workers: int, initializer: Callable, initargs: tuple
+) -> Iterator:
+    """fn over tasks in order, on `workers` processes (inline when 1) with at most 2×workers
+    tasks in flight, so a huge input never piles up in memory."""
+    if workers <= 1:
+        initializer(*initargs)
+        yield from map(fn, tasks)
+        return
+    import multiprocessing as mp
+
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with mp.get_context(method).Pool(workers, initializer=initializer, initargs=initargs) as pool:
+        pending: deque = deque()
+        for task in tasks:
+            pending.append(pool.apply_async(fn, (task,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
