@@ -17,10 +17,6 @@ from seektrain.errors import UserError
 COMMANDS = {
     "prepare": "prepare",
     "train": "train",
-    "eval": "evaluate",
-    "generate": "generate",
-    "export": "export",
-    "import": "import_hf",
     "bench": "bench",
 }
 

@@ -1,0 +1,113 @@
+"""Time real training steps (forward, backward, clip, optimizer) of a preset on whatever device is present.
+
+The step is the trainer's own (`Stepper`), so what the benchmark speeds up, training speeds up. Tokens
+are random ids (the speed of a step does not depend on the text). MFU uses design.md's FLOPs/token over
+the detected GPU's dense bf16 peak; on CPU no MFU is reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+
+from seektrain.config import OptimConfig
+from seektrain.distributed.parallelize import apply_activation_checkpointing, apply_compile
+from seektrain.model.config import ModelConfig
+from seektrain.model.transformer import Transformer
+from seektrain.train.metrics import flops_per_token, peak_flops
+from seektrain.train.optim import build_optimizer
+from seektrain.train.step import Stepper
+
+
+@dataclass
+class BenchConfig:
+    preset: str = "small"
+    batch: int = 8
+    seq: int = 2048
+    steps: int = 10
+    warmup: int = 3
+    precision: str | None = None  # None: bf16 on GPU, fp32 on CPU
+    compile: bool = False
+    activation_checkpointing: bool = False
+    dense: bool = False  # every layer a dense SwiGLU MLP (MoE off), for the dense peer comparison
+    layers: int | None = None  # override the preset's layer count (e.g. a dense model of similar size)
+    mtp: int = 0  # MTP depth; 0 like the transformers peer, which does not train MTP (and FLOPs omit it)
+    seed: int = 0
+
+
+def bench_model_config(cfg: BenchConfig) -> ModelConfig:
+    """The preset's dimensions at the benchmark's context length, with the layer/MTP/dense overrides."""
+    model_cfg = ModelConfig.from_preset(cfg.preset)
+    n_layers = cfg.layers or model_cfg.num_hidden_layers
+    return dataclasses.replace(
+        model_cfg,
+        num_hidden_layers=n_layers,
+        first_k_dense_replace=n_layers if cfg.dense else min(model_cfg.first_k_dense_replace, n_layers),
+        num_mtp_layers=cfg.mtp,
+        max_position_embeddings=max(cfg.seq, model_cfg.max_position_embeddings),
+    )
+
+
+def run_bench(cfg: BenchConfig, device: torch.device | None = None) -> dict:
+    """Build the model, warm up, time `cfg.steps` steps; return one flat dict of figures."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
+    model_cfg = bench_model_config(cfg)
+    torch.manual_seed(cfg.seed)
+    with torch.device(device):
+        model = Transformer(model_cfg)
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.compile:
+        apply_compile(model)
+    optimizer = build_optimizer(model, OptimConfig())
+    stepper = Stepper(model, optimizer, precision, device, grad_clip=1.0)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    tokens = torch.randint(0, model_cfg.vocab_size, (cfg.batch, cfg.seq + 1), generator=gen)
+    batch = [(tokens[:, :-1].to(device), tokens[:, 1:].to(device))]
+
+    def step() -> float:
+        stats = stepper.forward_backward(batch, model_cfg.mtp_loss_weight, model_cfg.num_mtp_layers)
+        stepper.clip()
+        stepper.apply(1e-4)
+        return stats.loss
+
+    for _ in range(cfg.warmup):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(cfg.steps):
+        loss = step()
+    _sync(device)
+    step_s = (time.perf_counter() - start) / cfg.steps
+
+    tokens_per_s = cfg.batch * cfg.seq / step_s
+    tflops = tokens_per_s * flops_per_token(model_cfg, cfg.seq) / 1e12
+    peak = peak_flops(device)
+    return {
+        "preset": cfg.preset + ("-dense" if cfg.dense else ""),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": precision,
+        "compile": cfg.compile,
+        "activation_checkpointing": cfg.activation_checkpointing,
+        "batch": cfg.batch,
+        "seq": cfg.seq,
+        "total_params_M": round(model_cfg.num_params() / 1e6, 1),
+        "active_params_M": round(model_cfg.num_active_params() / 1e6, 1),
+        "step_ms": round(step_s * 1e3, 1),
+        "tokens_per_s": round(tokens_per_s),
+        "tflops": round(tflops, 2),
+        "mfu": round(tflops * 1e12 / peak, 4) if peak else None,
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        "loss": round(loss, 4),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

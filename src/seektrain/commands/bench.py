@@ -1,0 +1,71 @@
+"""Time training steps of a preset (tokens/s, TFLOP/s, MFU, peak memory) on the present device.
+
+Forward, backward, clipping and the optimizer step are timed after warm-up; no MFU on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from seektrain.errors import UserError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=None, help="model preset (default: small on GPU, tiny on CPU)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (default: 8 on GPU, 4 on CPU)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: 2048 on GPU, 256 on CPU)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up (default: 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
+    p.add_argument("--dense", action="store_true", help="MoE off: every layer a dense SwiGLU MLP")
+    p.add_argument("--layers", type=int, default=None, help="override the preset's number of layers")
+    p.add_argument("--mtp", type=int, default=0,
+                   help="MTP depth (default 0, like the transformers peer; its FLOPs are not counted)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from seektrain.bench import BenchConfig, run_bench
+    from seektrain.model.config import ModelConfig
+
+    gpu = torch.cuda.is_available()
+    preset = args.preset or ("small" if gpu else "tiny")
+    if preset not in ModelConfig.preset_names():
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(ModelConfig.preset_names())}")
+    for name in ("batch", "seq", "steps", "layers"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name} must be positive, got {value}")
+    cfg = BenchConfig(
+        preset=preset,
+        batch=args.batch or (8 if gpu else 4),
+        seq=args.seq or (2048 if gpu else 256),
+        steps=args.steps,
+        warmup=args.warmup,
+        precision=args.precision,
+        compile=args.compile,
+        activation_checkpointing=args.activation_checkpointing,
+        dense=args.dense,
+        layers=args.layers,
+        mtp=args.mtp,
+    )
+    result = run_bench(cfg)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"seektrain bench: {result['preset']} on {result['device']}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        table.add_row(key, "—" if value is None else str(value))
+    Console().print(table)
+    return 0
