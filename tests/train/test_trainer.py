@@ -1,0 +1,185 @@
+"""The loop on the real Transformer and real prepared data (toy sizes): accumulation, precision and loss
+scaling, NaN skipping, spike rollback, activation checkpointing, schedules end to end."""
+
+import math
+
+import pytest
+import torch
+
+from seektrain.config import load_config
+from seektrain.train.metrics import read_metrics
+from seektrain.train.trainer import Trainer
+
+
+@pytest.fixture
+def make(toy):
+    def build(run_dir, *overrides, resume="auto"):
+        return Trainer(load_config(overrides=[*toy, *overrides]), run_dir, resume=resume)
+
+    return build
+
+
+def grads(model):
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def train_lines(run_dir):
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def test_accumulation_equals_one_big_batch(make, tmp_path):
+    """4 micro-batches of 4 give the gradient of one batch of 16: the loss is normalized by the step's
+    token counts, not averaged per micro-batch. MTP and the sequence-wise balance loss are on.
+    Tolerance: fp32, rtol 1e-5 / atol 1e-7 — only the summation order differs (4 partial sums vs 1)."""
+    tr = make(tmp_path / "run", "model.seq_aux_loss_alpha=0.01")
+    batches = [next(tr.loader) for _ in range(4)]
+    depth = tr.model_cfg.num_mtp_layers
+    assert depth >= 1
+    small = tr.stepper.forward_backward(batches, 0.3, depth)
+    g_small = grads(tr.model)
+    big_batch = [(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))]
+    big = tr.stepper.forward_backward(big_batch, 0.3, depth)
+    g_big = grads(tr.model)
+    assert len(g_small) == len(g_big) > 10
+    for a, b in zip(g_small, g_big, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert small.tokens == big.tokens == 16 * 32
+    assert torch.equal(small.expert_counts, big.expert_counts)
+    assert small.loss == pytest.approx(big.loss, rel=1e-6)
+    assert small.balance_loss == pytest.approx(big.balance_loss, rel=1e-5) and big.balance_loss > 0
+
+
+def test_fp16_scaler_backs_off_on_overflow_and_skips(make, tmp_path):
+    tr = make(tmp_path / "run", "train.precision=fp16", "train.device=cpu")
+    s = tr.stepper
+    batches = [next(tr.loader) for _ in range(2)]
+    scale = s.scaler.get_scale()
+    s.forward_backward(batches, 0.3, 1)
+    p = next(tr.model.parameters())
+    p.grad.view(-1)[0] = math.inf  # an fp16 overflow in the scaled gradient
+    before = [q.detach().clone() for q in tr.model.parameters()]
+    assert not math.isfinite(s.clip())
+    assert s.apply(1e-3) is False  # skipped
+    assert s.scaler.get_scale() == scale / 2  # backed off
+    assert all(torch.equal(a, b) for a, b in zip(before, tr.model.parameters(), strict=True))
+    s.forward_backward(batches, 0.3, 1)
+    assert math.isfinite(s.clip())
+    assert s.apply(1e-3) is True
+    assert not all(torch.equal(a, b) for a, b in zip(before, tr.model.parameters(), strict=True))
+
+
+def test_fp16_overflow_is_counted_in_a_run(make, tmp_path):
+    tr = make(
+        tmp_path / "run", "train.precision=fp16", "train.device=cpu", "train.steps=4", "train.log_every=1"
+    )
+    p = next(tr.model.parameters())
+    p.register_hook(lambda g: g * math.inf if tr.counters.step == 1 else g)  # overflow during step 2
+    assert tr.fit() == 0
+    lines = train_lines(tmp_path / "run")
+    assert [r["skipped_steps"] for r in lines] == [0, 1, 1, 1]
+    assert lines[1]["loss_scale"] == lines[0]["loss_scale"] / 2
+
+
+def test_nan_step_is_skipped_and_counted(make, tmp_path):
+    run = tmp_path / "run"
+    tr = make(run, "train.steps=6", "train.log_every=1")
+    forward = tr.model.forward
+
+    def patched(x, y=None):  # a NaN loss in step 3
+        out = forward(x, y)
+        if tr.model.training and tr.counters.step + 1 == 3:
+            out.main_loss_sum = out.main_loss_sum * math.nan
+        return out
+
+    tr.model.forward = patched
+    assert tr.fit() == 0
+    records = read_metrics(run / "metrics.jsonl")
+    skips = [r for r in records if r.get("event") == "skip"]
+    assert [r["step"] for r in skips] == [3] and "non-finite" in skips[0]["reason"]
+    lines = train_lines(run)
+    assert [r["bad_steps"] for r in lines] == [0, 0, 1, 1, 1, 1]
+    assert all(math.isfinite(r["loss"]) for r in lines if r["step"] != 3)
+    assert all(torch.isfinite(p).all() for p in tr.model.parameters())
+
+
+def test_loss_spike_rolls_back_and_skips_the_data(make, tmp_path):
+    run = tmp_path / "run"
+    tr = make(
+        run,
+        "train.steps=10",
+        "train.log_every=1",
+        "checkpoint.every=4",
+        "train.spike_window=3",
+        "train.spike_zscore=50",
+        "train.eval_every=0",
+    )
+    fired = []
+    forward = tr.model.forward
+
+    def patched(x, y=None):
+        out = forward(x, y)
+        if tr.model.training and tr.counters.step + 1 == 7 and len(fired) < 2:  # both micro-batches, once
+            fired.append(1)
+            out.main_loss_sum = out.main_loss_sum * 100
+        return out
+
+    tr.model.forward = patched
+    assert tr.fit() == 0
+    records = read_metrics(run / "metrics.jsonl")
+    rollbacks = [r for r in records if r.get("event") == "rollback"]
+    assert len(rollbacks) == 1
+    rb = rollbacks[0]
+    assert (rb["step"], rb["at_step"], rb["checkpoint"], rb["skipped_data_steps"]) == (
+        4,
+        7,
+        "step_00000004",
+        3,
+    )
+    assert "spike" in rb["reason"]
+    steps = [r["step"] for r in train_lines(run)]
+    assert steps == list(range(1, 11))  # steps 5 and 6 were logged again after the rollback, once
+    assert train_lines(run)[-1]["rollbacks"] == 1
+    # the loader went past the bad window: 10 steps trained + 3 skipped, in units of one micro-batch
+    assert tr.loader.state_dict()["sequences_consumed"] == 13 * 8
+
+
+def test_activation_checkpointing_changes_nothing(make, tmp_path):
+    """Same weights, same batches: gradients and expert counts (counted once, not per recompute) equal."""
+    plain = make(tmp_path / "a")
+    ac = make(tmp_path / "b", "train.activation_checkpointing=true")
+    batches = [next(plain.loader) for _ in range(2)]
+    s1 = plain.stepper.forward_backward(batches, 0.3, 1)
+    s2 = ac.stepper.forward_backward(batches, 0.3, 1)
+    assert torch.equal(s1.expert_counts, s2.expert_counts)
+    assert s1.expert_counts.sum() == 2 * 4 * 32 * 2 * 1  # micro-batches × mb × T × top-k × MoE layers
+    for a, b in zip(grads(plain.model), grads(ac.model), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["train.precision=bf16", "optim.name=lamb", "optim.schedule=wsd"],
+        [
+            "train.precision=fp32",
+            "optim.schedule=multistep",
+            "train.batch_ramp_steps=3",
+            "train.batch_ramp_start=4",
+            "train.mtp_weight_schedule=[[0, 0.3], [0.5, 0.1]]",
+        ],
+    ],
+)
+def test_variants_run_and_log(make, tmp_path, overrides):
+    run = tmp_path / "run"
+    tr = make(run, "train.steps=4", "train.log_every=1", *overrides)
+    assert tr.fit() == 0
+    lines = train_lines(run)
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    for r in lines:
+        for key in ("tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mem_gib", "expert_max_violation"):
+            assert math.isfinite(r[key]), key
+    if "train.batch_ramp_steps=3" in overrides:
+        assert [r["global_batch"] for r in lines] == [4, 4, 4, 8]
+        assert [r["mtp_weight"] for r in lines] == [0.3, 0.3, 0.1, 0.1]
+    val = [r for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r]
+    assert [r["step"] for r in val] == [0, 4]
