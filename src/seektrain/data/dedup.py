@@ -59,7 +59,9 @@ class MinHasher:
         """(P,) uint64 MinHash signature of the document's word n-grams (the whole text if shorter)."""
         n = min(self.ngram, max(len(words), 1))
         shingles = {" ".join(words[i : i + n]) for i in range(max(len(words) - n + 1, 1))}
-        hv = np.fromiter((xxhash.xxh32_intdigest(s) for s in shingles), dtype=np.uint64, count=len(shingles))
+        hv = np.fromiter(
+            (xxhash.xxh32_intdigest(s.encode()) for s in shingles), dtype=np.uint64, count=len(shingles)
+        )
         sig = np.full(self.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
         for start in range(0, len(hv), 4096):  # chunks keep the (S, P) product small
             chunk = hv[start : start + 4096, None]  # (S, 1)

@@ -1,0 +1,79 @@
+"""Each cleaning step and filter on crafted documents: a bad one dropped for its reason, a good one kept."""
+
+import random
+
+import pytest
+from data_helpers import make_doc
+
+from seektrain.data.clean import CleanConfig, clean_document, decode, normalize
+from seektrain.errors import UserError
+
+GOOD = make_doc(random.Random(7), 200)
+
+
+def test_good_document_passes_every_filter():
+    r = clean_document(GOOD.encode(), CleanConfig())
+    assert r.reason is None and r.text == GOOD
+
+
+def test_invalid_utf8_policy():
+    # A few bad bytes in a long text: kept, each replaced by U+FFFD. Mostly binary: dropped.
+    few = GOOD.encode()[:1000] + b"\xff" + GOOD.encode()[1000:]
+    assert decode(few, 0.01).count("\ufffd") == 1
+    binary = bytes(range(128, 256)) * 20
+    assert clean_document(binary, CleanConfig()).reason == "invalid_utf8"
+    assert decode(b"\xef\xbb\xbfhello", 0.01) == "hello"  # BOM removed
+
+
+def test_normalization_forms_and_control_characters():
+    decomposed = "Cafe\u0301 \x00\x07bad\x1b ctrl\r\nline\u2028next   \n\n\n\n\n\nend\x0c"
+    out = normalize(decomposed, "NFC")
+    assert out == "Caf\u00e9 bad ctrl\nline\nnext\n\n\nend"
+    assert normalize("\ufb01", "NFKC") == "fi" and normalize("\ufb01", "NFC") == "\ufb01"
+    assert normalize("Cafe\u0301", "none") == "Cafe\u0301"
+    with pytest.raises(UserError):
+        CleanConfig(unicode_form="NFX")
+
+
+def test_length_filters():
+    cfg = CleanConfig(min_chars=100, max_chars=1000)
+    assert clean_document("short text", cfg).reason == "too_short"
+    assert clean_document(GOOD * 2, cfg).reason == "too_long"
+    assert clean_document(GOOD[:500], cfg).reason is None
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        # 7 of 12 lines repeat an earlier one
+        ("\n".join(["the same line again"] * 8 + [f"line {w} unique words" for w in "abcd"]), "dup_lines"),
+        # few repeated lines, but they are long and hold most characters
+        (
+            "\n".join(["x" * 300, "x" * 300, "y" * 300, "y" * 300, *(f"u{i}" for i in range(8))]),
+            "dup_line_chars",
+        ),
+        # one word bigram dominates the text ("na na" spam inside varied lines)
+        ("\n".join(f"w{i} na na na na na na na na na na na na" for i in range(20)), "top_2gram"),
+    ],
+)
+def test_repetition_filters(text, reason):
+    assert clean_document(text, CleanConfig(min_chars=0)).reason == reason
+    assert clean_document(text, CleanConfig(min_chars=0, repetition_filters=False)).reason is None
+
+
+def test_duplicated_ngram_filter():
+    # A 60-word passage repeated with distinct line numbers: no duplicate lines, all 5-grams repeated.
+    rng = random.Random(3)
+    passage = make_doc(rng, 60).replace("\n", " ")
+    text = "\n".join(f"{i}: {passage}" for i in range(3))
+    cfg = CleanConfig(min_chars=0, max_top_ngram_frac={})
+    assert clean_document(text, cfg).reason == "dup_5gram"
+    off = CleanConfig(min_chars=0, max_top_ngram_frac={}, max_dup_ngram_frac={})
+    assert clean_document(text, off).reason is None
+
+
+def test_exact_key_ignores_whitespace_but_not_words():
+    a = clean_document(GOOD, CleanConfig())
+    b = clean_document(GOOD.replace("\n", "\n   ").replace(" ", "  "), CleanConfig())
+    c = clean_document(GOOD.replace(".", "!", 1), CleanConfig())
+    assert a.key_hash == b.key_hash != c.key_hash

@@ -1,0 +1,57 @@
+"""`seektrain prepare` through the real CLI dispatcher: a summary on success, one `error:` line and exit 2
+on bad input."""
+
+import json
+
+import pytest
+from data_helpers import make_docs, write_corpus
+
+from seektrain import cli
+
+
+@pytest.fixture
+def run(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "COMMANDS", {"prepare": "prepare"})  # only this verb: others may not exist yet
+
+    def _run(*argv):
+        rc = cli.main(["prepare", *map(str, argv), "--no-progress", "--workers", "1"])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return _run
+
+
+def _assert_one_error(result, pattern):
+    rc, _, err = result
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and pattern in lines[0], err
+
+
+def test_prepare_prints_summary(run, tmp_path):
+    src = write_corpus(tmp_path / "src", make_docs(30, seed=4))
+    rc, out, _ = run("--input", src, "--out", tmp_path / "d", "--vocab-size", 300, "--dedup", "minhash")
+    assert rc == 0
+    assert f"prepared {tmp_path / 'd'}" in out and "tokens    train" in out and len(out.splitlines()) <= 20
+    assert json.loads((tmp_path / "d/manifest.json").read_text())["options"]["dedup"] == "minhash"
+
+
+def test_bad_inputs_give_one_error_line(run, tmp_path):
+    out = tmp_path / "d"
+    _assert_one_error(run("--input", tmp_path / "missing", "--out", out), "input not found")
+    write_corpus(tmp_path / "short", ["a", "b"])
+    _assert_one_error(run("--input", tmp_path / "short", "--out", out), "empty corpus after filtering")
+    (tmp_path / "x.parquet").write_bytes(b"PAR1 this is not parquet")
+    _assert_one_error(run("--input", tmp_path / "x.parquet", "--out", out), "cannot read Parquet")
+    (tmp_path / "x.jsonl").write_text('{"text": "ok"}\nnot json\n')
+    _assert_one_error(run("--input", tmp_path / "x.jsonl", "--out", out), "x.jsonl:2")
+    write_corpus(tmp_path / "good", make_docs(3))
+    (tmp_path / "tok.json").write_text("{ broken")
+    _assert_one_error(
+        run("--input", tmp_path / "good", "--tokenizer", tmp_path / "tok.json", "--out", out),
+        "does not parse",
+    )
+    _assert_one_error(
+        run("--input", tmp_path / "good", "--val-fraction", 1.5, "--out", out), "--val-fraction"
+    )
+    assert not out.exists()

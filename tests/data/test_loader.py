@@ -1,0 +1,173 @@
+"""TokenLoader: packing, order, coverage, exact resume across rank counts, corrupt data detection."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from seektrain.data.loader import TokenLoader
+from seektrain.data.shards import load_manifest
+from seektrain.errors import UserError
+
+T = 64
+
+
+def _stream(data_dir, split="train"):
+    m = load_manifest(data_dir)
+    return np.concatenate(
+        [np.fromfile(data_dir / s["file"], dtype=m["dtype"]) for s in m["splits"][split]["shards"]]
+    )
+
+
+def _global_batches(loaders, steps):
+    """Each step's global batch: the ranks' micro-batches concatenated in rank order -> list of (GB, T+1)."""
+    out = []
+    for _ in range(steps):
+        parts = []
+        for ld in loaders:
+            for _ in range(ld.micro_steps):
+                x, y = next(ld)
+                parts.append(torch.cat([x, y[:, -1:]], dim=1))
+        out.append(torch.cat(parts))
+    return out
+
+
+def _loaders(data_dir, world, mb, gb=8, seed=3):
+    return [
+        TokenLoader(
+            data_dir,
+            seq_len=T,
+            micro_batch_size=mb,
+            global_batch_size=gb,
+            rank=r,
+            world_size=world,
+            seed=seed,
+        )
+        for r in range(world)
+    ]
+
+
+def test_windows_are_shifted_slices_of_the_stream(prepared):
+    data_dir, _ = prepared
+    stream = _stream(data_dir)
+    ld = TokenLoader(data_dir, seq_len=T, micro_batch_size=4, shuffle=False)
+    assert ld.num_sequences == (len(stream) - 1) // T
+    for _ in range(3):
+        x, y = next(ld)
+    assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (4, T)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    for row in range(4):  # the 3rd micro-batch holds windows 8..11 (a window crosses a 4096-token shard)
+        w = 8 + row
+        assert x[row].tolist() == stream[w * T : w * T + T].tolist()
+        assert y[row].tolist() == stream[w * T + 1 : w * T + T + 1].tolist()
+    assert ld.vocab_size == 384 and ld.eos_id == 1 and ld.tokens_per_step == 4 * T
+
+
+def test_shuffled_epoch_covers_every_window_once(prepared):
+    data_dir, _ = prepared
+    ld = TokenLoader(data_dir, seq_len=T, micro_batch_size=1, seed=5)
+    n = ld.num_sequences
+    ordered = TokenLoader(data_dir, seq_len=T, micro_batch_size=1, shuffle=False)
+    ref = {tuple(x[0].tolist()): i for i, (x, _) in enumerate(ordered.epoch())}
+    epoch0 = [ref[tuple(next(ld)[0][0].tolist())] for _ in range(n)]
+    epoch1 = [ref[tuple(next(ld)[0][0].tolist())] for _ in range(n)]
+    assert sorted(epoch0) == sorted(epoch1) == list(range(n))
+    assert epoch0 != epoch1 and epoch0 != list(range(n))  # reshuffled each epoch
+    other_seed = TokenLoader(data_dir, seq_len=T, micro_batch_size=1, seed=6)
+    assert [ref[tuple(next(other_seed)[0][0].tolist())] for _ in range(n)] != epoch0
+
+
+def test_global_stream_does_not_depend_on_ranks(prepared):
+    data_dir, _ = prepared
+    one = _global_batches(_loaders(data_dir, 1, 2), 6)
+    two = _global_batches(_loaders(data_dir, 2, 2), 6)
+    four = _global_batches(_loaders(data_dir, 4, 1), 6)
+    for a, b, c in zip(one, two, four, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("before, after", [(1, 1), (2, 1), (1, 2), (2, 4)])
+def test_resume_exact_across_rank_counts(prepared, before, after):
+    data_dir, _ = prepared
+    n_steps = TokenLoader(data_dir, seq_len=T, micro_batch_size=8).num_sequences // 8 + 3  # crosses an epoch
+    reference = _global_batches(_loaders(data_dir, 1, 4), n_steps)
+    k = n_steps - 5
+    first = _loaders(data_dir, before, 8 // before // 2)
+    _global_batches(first, k)
+    states = [ld.state_dict() for ld in first]
+    assert all(s == states[0] for s in states)  # the state is global: every rank saves the same
+    assert states[0]["sequences_consumed"] == 8 * k
+    resumed = _loaders(data_dir, after, 8 // after // 2, seed=3)
+    for ld in resumed:
+        ld.load_state_dict(states[0])
+    for want, got in zip(reference[k:], _global_batches(resumed, 5), strict=True):
+        assert torch.equal(want, got)
+
+
+def test_mid_step_resume_same_ranks_only(prepared):
+    data_dir, _ = prepared
+    ref = TokenLoader(data_dir, seq_len=T, micro_batch_size=2, global_batch_size=8, seed=1)
+    batches = [next(ref) for _ in range(7)]
+    ld = TokenLoader(data_dir, seq_len=T, micro_batch_size=2, global_batch_size=8, seed=1)
+    for _ in range(5):
+        next(ld)
+    state = ld.state_dict()
+    again = TokenLoader(data_dir, seq_len=T, micro_batch_size=2, global_batch_size=8, seed=1)
+    again.load_state_dict(state)
+    assert torch.equal(next(again)[0], batches[5][0]) and torch.equal(next(again)[0], batches[6][0])
+    other = TokenLoader(data_dir, seq_len=T, micro_batch_size=4, global_batch_size=8, seed=1)
+    with pytest.raises(UserError, match="middle of a step"):
+        other.load_state_dict(state)
+    changed = TokenLoader(data_dir, seq_len=T + 1, micro_batch_size=2, global_batch_size=8, seed=1)
+    with pytest.raises(UserError, match="seq_len"):
+        changed.load_state_dict(state)
+
+
+def test_eval_epoch_is_finite_and_split_across_ranks(prepared):
+    data_dir, _ = prepared
+    full = [x for x, _ in TokenLoader(data_dir, "val", seq_len=T, micro_batch_size=3, shuffle=False).epoch()]
+    n = TokenLoader(data_dir, "val", seq_len=T, micro_batch_size=3).num_sequences
+    assert sum(len(x) for x in full) == n
+    ranks = [
+        list(
+            TokenLoader(
+                data_dir,
+                "val",
+                seq_len=T,
+                micro_batch_size=1,
+                global_batch_size=4,
+                rank=r,
+                world_size=2,
+                shuffle=False,
+            ).epoch()
+        )
+        for r in range(2)
+    ]
+    rows = sorted(tuple(x[0].tolist()) for r in ranks for x, _ in r)
+    assert rows == sorted(tuple(row.tolist()) for x in full for row in x)
+
+
+def test_bad_shapes_and_missing_or_corrupt_data(prepared, tmp_path):
+    data_dir, _ = prepared
+    with pytest.raises(UserError, match="multiple of micro batch size"):
+        TokenLoader(data_dir, seq_len=T, micro_batch_size=3, global_batch_size=8, world_size=2)
+    with pytest.raises(UserError, match="seektrain prepare"):
+        TokenLoader(tmp_path / "nothing", seq_len=T)
+    with pytest.raises(UserError, match="fewer than seq_len"):
+        TokenLoader(data_dir, "val", seq_len=10**7)
+    bad = tmp_path / "bad"
+    shutil.copytree(data_dir, bad)
+    shard = bad / load_manifest(bad)["splits"]["train"]["shards"][1]["file"]
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="checksum mismatch"):
+        TokenLoader(bad, seq_len=T)
+    TokenLoader(bad, seq_len=T, verify=False)  # size still right: only the checksum catches it
+    shard.write_bytes(bytes(data[:-2]))
+    with pytest.raises(UserError, match="truncated"):
+        TokenLoader(bad, seq_len=T, verify=False)
+    (bad / "manifest.json").write_text("{")
+    with pytest.raises(UserError, match="corrupt manifest"):
+        TokenLoader(bad, seq_len=T)
