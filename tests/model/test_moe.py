@@ -130,3 +130,22 @@ def test_sequence_balance_loss():
 
     off = MoE(dataclasses.replace(cfg, seq_aux_loss_alpha=0.0))
     assert off(x)[2].item() == 0.0
+
+
+def test_router_runs_in_fp32_under_autocast(monkeypatch):
+    torch.manual_seed(4)
+    moe = MoE(dataclasses.replace(TINY, hidden_size=32))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 16, 32)
+    seen = {}
+
+    def spy(logits, bias, cfg):
+        seen["logits"] = logits
+        return route(logits, bias, cfg)
+
+    monkeypatch.setattr(moe_mod, "route", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        moe(x)
+    assert seen["logits"].dtype == torch.float32
+    torch.testing.assert_close(seen["logits"], x.reshape(-1, 32) @ moe.gate.weight.T, rtol=1e-6, atol=1e-6)

@@ -109,8 +109,11 @@ class MoE(nn.Module):
         B, T, D = x.shape
         k, E = self.cfg.num_experts_per_tok, self.cfg.n_routed_experts
         flat = x.reshape(B * T, D)
-        logits = F.linear(flat.float(), self.gate.weight.float())  # (N, E) fp32
-        weights, idx, scores = route(logits, self.e_score_correction_bias, self.cfg)  # (N, k), (N, k), (N, E)
+        with torch.autocast(x.device.type, enabled=False):  # the router stays fp32 under autocast too
+            logits = F.linear(flat.float(), self.gate.weight.float())  # (N, E)
+            weights, idx, scores = route(
+                logits, self.e_score_correction_bias, self.cfg
+            )  # (N, k), (N, k), (N, E)
 
         # Sort the N*k (token, expert) pairs by expert; stable, so ties keep token order (deterministic).
         expert_sorted, order = idx.reshape(-1).sort(stable=True)  # (S,) with S = N*k
