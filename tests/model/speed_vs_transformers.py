@@ -1,6 +1,6 @@
 """Forward+backward throughput of our `small` model vs transformers' DeepseekV3ForCausalLM (same dims).
 
-Not a test: run by hand on a GPU, `python tests/model/speed_vs_transformers.py [--compile]`.
+Not a test: run by hand on a GPU, `python tests/model/speed_vs_transformers.py [--compile] [--profile]`.
 bf16 autocast over fp32 weights, B=8, T=2048, no optimizer (the model's share of a step).
 """
 
@@ -46,6 +46,12 @@ def main():
             out.loss.backward()
 
         results[f"ours mtp={mtp}"] = timeit(step)
+        if "--profile" in sys.argv and mtp == 1:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+            print(table)
         n_active = cfg.num_active_params()
         del model
         torch.cuda.empty_cache()
