@@ -133,3 +133,10 @@ def test_variants_without_mtp_or_with_tied_embeddings():
     assert sum(p.numel() for p in plain.parameters()) == plain.cfg.num_params()
     dense = Transformer(dataclasses.replace(CFG, first_k_dense_replace=CFG.num_hidden_layers))
     assert dense(tokens).expert_counts.shape == (0, CFG.n_routed_experts)
+
+
+def test_bad_token_shapes_raise(model):
+    with pytest.raises(ValueError, match=r"\(B, T\) integer ids"):
+        model(torch.zeros(8, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"\(B, T\) integer ids"):
+        model(torch.zeros(1, 8))

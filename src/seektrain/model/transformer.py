@@ -85,8 +85,8 @@ class Transformer(nn.Module):
         """The one place weights are initialized (also after `to_empty` from the meta device):
         every Linear, the embedding and the stacked experts ~ N(0, initializer_range²), as transformers
         does; RMSNorm gains = 1; the routers' correction biases = 0. Also re-ties a tied head."""
-        if self.cfg.tie_word_embeddings:  # `to_empty` unties shared parameters; tie again
-            self.lm_head.weight = self.embed_tokens.weight
+        if self.cfg.tie_word_embeddings and self.lm_head.weight is not self.embed_tokens.weight:
+            self.lm_head.weight = self.embed_tokens.weight  # `to_empty` unties shared parameters
         std = self.cfg.initializer_range
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -101,6 +101,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
         """tokens (B, T) int64; targets (B, T) int64 with -100 = ignore. MTP runs only with targets."""
+        if tokens.dim() != 2 or tokens.is_floating_point():
+            raise ValueError(f"tokens must be (B, T) integer ids, got {tuple(tokens.shape)} {tokens.dtype}")
         B, T = tokens.shape
         cos, sin = rope_cos_sin(self.cfg, T, tokens.device)  # (T, d_rope/2) each
         h = self.embed_tokens(tokens)  # (B, T, D)
