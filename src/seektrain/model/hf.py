@@ -172,6 +172,9 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
         raise UserError(
             f"config.json has model_type {d.get('model_type')!r}; only 'deepseek_v3' can be imported"
         )
+    if d.get("quantization_config"):
+        method = d["quantization_config"].get("quant_method", "?")
+        raise UserError(f"config.json describes a {method}-quantized checkpoint; dequantize it to bf16 first")
     for key, want in (("rope_interleave", True), ("attention_bias", False), ("hidden_act", "silu"),
                       ("scoring_func", "sigmoid")):  # fmt: skip
         if key in d and d[key] != want:
