@@ -205,3 +205,18 @@ def test_published_v3_config_reads_as_the_v3_preset():
     fp8 = {**PUBLISHED_V3, "quantization_config": {"quant_method": "fp8", "fmt": "e4m3"}}
     with pytest.raises(UserError, match="fp8-quantized"):
         config_from_hf(fp8)
+
+
+def test_directory_saved_by_transformers_loads_back(tmp_path):
+    """transformers re-saves our export without the MTP layers: the main model comes back bitwise and the
+    MTP modules start fresh."""
+    ours = build(TINY)
+    save_hf(ours, tmp_path / "ours")
+    load_transformers(tmp_path / "ours").save_pretrained(tmp_path / "theirs")
+    back = load_hf(tmp_path / "theirs")
+    want, got = ours.state_dict(), back.state_dict()
+    assert back.cfg == ours.cfg and want.keys() == got.keys()
+    for k in want:
+        if not k.startswith("mtp."):
+            assert torch.equal(want[k], got[k]), k
+    assert not torch.equal(want["mtp.0.eh_proj.weight"], got["mtp.0.eh_proj.weight"])
