@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -11,7 +12,7 @@ from data_helpers import make_docs, small_config, write_corpus
 from tokenizers import Tokenizer
 
 from seektrain.data.merge import merge
-from seektrain.data.prepare import prepare
+from seektrain.data.prepare import _recover_interrupted, prepare
 from seektrain.data.shards import load_manifest
 from seektrain.errors import UserError
 
@@ -152,3 +153,16 @@ def test_slices_merge_to_the_whole(prepared, tmp_path, corpus_docs):
     assert sorted(_documents(tmp_path / "merged", "train")) == sorted(_documents(tmp_path / "whole", "train"))
     with pytest.raises(UserError, match="needs|share one tokenizer"):
         small_config([src], tmp_path / "x", num_slices=2)
+
+
+def test_interrupted_runs_are_cleaned_up(prepared, tmp_path, corpus_docs):
+    data_dir, _ = prepared
+    src = write_corpus(tmp_path / "src", corpus_docs[:20])
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    (tmp_path / f".out.tmp-{dead}").mkdir()  # a prepare killed while writing
+    shutil.copytree(data_dir, tmp_path / f".out.old-{dead}")  # one killed between the two renames of the swap
+    (tmp_path / ".out.tmp-1").mkdir()  # pid 1 is alive: not ours to touch
+    _recover_interrupted(tmp_path / "out")
+    assert (tmp_path / "out/manifest.json").read_bytes() == (data_dir / "manifest.json").read_bytes()
+    prepare(small_config([src], tmp_path / "out", tokenizer=str(data_dir / "tokenizer.json")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-1", "out", "src"]

@@ -230,6 +230,29 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _recover_interrupted(out: Path) -> None:
+    """Clean up after a prepare that was killed: delete its temp dir; if it died between the two renames
+    of the swap, put the previous complete data dir back in place."""
+    for leftover in sorted(out.parent.glob(f".{out.name}.*-*")):
+        kind, _, pid = leftover.name[len(out.name) + 2 :].partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if kind == "old" and not out.exists() and (leftover / MANIFEST).exists():
+            os.replace(leftover, out)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _check_out_dir(out: Path) -> None:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
         raise UserError(f"--out {out} exists and is not a seektrain data dir: refusing to replace it")
@@ -239,6 +262,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     """Run the whole pipeline into `cfg.out_dir`; returns the report (also saved as prepare_report.json)."""
     t0 = time.perf_counter()
     out = Path(cfg.out_dir)
+    if out.parent.is_dir():
+        _recover_interrupted(out)
     _check_out_dir(out)
     files = discover(cfg.inputs)[cfg.slice_index :: cfg.num_slices]
     if not files:
