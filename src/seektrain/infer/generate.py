@@ -1,0 +1,104 @@
+"""Sampling loop: prefill the prompt once, then one token per step through the latent cache.
+
+`temperature == 0` is greedy (argmax). Otherwise the logits are divided by the temperature, filtered to
+the `top_k` most likely tokens and then to the smallest set whose probability reaches `top_p`
+(nucleus), and sampled from a generator seeded with `seed`, so a seed reproduces a completion.
+`use_cache=False` re-runs the full forward over the whole sequence each step: the reference the
+cached path is tested and benchmarked against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from seektrain.errors import UserError
+from seektrain.infer.decode import forward_cached
+from seektrain.infer.kv_cache import LatentCache
+from seektrain.model.transformer import Transformer
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = no top-k filter
+    top_p: float = 1.0  # 1 = no nucleus filter
+    seed: int | None = None  # None: nondeterministic
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise UserError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
+        if not self.temperature >= 0:  # also rejects nan
+            raise UserError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,) int64."""
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k and cfg.top_k < logits.shape[-1]:
+        kth = logits.topk(cfg.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+        drop_sorted = before >= cfg.top_p  # the most likely token always stays
+        logits = logits.masked_fill(
+            torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), float("-inf")
+        )
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    prompt: list[int],
+    cfg: SamplingConfig,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+) -> Iterator[int]:
+    """Yield up to `cfg.max_new_tokens` new token ids after `prompt`, stopping after `eos_id`.
+    The prompt plus the new tokens must fit `max_position_embeddings` (checked before any work)."""
+    context = model.cfg.max_position_embeddings
+    if not prompt:
+        raise UserError("the prompt is empty: give at least one token of text")
+    if len(prompt) + cfg.max_new_tokens > context:
+        raise UserError(
+            f"the prompt ({len(prompt)} tokens) plus --max-new-tokens {cfg.max_new_tokens} exceeds "
+            f"the model's context of {context} tokens; shorten the prompt or generate fewer tokens"
+        )
+    if cfg.max_new_tokens == 0:
+        return
+    device = model.embed_tokens.weight.device
+    generator = None
+    if cfg.seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(cfg.seed)
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
+    cache = None
+    if use_cache:
+        dtype = model.embed_tokens.weight.dtype
+        cache = LatentCache(model.cfg, 1, len(prompt) + cfg.max_new_tokens, device, dtype)
+        logits = forward_cached(model, ids, cache)[:, -1]  # prefill: (1, V)
+    else:
+        logits = model(ids).logits[:, -1]
+    for i in range(cfg.max_new_tokens):
+        token = sample_next(logits, cfg, generator)  # (1,)
+        yield int(token)
+        if int(token) == eos_id or i == cfg.max_new_tokens - 1:
+            return
+        if cache is not None:
+            logits = forward_cached(model, token.view(1, 1), cache)[:, -1]
+        else:
+            ids = torch.cat([ids, token.view(1, 1)], dim=1)
+            logits = model(ids).logits[:, -1]
