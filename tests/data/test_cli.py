@@ -55,3 +55,29 @@ def test_bad_inputs_give_one_error_line(run, tmp_path):
         run("--input", tmp_path / "good", "--val-fraction", 1.5, "--out", out), "--val-fraction"
     )
     assert not out.exists()
+
+
+def test_slices_and_merge_from_the_cli(run, tmp_path):
+    src = write_corpus(tmp_path / "src", make_docs(12, seed=8))
+    assert run("--input", src, "--out", tmp_path / "whole", "--vocab-size", 300)[0] == 0
+    tok = tmp_path / "whole/tokenizer.json"
+    for i in range(2):
+        rc, _, _ = run(
+            "--input",
+            src,
+            "--tokenizer",
+            tok,
+            "--num-slices",
+            2,
+            "--slice-index",
+            i,
+            "--out",
+            tmp_path / f"p{i}",
+        )
+        assert rc == 0
+    rc, out, _ = run("--merge", tmp_path / "p0", tmp_path / "p1", "--out", tmp_path / "merged")
+    assert rc == 0 and "kept      12 documents" in out
+    whole = json.loads((tmp_path / "whole/manifest.json").read_text())["splits"]
+    merged = json.loads((tmp_path / "merged/manifest.json").read_text())["splits"]
+    assert {s: v["tokens"] for s, v in merged.items()} == {s: v["tokens"] for s, v in whole.items()}
+    _assert_one_error(run("--input", src, "--num-slices", 2, "--out", tmp_path / "x"), "share one tokenizer")

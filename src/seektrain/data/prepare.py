@@ -211,12 +211,9 @@ def _train_tokenizer(scratch, offsets, kept, cfg: PrepareConfig):
 
 
 def _val_mask(split_hashes: np.ndarray, fraction: float) -> np.ndarray:
-    """(N,) bool: a document is in val when its content hash falls in the lowest `fraction` of the range;
-    if that leaves val empty, the document with the lowest hash (so the split stays deterministic)."""
-    val = split_hashes < np.uint64(min(int(fraction * 2.0**64), 2**64 - 1))
-    if fraction > 0 and not val.any() and len(split_hashes) > 1:
-        val[int(split_hashes.argmin())] = True
-    return val
+    """(N,) bool: a document is in val when its content hash falls in the lowest `fraction` of the range,
+    so its split never depends on the other documents (nor on slicing)."""
+    return split_hashes < np.uint64(min(int(fraction * 2.0**64), 2**64 - 1))
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
@@ -434,4 +431,6 @@ def print_summary(report: dict) -> None:
         + ("trained here" if report["tokenizer_trained"] else "given"),
         "  time      " + " · ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items() if k != "total"),
     ]
+    if not report["documents"]["val"]:
+        lines.append("  warning   the val split is empty: raise --val-fraction to evaluate on held-out text")
     print("\n".join(lines))
