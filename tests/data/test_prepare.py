@@ -166,3 +166,18 @@ def test_interrupted_runs_are_cleaned_up(prepared, tmp_path, corpus_docs):
     assert (tmp_path / "out/manifest.json").read_bytes() == (data_dir / "manifest.json").read_bytes()
     prepare(small_config([src], tmp_path / "out", tokenizer=str(data_dir / "tokenizer.json")))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-1", "out", "src"]
+
+
+def test_minhash_prepare_drops_near_copies_only(tmp_path):
+    docs = make_docs(20, seed=11, words=300)
+    near = [" ".join("edited" if i == 150 else w for i, w in enumerate(d.split(" "))) for d in docs[:5]]
+    src = write_corpus(tmp_path / "src", docs + near)
+    exact = prepare(small_config([src], tmp_path / "exact"))
+    minhash = prepare(small_config([src], tmp_path / "minhash", dedup="minhash"))
+    assert exact["documents_kept"] == 25 and "near_duplicate" not in exact["dropped"]
+    assert minhash["documents_kept"] == 20 and minhash["dropped"] == {
+        "exact_duplicate": 0,
+        "near_duplicate": 5,
+    }
+    kept = sorted(_documents(tmp_path / "minhash", "train") + _documents(tmp_path / "minhash", "val"))
+    assert kept == sorted(docs)  # the originals (first occurrences) stay

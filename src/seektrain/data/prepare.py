@@ -318,7 +318,8 @@ def prepare(cfg: PrepareConfig) -> dict:
         t = time.perf_counter()
         val = _val_mask(split_hashes[kept], cfg.val_fraction)  # (K,) over kept documents, in order
         writers = {s: ShardWriter(tmp / s, dtype, cfg.shard_tokens) for s in ("train", "val")}
-        task = progress.task("tokenize", int((offsets[kept + 1] - offsets[kept]).sum()))
+        sizes = offsets[kept + 1] - offsets[kept]  # (K,) bytes of each kept document
+        task = progress.task("tokenize", int(sizes.sum()))
         done = 0
         batches = _read_docs(scratch, offsets, kept)
         for ids, lens in W.ordered_map(
@@ -332,7 +333,7 @@ def prepare(cfg: PrepareConfig) -> dict:
             token_val = np.repeat(in_val, lens)  # (N,) split of each token
             writers["train"].write(ids[~token_val], int((~in_val).sum()))
             writers["val"].write(ids[token_val], int(in_val.sum()))
-            progress.advance(task, int(offsets[kept[done + len(lens) - 1] + 1] - offsets[kept[done]]))
+            progress.advance(task, int(sizes[done : done + len(lens)].sum()))
             done += len(lens)
         splits = {s: w.close() for s, w in writers.items()}
         seconds["tokenize"] = time.perf_counter() - t
@@ -346,7 +347,7 @@ def prepare(cfg: PrepareConfig) -> dict:
             "documents_in": stats["documents_in"],
             "bytes_in": stats["bytes_in"],
             "documents_kept": int(len(kept)),
-            "bytes_kept": int((offsets[kept + 1] - offsets[kept]).sum()),
+            "bytes_kept": int(sizes.sum()),
             "dropped": dict(sorted(stats["dropped"].items())),
             "bad_jsonl_lines": stats.get("bad_jsonl_lines", 0),
             "slice": [cfg.slice_index, cfg.num_slices],
