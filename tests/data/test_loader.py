@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from seektrain.data.loader import TokenLoader
+from seektrain.data.loader import TokenLoader, permute
 from seektrain.data.shards import load_manifest
 from seektrain.errors import UserError
 
@@ -62,6 +62,17 @@ def test_windows_are_shifted_slices_of_the_stream(prepared):
         assert x[row].tolist() == stream[w * T : w * T + T].tolist()
         assert y[row].tolist() == stream[w * T + 1 : w * T + T + 1].tolist()
     assert ld.vocab_size == 384 and ld.eos_id == 1 and ld.tokens_per_step == 4 * T
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 31, 1000, 65537])
+def test_permute_is_a_bijection_keyed_by_seed_and_epoch(n):
+    i = np.arange(n, dtype=np.uint64)
+    p = permute(i, n, seed=3, epoch=0)
+    assert np.array_equal(np.sort(p), i)
+    if n >= 1000:  # looks random: other keys agree on ~1/n of the points, no correlation with the index
+        assert (p == permute(i, n, seed=3, epoch=1)).mean() < 0.01
+        assert (p == permute(i, n, seed=4, epoch=0)).mean() < 0.01
+        assert abs(np.corrcoef(i.astype(float), p.astype(float))[0, 1]) < 0.1
 
 
 def test_shuffled_epoch_covers_every_window_once(prepared):

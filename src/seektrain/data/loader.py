@@ -2,11 +2,12 @@
 
 The split's shards form one token stream of N tokens, cut into n = (N-1) // T windows of T+1 tokens
 (window i starts at token i*T, so every token is a target exactly once per epoch). The GLOBAL order of
-windows depends only on (data, T, seed): epoch e visits them in the permutation drawn from
-numpy's generator seeded with [seed, e] (or in order when shuffle=False), epochs following each other
-forever. Optimizer step g consumes global windows [g*GB, (g+1)*GB); rank r owns the contiguous slice
-[r*GB/W, (r+1)*GB/W) of it, in micro-batches of mb. The state is therefore just the global step (plus
-the micro-batch within it), so a resume on a different number of ranks continues the same stream.
+windows depends only on (data, T, seed): epoch e visits them in a pseudorandom permutation keyed by
+(seed, e) and computed pointwise (`permute`: O(1) memory however large the data), or in order when
+shuffle=False; epochs follow each other forever. Optimizer step g consumes global windows
+[g*GB, (g+1)*GB); rank r owns the contiguous slice [r*GB/W, (r+1)*GB/W) of it, in micro-batches of
+mb. The state is therefore just the global step (plus the micro-batch within it), so a resume on a
+different number of ranks continues the same stream.
 
 No DataLoader worker processes: a batch is a few memory-mapped slices copied into an int64 array,
 far faster than any model step (see bench/RESULTS.md), so workers would only add state to resume.
@@ -25,6 +26,38 @@ from seektrain.data.shards import load_manifest, verify_shards
 from seektrain.errors import UserError
 
 STATE_VERSION = 1
+
+
+_M64 = (1 << 64) - 1
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64 finalizer: a fast, well-mixing bijection on uint64 (wraps on overflow by design)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def permute(i: np.ndarray, n: int, seed: int, epoch: int, rounds: int = 6) -> np.ndarray:
+    """A pseudorandom permutation of [0, n), evaluated pointwise in O(1) memory: a keyed Feistel network
+    on the smallest even-bit domain 2^k >= n, with cycle walking (re-applied while the image is >= n,
+    which maps [0, n) onto itself; under 4 rounds trips expected). (B,) uint64 -> (B,) uint64."""
+    half = max(1, (max(n - 1, 1).bit_length() + 1) // 2)
+    shift, mask = np.uint64(half), np.uint64((1 << half) - 1)
+    base = (seed * 0x9E3779B97F4A7C15 + epoch * 0xD1B54A32D192ED03) & _M64
+    keys = _mix(np.arange(rounds, dtype=np.uint64) + np.uint64(base))  # (rounds,) round keys
+
+    def feistel(x: np.ndarray) -> np.ndarray:
+        left, right = x >> shift, x & mask
+        for key in keys:
+            left, right = right, left ^ (_mix(right ^ key) & mask)
+        return (left << shift) | right
+
+    with np.errstate(over="ignore"):
+        out = feistel(i)
+        while (walk := out >= n).any():
+            out[walk] = feistel(out[walk])
+    return out
 
 
 class TokenLoader:
@@ -84,7 +117,6 @@ class TokenLoader:
                 + (" (or a larger --val-fraction in prepare)" if split == "val" else "")
             )
         self._fingerprint = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()[:16]
-        self._perms: dict[int, np.ndarray] = {}
         self.step, self.micro = 0, 0  # global optimizer step, micro-batch within it (this rank)
 
     # --- global order -------------------------------------------------------------------------------
@@ -95,15 +127,9 @@ class TokenLoader:
             return offsets
         out = np.empty_like(offsets)
         for e in np.unique(epochs):
-            if e not in self._perms:
-                if len(self._perms) >= 2:
-                    self._perms.pop(min(self._perms))
-                self._perms[int(e)] = np.random.default_rng([self.seed, int(e)]).permutation(
-                    self.num_sequences
-                )
             mask = epochs == e
-            out[mask] = self._perms[int(e)][offsets[mask]]
-        return out
+            out[mask] = permute(offsets[mask].astype(np.uint64), self.num_sequences, self.seed, int(e))
+        return out.astype(np.int64)
 
     def _gather(self, windows: np.ndarray):
         """(B,) window indices -> x, y torch int64 (B, T)."""
