@@ -53,16 +53,37 @@ def baseline(files, tokenizer_path, fast: bool) -> int:
     return sum(len(e.ids) for e in encode(texts, add_special_tokens=False))
 
 
+def bench_loader(data_dir: Path) -> dict:
+    """Tokens/s of one process drawing shuffled batches (after one warm-up batch), for a few shapes."""
+    from seektrain.data.loader import TokenLoader
+
+    rates = {}
+    for seq_len, mbs in [(1024, 8), (2048, 4), (256, 32)]:
+        ld = TokenLoader(data_dir, seq_len=seq_len, micro_batch_size=mbs, seed=0)
+        next(ld)
+        n, t = 0, time.perf_counter()
+        while time.perf_counter() - t < 2.0:
+            x, _ = next(ld)
+            n += x.numel()
+        rate = n / (time.perf_counter() - t)
+        rates[f"T{seq_len}_mb{mbs}"] = round(rate / 1e6, 1)
+        print(f"loader T={seq_len} mb={mbs}: {rate / 1e6:.1f} M tokens/s")
+    return rates
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--input", action="append", default=None)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--json", default=None)
+    p.add_argument("--loader-only", metavar="DATA_DIR", help="only the loader benchmark, on this data dir")
     args = p.parse_args()
     inputs = args.input or ["stdlib"]
+    if args.loader_only:
+        print(json.dumps({"loader_mtokens_per_s": bench_loader(Path(args.loader_only))}))
+        return
 
-    from seektrain.data.loader import TokenLoader
     from seektrain.data.prepare import PrepareConfig, prepare
     from seektrain.data.sources import discover, read_text_file
 
@@ -124,19 +145,7 @@ def main() -> None:
             }
         res["minhash"] = minhash
 
-        loader = {}
-        data = Path(tmp) / "prepare_given_tok"
-        for seq_len, mbs in [(1024, 8), (2048, 4), (256, 32)]:
-            ld = TokenLoader(data, seq_len=seq_len, micro_batch_size=mbs, seed=0)
-            next(ld)
-            n, t = 0, time.perf_counter()
-            while time.perf_counter() - t < 2.0:
-                x, _ = next(ld)
-                n += x.numel()
-            rate = n / (time.perf_counter() - t)
-            loader[f"T{seq_len}_mb{mbs}"] = round(rate / 1e6, 1)
-            print(f"loader T={seq_len} mb={mbs}: {rate / 1e6:.1f} M tokens/s")
-        res["loader_mtokens_per_s"] = loader
+        res["loader_mtokens_per_s"] = bench_loader(Path(tmp) / "prepare_given_tok")
     print(json.dumps(res, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")

@@ -26,6 +26,7 @@ from seektrain.data.shards import load_manifest, verify_shards
 from seektrain.errors import UserError
 
 STATE_VERSION = 1
+_CHUNK = 8192  # stream positions permuted at once: amortizes numpy's per-call cost of `permute`
 
 
 _M64 = (1 << 64) - 1
@@ -117,19 +118,33 @@ class TokenLoader:
                 + (" (or a larger --val-fraction in prepare)" if split == "val" else "")
             )
         self._fingerprint = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()[:16]
+        self._chunk: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))  # window ids of one chunk
         self.step, self.micro = 0, 0  # global optimizer step, micro-batch within it (this rank)
 
     # --- global order -------------------------------------------------------------------------------
     def _window_ids(self, positions: np.ndarray) -> np.ndarray:
         """Global stream positions (sequences since the start) -> window indices in the token stream."""
-        epochs, offsets = np.divmod(positions, self.num_sequences)
         if not self.shuffle:
-            return offsets
+            return positions % self.num_sequences
+        chunks = positions // _CHUNK
+        out = np.empty_like(positions)
+        for c in np.unique(chunks):  # usually one: a micro-batch is a contiguous run of positions
+            if self._chunk[0] != c:
+                self._chunk = (
+                    int(c),
+                    self._permuted(np.arange(c * _CHUNK, (c + 1) * _CHUNK, dtype=np.int64)),
+                )
+            mask = chunks == c
+            out[mask] = self._chunk[1][positions[mask] - c * _CHUNK]
+        return out
+
+    def _permuted(self, positions: np.ndarray) -> np.ndarray:
+        epochs, offsets = np.divmod(positions, self.num_sequences)
         out = np.empty_like(offsets)
         for e in np.unique(epochs):
             mask = epochs == e
             out[mask] = permute(offsets[mask].astype(np.uint64), self.num_sequences, self.seed, int(e))
-        return out.astype(np.int64)
+        return out
 
     def _gather(self, windows: np.ndarray):
         """(B,) window indices -> x, y torch int64 (B, T)."""
