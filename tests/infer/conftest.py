@@ -54,6 +54,25 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def other_data_dir(tmp_path_factory) -> Path:
+    """A data dir with a different (smaller) tokenizer than `data_dir`'s."""
+    import difflib
+    import textwrap
+
+    from seektrain.data.prepare import PrepareConfig, prepare
+
+    root = tmp_path_factory.mktemp("other_data")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for module in (difflib, textwrap):
+        shutil.copyfile(module.__file__, corpus / Path(module.__file__).name)
+    out = root / "data"
+    prepare(PrepareConfig(inputs=[str(corpus)], out_dir=str(out), vocab_size=300, val_fraction=0.0, workers=1,
+                          progress=False))  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, data_dir) -> Path:
     """The `tiny` preset (vocab from the data's 512-token BPE) trained 60 steps: enough for a peaked,
     non-uniform next-token distribution, ~15 s on one core."""

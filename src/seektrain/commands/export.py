@@ -1,0 +1,42 @@
+"""Export a run as a Hugging Face directory that transformers (AutoModelForCausalLM, AutoTokenizer) loads.
+
+Writes config.json (model_type deepseek_v3), model.safetensors (sharded with an index above
+--max-shard-gb), the tokenizer files and generation_config.json. The target must be new or empty; it
+appears only once complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--run", required=True, metavar="DIR", help="run directory (its newest checkpoint is exported)"
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="new (or empty) output directory")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="weight dtype (default bf16)")
+    p.add_argument(
+        "--max-shard-gb", type=float, default=5.0, metavar="G", help="shard size limit (default 5)"
+    )
+    p.add_argument("--checkpoint", metavar="DIR", help="a step_XXXXXXXX directory instead of the newest")
+
+
+def run(args: argparse.Namespace) -> int:
+    from seektrain.errors import UserError
+    from seektrain.export import export_run
+
+    if not args.max_shard_gb > 0:
+        raise UserError(f"--max-shard-gb must be positive, got {args.max_shard_gb}")
+    out = export_run(
+        args.run,
+        args.out,
+        dtype=args.dtype,
+        checkpoint=args.checkpoint,
+        max_shard_bytes=int(args.max_shard_gb * 2**30),
+    )
+    print(
+        f"exported {args.run} to {out} ({args.dtype}); load it with "
+        f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})"
+    )
+    return 0

@@ -1,0 +1,197 @@
+"""Run directory <-> Hugging Face model directory (the DeepSeek-V3 layout transformers, vLLM, lm-eval read).
+
+`export_run` writes config.json + safetensors (`seektrain.interop.save_hf`), the tokenizer
+(tokenizer.json, tokenizer_config.json, special_tokens_map.json) and generation_config.json into a
+temporary directory beside the target and renames it into place at the end, so a failed export leaves
+nothing behind and an existing non-empty target is refused, never touched.
+
+`import_hf` turns such a directory into a run: config.toml, tokenizer.json and one checkpoint at step 0.
+With a data directory the checkpoint is a complete trainer state (fresh optimizer, loader at the start
+of that data), so `seektrain train --config RUN/config.toml --run-dir RUN` continues from the imported
+weights; without one it holds the weights only (enough for generate, eval and export).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from seektrain.errors import UserError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def export_run(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dtype: str = "fp32",
+    checkpoint: str | os.PathLike | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write the run's newest (or the given) checkpoint as a transformers directory `out_dir`; returns it."""
+    from seektrain.infer.runs import load_run, tokenizer_path
+    from seektrain.interop import save_hf
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    out = Path(out_dir)
+    _check_empty_target(out, "export target")
+    run = load_run(run_dir, checkpoint=checkpoint)
+    tok_file = tokenizer_path(run)
+    tokenizer = _load_tokenizer(tok_file)
+    specials = _special_tokens(tokenizer, run.model.cfg)
+    cfg = dataclasses.replace(run.model.cfg, **{f"{role}_token_id": s["id"] for role, s in specials.items()})
+    run.model.cfg = cfg  # config.json then names the same special ids as the tokenizer files
+
+    def write(tmp: Path) -> None:
+        save_hf(run.model, tmp, dtype=DTYPES[dtype], max_shard_bytes=max_shard_bytes)
+        shutil.copyfile(tok_file, tmp / TOKENIZER_FILE)
+        names = {f"{role}_token": s["token"] for role, s in specials.items()}
+        _write_json(
+            tmp / "tokenizer_config.json",
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                **names,
+                "model_max_length": cfg.max_position_embeddings,
+                "clean_up_tokenization_spaces": False,
+                "add_bos_token": False,
+                "add_eos_token": False,
+            },
+        )
+        _write_json(tmp / "special_tokens_map.json", names)
+        _write_json(
+            tmp / "generation_config.json",
+            {**{f"{role}_token_id": s["id"] for role, s in specials.items()}, "do_sample": False},
+        )
+
+    return _build_atomically(out, write)
+
+
+def import_hf(
+    hf_dir: str | os.PathLike,
+    out_run: str | os.PathLike,
+    data: str | os.PathLike | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Path:
+    """Make run directory `out_run` from a transformers DeepSeek-V3 directory; returns it.
+    `overrides` are `--set section.key=value` strings for the run config (not `model.*`)."""
+    from seektrain.checkpoint.manager import CheckpointManager
+    from seektrain.config import ModelSection, load_config
+    from seektrain.interop import load_hf
+
+    out = Path(out_run)
+    _check_empty_target(out, "import target")
+    bad = [o for o in overrides if o.strip().startswith("model.")]
+    if bad:
+        raise UserError(f"--set {bad[0]}: the model comes from {hf_dir}/config.json and cannot be overridden")
+    src = Path(hf_dir)
+    model = load_hf(src)
+    cfg = model.cfg
+    tok_file = src / TOKENIZER_FILE
+    tokenizer = _load_tokenizer(tok_file) if tok_file.is_file() else None
+    if tokenizer is not None and tokenizer.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
+        raise UserError(
+            f"{tok_file} has {tokenizer.get_vocab_size(with_added_tokens=True)} tokens, more than "
+            f"the model's vocab_size {cfg.vocab_size}"
+        )
+    run_cfg = load_config(None, None, overrides)
+    if data is not None:
+        run_cfg = dataclasses.replace(
+            run_cfg, data=dataclasses.replace(run_cfg.data, path=str(Path(data).resolve()))
+        )
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    run_cfg = dataclasses.replace(run_cfg, model=ModelSection(preset=run_cfg.model.preset, overrides=fields))
+    run_cfg.validate()
+    if data is not None:
+        _check_same_tokenizer(tokenizer, Path(data), src)
+
+    def write(tmp: Path) -> None:
+        if tokenizer is not None:
+            shutil.copyfile(tok_file, tmp / TOKENIZER_FILE)
+        if data is None:
+            state = {"model": model.state_dict(), "config": run_cfg.to_dict()}
+            CheckpointManager(tmp / "checkpoints", keep=1).save(
+                0, state, run_cfg.to_toml(), {"imported": str(src)}
+            )
+            (tmp / "config.toml").write_text(run_cfg.to_toml())
+            return
+        from seektrain.train.trainer import Trainer
+
+        trainer = Trainer(run_cfg, tmp, resume="never")  # a fresh run on `data` ...
+        trainer.model.load_state_dict(model.state_dict())  # ... that starts from the imported weights
+        trainer.save_checkpoint()
+        (tmp / "config.toml").write_text(trainer.cfg.to_toml())
+
+    return _build_atomically(out, write)
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def _check_empty_target(out: Path, what: str) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{what} {out} exists and is not empty; choose a new directory (nothing was written)")
+
+
+def _build_atomically(out: Path, write) -> Path:
+    """Call write(tmp) on a temporary sibling of `out`, then rename it to `out` (an absent or empty dir)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        _make_readable(tmp)
+        _check_empty_target(out, "target")  # it may have been filled meanwhile
+        os.replace(tmp, out)  # POSIX rename replaces an empty directory
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _make_readable(root: Path) -> None:
+    """Files written via mkstemp are private (0600); an exported model is meant to be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in root.rglob("*"):
+        if path.is_file():
+            os.chmod(path, 0o666 & ~umask)
+
+
+def _load_tokenizer(path: Path):
+    from seektrain.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(str(path))
+
+
+def _special_tokens(tokenizer, cfg) -> dict[str, dict]:
+    """{"bos"|"eos"|"pad": {"token", "id"}}: the model's own ids where set, else found by name."""
+    from seektrain.data.tokenizer import TokenizerConfig, special_tokens
+
+    found = special_tokens(tokenizer, TokenizerConfig())
+    for role in ("bos", "eos", "pad"):
+        i = getattr(cfg, f"{role}_token_id")
+        if i is not None and tokenizer.id_to_token(i) is not None:
+            found[role] = {"token": tokenizer.id_to_token(i), "id": int(i)}
+    return found
+
+
+def _check_same_tokenizer(tokenizer, data: Path, src: Path) -> None:
+    data_tok = data / TOKENIZER_FILE
+    if not data_tok.is_file():
+        raise UserError(f"{data} is not a prepared data directory (no {TOKENIZER_FILE})")
+    if tokenizer is not None and _load_tokenizer(data_tok).get_vocab() != tokenizer.get_vocab():
+        raise UserError(
+            f"{data} was tokenized with another tokenizer than {src}; prepare it with "
+            f"`seektrain prepare --tokenizer {src / TOKENIZER_FILE} …`"
+        )
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
