@@ -59,7 +59,6 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
 def generate(
     model: Transformer,
     prompt: list[int],
@@ -68,7 +67,8 @@ def generate(
     use_cache: bool = True,
 ) -> Iterator[int]:
     """Yield up to `cfg.max_new_tokens` new token ids after `prompt`, stopping after `eos_id`.
-    The prompt plus the new tokens must fit `max_position_embeddings` (checked before any work)."""
+    The prompt plus the new tokens must fit `max_position_embeddings`: checked here, before the first
+    token is asked for, so a caller can rely on a clean error before printing anything."""
     context = model.cfg.max_position_embeddings
     if not prompt:
         raise UserError("the prompt is empty: give at least one token of text")
@@ -77,6 +77,13 @@ def generate(
             f"the prompt ({len(prompt)} tokens) plus --max-new-tokens {cfg.max_new_tokens} exceeds "
             f"the model's context of {context} tokens; shorten the prompt or generate fewer tokens"
         )
+    return _decode(model, prompt, cfg, eos_id, use_cache)
+
+
+@torch.no_grad()
+def _decode(
+    model: Transformer, prompt: list[int], cfg: SamplingConfig, eos_id: int | None, use_cache: bool
+) -> Iterator[int]:
     if cfg.max_new_tokens == 0:
         return
     device = model.embed_tokens.weight.device

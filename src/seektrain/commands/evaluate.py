@@ -1,0 +1,45 @@
+"""Evaluate a run: validation loss, perplexity and bits per byte on a data directory's val split, as JSON.
+
+Every window of the split is scored (or the first --max-batches micro-batches) with the run's newest
+checkpoint; the data directory defaults to the run's own (data.path) and must share its tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--run", required=True, metavar="DIR", help="run directory (its newest checkpoint is used)"
+    )
+    p.add_argument("--data", metavar="DIR", help="prepared data directory (default: the run's data.path)")
+    p.add_argument("--split", default="val", help="split to score (default val)")
+    p.add_argument("--seq-len", type=int, metavar="T", help="window length (default: the run's data.seq_len)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="windows per forward (default 8)")
+    p.add_argument("--max-batches", type=int, default=0, metavar="N", help="score only N batches (0 = all)")
+    p.add_argument("--checkpoint", metavar="DIR", help="a step_XXXXXXXX directory instead of the newest")
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if available"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from seektrain.infer.evaluate import EvalConfig, evaluate_run
+
+    device = (
+        "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    )
+    cfg = EvalConfig(
+        data=args.data,
+        split=args.split,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        max_batches=args.max_batches,
+        device=device,
+    )
+    print(json.dumps(evaluate_run(args.run, cfg, checkpoint=args.checkpoint), indent=2))
+    return 0

@@ -1,0 +1,133 @@
+"""Validation loss, perplexity and bits per byte of a run on a data directory's split.
+
+The split is cut into windows exactly as training cuts it (every token a target once), scored in fp32
+sums: loss = Σ CE / #targets (nats), perplexity = exp(loss), and bits per byte = Σ CE / ln 2 / Σ bytes of
+the target tokens' text. Bits per byte compares models with different tokenizers; special tokens
+(the EOS between documents) count zero bytes but their loss is included.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from seektrain.errors import UserError
+
+
+@dataclass
+class EvalConfig:
+    data: str | None = None  # None: the run's data.path
+    split: str = "val"
+    seq_len: int | None = None  # None: the run's data.seq_len
+    batch_size: int = 8
+    max_batches: int = 0  # 0 = the whole split
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.max_batches < 0:
+            raise UserError(f"--max-batches must be >= 0, got {self.max_batches}")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise UserError(f"--seq-len must be >= 1, got {self.seq_len}")
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """(V,) UTF-8 bytes of each token's text; 0 for special tokens. Exact for byte-level BPE (each
+    character of a token stands for one byte); other tokenizers decode each token on its own."""
+    from tokenizers import decoders, pre_tokenizers
+
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    lengths = np.zeros(max(vocab.values()) + 1, dtype=np.int64)
+    specials = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
+    byte_chars = set(pre_tokenizers.ByteLevel.alphabet())
+    for token, i in vocab.items():
+        if token in specials:
+            continue
+        if byte_level and set(token) <= byte_chars:
+            lengths[i] = len(token)
+        else:
+            lengths[i] = len(tokenizer.decode([i], skip_special_tokens=True).encode())
+    return lengths
+
+
+@torch.no_grad()
+def evaluate_model(
+    model, data_dir: str | os.PathLike, seq_len: int, byte_lengths: np.ndarray, cfg: EvalConfig
+) -> dict:
+    """Score `model` on the split's windows; returns tokens, bytes, loss, perplexity, bits_per_byte."""
+    from seektrain.data.loader import TokenLoader
+
+    loader = TokenLoader(
+        data_dir,
+        split=cfg.split,
+        seq_len=seq_len,
+        micro_batch_size=cfg.batch_size,
+        shuffle=False,
+        verify=True,
+    )
+    if loader.vocab_size > model.cfg.vocab_size:
+        raise UserError(
+            f"{data_dir} has a vocabulary of {loader.vocab_size}, larger than the model's "
+            f"{model.cfg.vocab_size}: it was prepared with another tokenizer"
+        )
+    device = model.embed_tokens.weight.device
+    nats, tokens, nbytes = 0.0, 0, 0
+    for i, (x, y) in enumerate(loader.epoch()):
+        if cfg.max_batches and i >= cfg.max_batches:
+            break
+        logits = model(x.to(device)).logits  # (B, T, V); no targets, so the MTP modules do not run
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum")
+        nats += float(loss.double())
+        tokens += y.numel()
+        nbytes += int(byte_lengths[y.numpy()].sum())
+    loss = nats / tokens
+    return {
+        "tokens": tokens,
+        "bytes": nbytes,
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_byte": nats / math.log(2) / nbytes if nbytes else None,
+    }
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike, cfg: EvalConfig, checkpoint: str | os.PathLike | None = None
+) -> dict:
+    """`seektrain eval`: load the run, check the data shares its tokenizer, score; a JSON-ready dict."""
+    from seektrain.data.tokenizer import load_tokenizer
+    from seektrain.infer.runs import TOKENIZER_FILE, data_dir_of, load_run, tokenizer_path
+
+    run = load_run(run_dir, device=cfg.device, checkpoint=checkpoint)
+    data = Path(cfg.data) if cfg.data else data_dir_of(run)
+    data_tokenizer = load_tokenizer(str(data / TOKENIZER_FILE)) if (data / TOKENIZER_FILE).is_file() else None
+    if data_tokenizer is None:
+        raise UserError(f"{data} is not a prepared data directory (no {TOKENIZER_FILE}); pass --data DIR")
+    run_tok = tokenizer_path(run)
+    if load_tokenizer(str(run_tok)).get_vocab() != data_tokenizer.get_vocab():
+        raise UserError(
+            f"{data} was prepared with another tokenizer than the run's ({run_tok}); prepare it "
+            f"with `seektrain prepare --tokenizer {run_tok} …`"
+        )
+    seq_len = cfg.seq_len or run.config.data.seq_len
+    result = evaluate_model(run.model, data, seq_len, token_byte_lengths(data_tokenizer), cfg)
+    return {
+        "run": str(run_dir),
+        "checkpoint": str(run.checkpoint),
+        "step": run.step,
+        "data": str(data),
+        "split": cfg.split,
+        "seq_len": seq_len,
+        "tokens": result["tokens"],
+        "bytes": result["bytes"],
+        f"{cfg.split}_loss": result["loss"],
+        "perplexity": result["perplexity"],
+        "bits_per_byte": result["bits_per_byte"],
+    }

@@ -1,0 +1,55 @@
+"""`seektrain eval`: loss, perplexity and bits per byte, checked against the trainer and the tokenizer."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from seektrain.data.loader import TokenLoader
+from seektrain.infer.evaluate import token_byte_lengths
+
+from .conftest import final_val_loss
+
+
+def test_eval_reproduces_the_trainers_val_loss(trained_run, seektrain):
+    """The trainer's final evaluation scored the first 2 micro-batches of 8 windows (train.eval_batches=2)
+    with `main_loss_sum`; the same windows through `eval` must give the same mean (fp64 sums of fp32 CE)."""
+    code, out, err = seektrain("eval", "--run", trained_run, "--batch-size", "8", "--max-batches", "2")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["tokens"] == 2 * 8 * 64 and result["step"] == 60
+    assert math.isclose(result["val_loss"], final_val_loss(trained_run), rel_tol=1e-6)
+
+
+def test_whole_split_metrics_are_consistent(trained_run, data_dir, seektrain):
+    code, out, err = seektrain("eval", "--run", trained_run, "--data", data_dir, "--seq-len", "128")
+    assert code == 0, err
+    r = json.loads(out)
+    loader = TokenLoader(data_dir, split="val", seq_len=128, micro_batch_size=8, shuffle=False)
+    assert r["tokens"] == loader.num_sequences * 128  # every window scored once
+    assert math.isclose(r["perplexity"], math.exp(r["val_loss"]), rel_tol=1e-9)
+    assert math.isclose(
+        r["bits_per_byte"], r["val_loss"] * r["tokens"] / math.log(2) / r["bytes"], rel_tol=1e-9
+    )
+    # bytes = the UTF-8 length of the scored targets' text, decoded by the tokenizer itself
+    targets = np.concatenate([y.numpy().ravel() for _, y in loader.epoch()])
+    tok = Tokenizer.from_file(str(data_dir / "tokenizer.json"))
+    assert r["bytes"] == len(tok.decode(targets.tolist(), skip_special_tokens=True).encode())
+    assert 0 < r["bits_per_byte"] < 8
+
+
+def test_byte_lengths_of_special_and_multibyte_tokens(data_dir):
+    tok = Tokenizer.from_file(str(data_dir / "tokenizer.json"))
+    lengths = token_byte_lengths(tok)
+    assert lengths[tok.token_to_id("<|eos|>")] == 0
+    for text in ["é", "→", "日本"]:  # multi-byte characters split into byte-level tokens
+        ids = tok.encode(text).ids
+        assert lengths[ids].sum() == len(text.encode())
+
+
+def test_eval_refuses_data_with_another_tokenizer(trained_run, other_data_dir, seektrain):
+    code, out, err = seektrain("eval", "--run", trained_run, "--data", other_data_dir)
+    assert code == 2 and "another tokenizer" in err and out == ""
