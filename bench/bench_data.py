@@ -53,6 +53,24 @@ def baseline(files, tokenizer_path, fast: bool) -> int:
     return sum(len(e.ids) for e in encode(texts, add_special_tokens=False))
 
 
+def bench_minhash_cpu(files, mb: float) -> dict:
+    """CPU seconds per MB of cleaning one process spends without and with MinHash signatures + bands."""
+    from seektrain.data.clean import CleanConfig, clean_document
+    from seektrain.data.dedup import MinHasher
+    from seektrain.data.sources import read_text_file
+
+    raws = [read_text_file(f.path) for f in files]
+    out = {}
+    for name, mh in [("clean_cpu_s_per_mb", None), ("clean_with_minhash_cpu_s_per_mb", MinHasher())]:
+        t = time.process_time()
+        for r in raws:
+            clean_document(r, CleanConfig(), mh)
+        out[name] = round((time.process_time() - t) / mb, 3)
+    out["minhash_cpu_s_per_mb"] = round(out["clean_with_minhash_cpu_s_per_mb"] - out["clean_cpu_s_per_mb"], 3)
+    print(f"single process cleaning: {out}")
+    return out
+
+
 def bench_loader(data_dir: Path) -> dict:
     """Tokens/s of one process drawing shuffled batches (after one warm-up batch), for a few shapes."""
     from seektrain.data.loader import TokenLoader
@@ -143,7 +161,7 @@ def main() -> None:
                 "extra_clean_s_per_mb": round(clean_delta / mb, 3),
                 "near_duplicates": rep_n["dropped"].get("near_duplicate", 0),
             }
-        res["minhash"] = minhash
+        res["minhash"] = minhash | bench_minhash_cpu(files, mb)
 
         res["loader_mtokens_per_s"] = bench_loader(Path(tmp) / "prepare_given_tok")
     print(json.dumps(res, indent=2))
