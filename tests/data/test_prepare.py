@@ -181,3 +181,21 @@ def test_minhash_prepare_drops_near_copies_only(tmp_path):
     }
     kept = sorted(_documents(tmp_path / "minhash", "train") + _documents(tmp_path / "minhash", "val"))
     assert kept == sorted(docs)  # the originals (first occurrences) stay
+
+
+def test_foreign_tokenizer_eos_fallback_and_missing_eos(tmp_path, corpus_docs):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    src = write_corpus(tmp_path / "src", corpus_docs[:10])
+    vocab = {chr(c): i for i, c in enumerate(range(32, 127))} | {"\n": 95}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.save(str(tmp_path / "no_eos.json"))
+    with pytest.raises(UserError, match="no end-of-document token"):
+        prepare(small_config([src], tmp_path / "a", tokenizer=str(tmp_path / "no_eos.json")))
+    tok.add_special_tokens(["</s>"])
+    tok.save(str(tmp_path / "eos.json"))
+    prepare(small_config([src], tmp_path / "b", tokenizer=str(tmp_path / "eos.json")))
+    m = load_manifest(tmp_path / "b")
+    assert m["special_tokens"]["eos"] == {"token": "</s>", "id": 96} and m["vocab_size"] == 97
+    assert "bos" not in m["special_tokens"]

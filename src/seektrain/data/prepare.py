@@ -268,6 +268,8 @@ def prepare(cfg: PrepareConfig) -> dict:
             f"slice {cfg.slice_index} of {cfg.num_slices} has no input files (fewer files than slices)"
         )
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    if tokenizer is not None:
+        special_tokens(tokenizer, cfg.tokenizer_cfg)  # fail before the long passes if it has no EOS
     minhash = (
         MinHasher(cfg.minhash_threshold, cfg.minhash_num_perm, cfg.minhash_ngram)
         if cfg.dedup == "minhash"
@@ -312,7 +314,8 @@ def prepare(cfg: PrepareConfig) -> dict:
             tokenizer = _train_tokenizer(scratch, offsets, kept, cfg)
         specials = special_tokens(tokenizer, cfg.tokenizer_cfg)
         seconds["tokenizer"] = time.perf_counter() - t
-        vocab_size, eos = tokenizer.get_vocab_size(with_added_tokens=True), specials["eos"]["id"]
+        vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1  # ids may be sparse
+        eos = specials["eos"]["id"]
         dtype = token_dtype(vocab_size)
 
         t = time.perf_counter()
