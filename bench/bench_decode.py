@@ -158,8 +158,11 @@ def hf_case(model: Transformer, dtype: torch.dtype, prompt: list[int], n: int):
             sync()
             holder["total_s"] = time.perf_counter() - t0
         cache = getattr(out, "cache", None) or out.past_key_values  # renamed in newer transformers
-        elems = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
-        holder["bytes_per_token"] = elems * cache.layers[0].keys.element_size() // cache.get_seq_length()
+        try:
+            elems = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
+            holder["bytes_per_token"] = elems * cache.layers[0].keys.element_size() // cache.get_seq_length()
+        except AttributeError:  # cache layout of another transformers version
+            holder["bytes_per_token"] = None
         return iter(tokens[len(prompt) :])
 
     return run
@@ -213,9 +216,14 @@ def main() -> None:
     tokens: dict[str, list[int]] = {}
     sizes: dict[str, int | None] = {}
     for _ in range(args.rounds + 1):  # the first round warms up and is dropped
-        for name, case in cases.items():
+        for name, case in list(cases.items()):
             holder: dict = {}
-            out, first_s, rest_s = timed(case(holder), sync)
+            try:
+                out, first_s, rest_s = timed(case(holder), sync)
+            except Exception as e:  # a peer that breaks (e.g. another transformers version) drops out
+                print(f"case {name} failed and is skipped: {type(e).__name__}: {e}")
+                del cases[name], times[name]
+                continue
             if name == "transformers":  # timed as whole generate() calls, see hf_case
                 first_s, rest_s = holder["prefill_s"], holder["total_s"] - holder["prefill_s"]
                 sizes[name] = holder["bytes_per_token"]
