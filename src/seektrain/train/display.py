@@ -10,7 +10,7 @@ class Display:
     """A progress bar on a terminal (when enabled); plain lines everywhere (also in log files)."""
 
     def __init__(self, total_steps: int, start_step: int, enabled: bool):
-        self.console = Console(highlight=False)
+        self.console = Console(highlight=False, soft_wrap=True)  # no hard wraps in log files
         self.progress = None
         if enabled and self.console.is_terminal:
             self.progress = Progress(

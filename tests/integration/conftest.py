@@ -1,0 +1,79 @@
+"""A real prepared data dir (a dozen stdlib sources, 512-token BPE), made once per session, and the
+toy model overrides every trainer test uses (2 layers, hidden 64: steps take milliseconds)."""
+
+import inspect
+import pathlib
+
+import pytest
+
+TOY = [
+    "model.num_hidden_layers=2",
+    "model.first_k_dense_replace=1",
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "model.moe_intermediate_size=32",
+    "model.num_attention_heads=2",
+    "model.q_lora_rank=32",
+    "model.kv_lora_rank=32",
+    "model.qk_nope_head_dim=16",
+    "model.qk_rope_head_dim=8",
+    "model.v_head_dim=16",
+    "model.n_routed_experts=8",
+    "model.num_experts_per_tok=2",
+    "model.n_group=2",
+    "model.topk_group=1",
+    "data.seq_len=32",
+    "train.micro_batch_size=4",
+    "train.global_batch_size=8",
+    "optim.warmup_steps=2",
+    "log.progress=false",
+    "log.tensorboard=false",
+]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> pathlib.Path:
+    import argparse
+    import collections
+    import difflib
+    import json
+    import shutil
+    import string
+    import tarfile
+    import textwrap
+    import typing
+    import zipfile
+
+    import tomllib
+
+    from seektrain.data.prepare import PrepareConfig, prepare
+
+    src = tmp_path_factory.mktemp("corpus")
+    for m in (
+        argparse,
+        collections,
+        difflib,
+        json.decoder,
+        json.encoder,
+        shutil,
+        string,
+        tarfile,
+        textwrap,
+        tomllib._parser,
+        typing,
+        zipfile,
+    ):
+        (src / f"{m.__name__}.py").write_text(pathlib.Path(inspect.getsourcefile(m)).read_text())
+    out = tmp_path_factory.mktemp("data") / "toy"
+    prepare(
+        PrepareConfig(
+            inputs=[str(src)], out_dir=str(out), vocab_size=512, val_fraction=0.25, workers=1, progress=False
+        )
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy(data_dir) -> list[str]:
+    """`--set` overrides for a toy run on the session's data dir."""
+    return [*TOY, f"data.path={data_dir}"]

@@ -1,0 +1,176 @@
+"""`seektrain train` end to end in real subprocesses: kill -9 and signals, then `--resume auto`,
+must reproduce the uninterrupted run bit for bit (fp32, CPU); bad input fails with one line, exit 2,
+and leaves the run directory untouched."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from seektrain.cli import main
+from seektrain.train.metrics import read_metrics
+
+STEPS = 40
+RUN = [
+    "train.steps=40",
+    "train.log_every=1",
+    "train.eval_every=10",
+    "train.eval_batches=2",
+    "checkpoint.every=5",
+    "checkpoint.keep=2",
+    "train.device=cpu",
+]
+COMPARED = (
+    "step",
+    "tokens",
+    "loss",
+    "lr",
+    "grad_norm",
+    "mtp_loss",
+    "expert_max_violation",
+    "val_loss",
+    "event",
+)
+
+
+def cli(run_dir, overrides, resume="auto"):
+    args = [sys.executable, "-m", "seektrain", "train", "--run-dir", str(run_dir), "--resume", resume]
+    for o in overrides:
+        args += ["--set", o]
+    return args
+
+
+def comparable(run_dir):
+    return [
+        {k: r[k] for k in COMPARED if k in r}
+        for r in read_metrics(Path(run_dir) / "metrics.jsonl")
+        if r.get("event") != "stopped"
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference(toy, tmp_path_factory):
+    run = tmp_path_factory.mktemp("reference") / "run"
+    proc = subprocess.run(cli(run, [*toy, *RUN]), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return comparable(run)
+
+
+def logged_past(run, step):
+    try:
+        return any(r["step"] > step for r in read_metrics(run / "metrics.jsonl")[-3:])
+    except (FileNotFoundError, ValueError):  # not there yet, or a line half written
+        return False
+
+
+def start_and_interrupt(run, overrides, signum):
+    """Start a run, send `signum` once its first checkpoint (step 5) is complete and a later step has
+    been logged (so the resume must cut metrics.jsonl back); return the process."""
+    proc = subprocess.Popen(cli(run, overrides), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "checkpoints" / "step_00000005").exists() and logged_past(run, 6):
+            break
+        time.sleep(0.002)
+    proc.send_signal(signum)
+    proc.wait(timeout=120)
+    return proc
+
+
+def check_no_step_twice(records):
+    for kind in ("loss", "val_loss"):
+        steps = [r["step"] for r in records if kind in r]
+        assert steps == sorted(set(steps)), f"{kind} logged twice or out of order: {steps}"
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGKILL, -9), (signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_interrupt_then_resume_is_bitwise_identical(toy, tmp_path, reference, signum, code):
+    run = tmp_path / "run"
+    proc = start_and_interrupt(run, [*toy, *RUN], signum)
+    out, err = proc.communicate()
+    assert proc.returncode == code, err
+    stopped_at = max(int(p.name[5:]) for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert 5 <= stopped_at < STEPS, "interrupted too late to test a resume"
+    if signum != signal.SIGKILL:  # a checkpoint was written at the step where the signal arrived
+        assert "checkpoint written" in out
+        assert read_metrics(run / "metrics.jsonl")[-1]["event"] == "stopped"
+    resumed = subprocess.run(cli(run, [*toy, *RUN]), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {run / 'checkpoints'}" in resumed.stdout
+    got = comparable(run)
+    check_no_step_twice(got)
+    assert got == reference  # every loss, norm, lr and val_loss equal as floats: bitwise
+
+
+def snapshot(path):
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(path).rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_run(toy, tmp_path_factory):
+    run = tmp_path_factory.mktemp("small") / "run"
+    assert (
+        main(["train", "--run-dir", str(run), *sum((["--set", o] for o in [*toy, "train.steps=3"]), [])]) == 0
+    )
+    return run
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--set", "train.stpes=5"], ["unknown config key", "train.steps"]),
+        (["--set", "data.path=/nonexistent/data"], ["/nonexistent/data", "seektrain prepare"]),
+        (["--set", "train.micro_batch_size=3"], ["micro_batch_size=3", "global_batch_size=8"]),
+        (["--set", "model.hidden_size=32"], ["cannot resume", "hidden_size"]),
+        (["--resume", "never"], ["already holds checkpoints"]),
+        (["--resume", "/nonexistent/ckpt"], ["not a complete checkpoint"]),
+    ],
+)
+def test_bad_input_one_error_line_nothing_harmed(toy, finished_run, capsys, extra, words):
+    before = snapshot(finished_run)
+    args = [
+        "train",
+        "--run-dir",
+        str(finished_run),
+        *sum((["--set", o] for o in [*toy, "train.steps=6"]), []),
+    ]
+    capsys.readouterr()
+    assert main([*args, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for word in words:
+        assert word in err[0]
+    assert snapshot(finished_run) == before
+
+
+def test_finished_run_is_not_retrained(toy, finished_run, capsys):
+    before = snapshot(finished_run)
+    args = [
+        "train",
+        "--run-dir",
+        str(finished_run),
+        *sum((["--set", o] for o in [*toy, "train.steps=3"]), []),
+    ]
+    assert main(args) == 0
+    assert "complete at step 3" in capsys.readouterr().out
+    assert snapshot(finished_run) == before
+
+
+def test_config_and_checkpoint_hold_the_resolved_config(finished_run):
+    import tomllib
+
+    saved = tomllib.loads((finished_run / "config.toml").read_text())
+    assert saved["model"]["vocab_size"] == 512  # taken from the data's tokenizer
+    assert saved["model"]["hidden_size"] == 64 and saved["train"]["steps"] == 3
+    ckpt = tomllib.loads((finished_run / "checkpoints" / "step_00000003" / "config.toml").read_text())
+    assert ckpt == saved
+    assert os.path.isdir(finished_run / "checkpoints")
