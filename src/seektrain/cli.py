@@ -17,6 +17,10 @@ from seektrain.errors import UserError
 COMMANDS = {
     "prepare": "prepare",
     "train": "train",
+    "eval": "evaluate",
+    "generate": "generate",
+    "export": "export",
+    "import": "import_hf",
     "bench": "bench",
 }
 
