@@ -26,7 +26,10 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="seektrain", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="seektrain",
+        description="Train DeepSeek-V3-style language models: prepare → train → eval, generate, export.",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one error line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for verb, module_name in COMMANDS.items():
