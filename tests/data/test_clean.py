@@ -77,3 +77,27 @@ def test_exact_key_ignores_whitespace_but_not_words():
     b = clean_document(GOOD.replace("\n", "\n   ").replace(" ", "  "), CleanConfig())
     c = clean_document(GOOD.replace(".", "!", 1), CleanConfig())
     assert a.key_hash == b.key_hash != c.key_hash
+
+
+def test_filters_do_not_depend_on_the_hash_salt():
+    # Two bigrams tie for most frequent; only the longer one crosses the threshold. Word ids come from
+    # Python's salted str hash, so a tie broken by id order would flip between processes.
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from seektrain.data.clean import CleanConfig, clean_document\n"
+        "filler = ' '.join(f'w{i}' for i in range(300))\n"
+        "text = filler + ' ' + ' '.join(['a b'] * 12 + ['longwordnumberone longwordnumbertwo'] * 12)\n"
+        "cfg = CleanConfig(min_chars=0, max_top_ngram_frac={2: 0.2}, max_dup_ngram_frac={})\n"
+        "print(clean_document(text, cfg).reason)\n"
+    )
+    reasons = set()
+    for salt in range(6):
+        env = {**os.environ, "PYTHONHASHSEED": str(salt)}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        reasons.add(out.stdout.strip())
+    assert reasons == {"top_2gram"}
