@@ -414,9 +414,15 @@ def print_summary(report: dict) -> None:
     mb = 1e6
     dropped = report["dropped"]
     total_dropped = sum(dropped.values())
+    if "merged_from" in report:
+        head = f"merged {len(report['merged_from'])} slices into {report['out_dir']}"
+    else:
+        head = (
+            f"prepared {report['out_dir']} in {report['seconds']['total']:.1f} s "
+            f"({report['mb_per_s']:.1f} MB/s of raw text, {report['workers']} workers)"
+        )
     lines = [
-        f"prepared {report['out_dir']} in {report['seconds']['total']:.1f} s "
-        f"({report['mb_per_s']:.1f} MB/s of raw text, {report['workers']} workers)",
+        head,
         f"  input     {report['documents_in']:,} documents, {report['bytes_in'] / mb:.1f} MB from "
         f"{report['files']:,} files ({', '.join(report['inputs'])})",
         f"  dropped   {total_dropped:,}"
@@ -433,8 +439,12 @@ def print_summary(report: dict) -> None:
         ),
         f"  tokenizer vocab {report['vocab_size']:,}, {report['dtype']} ids, "
         + ("trained here" if report["tokenizer_trained"] else "given"),
-        "  time      " + " · ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items() if k != "total"),
     ]
+    if "merged_from" not in report:
+        lines.append(
+            "  time      "
+            + " · ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items() if k != "total")
+        )
     if not report["documents"]["val"]:
         lines.append("  warning   the val split is empty: raise --val-fraction to evaluate on held-out text")
     print("\n".join(lines))
