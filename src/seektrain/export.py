@@ -25,6 +25,7 @@ from seektrain.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOKENIZER_FILE = "tokenizer.json"
+WEIGHTS_ONLY = "weights only, imported without --data: to train, re-import with `seektrain import --data DIR`"
 
 
 def export_run(
@@ -115,7 +116,13 @@ def import_hf(
         if tokenizer is not None:
             shutil.copyfile(tok_file, tmp / TOKENIZER_FILE)
         if data is None:
-            state = {"model": model.state_dict(), "config": run_cfg.to_dict()}
+            # No data, so no loader/optimizer state: this loader "version" makes `train --resume` stop
+            # with a clear error line (TokenLoader.load_state_dict names it) instead of a KeyError.
+            state = {
+                "model": model.state_dict(),
+                "config": run_cfg.to_dict(),
+                "loader": {"version": WEIGHTS_ONLY},
+            }
             CheckpointManager(tmp / "checkpoints", keep=1).save(
                 0, state, run_cfg.to_toml(), {"imported": str(src)}
             )

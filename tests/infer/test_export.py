@@ -119,7 +119,7 @@ def test_export_of_a_run_without_checkpoints_is_a_user_error(tmp_path, seektrain
     assert code == 2 and "does not exist" in err
 
 
-def test_import_round_trip_keeps_every_weight(trained_run, exported, tmp_path, seektrain):
+def test_import_round_trip_keeps_every_weight(trained_run, exported, data_dir, tmp_path, seektrain):
     run = tmp_path / "imported"
     code, out, err = seektrain("import", "--hf", exported, "--out", run)
     assert code == 0, err
@@ -135,6 +135,11 @@ def test_import_round_trip_keeps_every_weight(trained_run, exported, tmp_path, s
     assert code == 0, err
     code, _, err = seektrain("import", "--hf", exported, "--out", run)  # now non-empty
     assert code == 2 and "not empty" in err
+    # weights only: training from it is refused with one clear line, not a traceback
+    code, _, err = seektrain("train", "--config", run / "config.toml", "--run-dir", run,
+                             "--set", f'data.path="{data_dir}"', "--set", "log.progress=false")  # fmt: skip
+    assert code == 2 and "re-import with `seektrain import --data DIR`" in err and len(err.splitlines()) == 1
+    assert load_run(run).step == 0 and len(list((run / "checkpoints").iterdir())) == 1
 
 
 def test_import_with_data_gives_a_run_that_train_resumes(exported, data_dir, tmp_path):

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     follow = (
         f"seektrain train --config {out}/config.toml --run-dir {out}"
         if args.data
-        else f"seektrain generate --run {out} --prompt …"
+        else f"seektrain generate --run {out} --prompt … (to train on, import with --data DIR)"
     )
     print(f"imported {args.hf} as run {out}; next: {follow}")
     return 0
