@@ -34,4 +34,8 @@ def run(args: argparse.Namespace) -> int:
         else f"seektrain generate --run {out} --prompt … (to train on, import with --data DIR)"
     )
     print(f"imported {args.hf} as run {out}; next: {follow}")
+    if not (out / "tokenizer.json").is_file():
+        print(
+            f"note: {args.hf} has no tokenizer.json: give generate `--tokenizer FILE` and eval `--data DIR`"
+        )
     return 0

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from seektrain.errors import UserError
+from seektrain.model.transformer import Transformer
 
 
 @dataclass
@@ -60,7 +61,7 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
 
 @torch.no_grad()
 def evaluate_model(
-    model, data_dir: str | os.PathLike, seq_len: int, byte_lengths: np.ndarray, cfg: EvalConfig
+    model: Transformer, data_dir: str | os.PathLike, seq_len: int, byte_lengths: np.ndarray, cfg: EvalConfig
 ) -> dict:
     """Score `model` on the split's windows; returns tokens, bytes, loss, perplexity, bits_per_byte."""
     from seektrain.data.loader import TokenLoader
