@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from seektrain.checkpoint.manager import CheckpointManager, is_complete, load_checkpoint
+from seektrain.checkpoint.manager import STATE_FILE, CheckpointManager, is_complete, load_checkpoint
 from seektrain.config import RunConfig
 from seektrain.errors import UserError
 from seektrain.model.config import ModelConfig
@@ -63,7 +63,7 @@ def load_run(
     """The model of a run's newest (or the given) checkpoint, on `device` in `dtype`
     (the routers' correction biases stay fp32)."""
     path = find_checkpoint(run_dir, checkpoint)
-    state = load_checkpoint(path)
+    state = _load_state(path)
     if "model" not in state or "config" not in state:
         raise UserError(f"{path / 'state.pt'} is not a seektrain checkpoint (no model or config)")
     config = RunConfig.from_dict(state["config"])
@@ -77,6 +77,15 @@ def load_run(
         model.lm_head.weight = model.embed_tokens.weight
     step = int(path.name.removeprefix("step_")) if path.name.startswith("step_") else -1
     return LoadedRun(model=model.eval(), config=config, checkpoint=path, step=step, run_dir=Path(run_dir))
+
+
+def _load_state(path: Path) -> dict:
+    """The checkpoint memory-mapped: only the model's tensors are read, not the optimizer's moments
+    (2x the weights) that share the file."""
+    try:
+        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # not a zip-format file (mmap needs one): read it the ordinary way
+        return load_checkpoint(path)
 
 
 def data_dir_of(run: LoadedRun) -> Path:
