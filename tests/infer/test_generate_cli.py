@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 from tokenizers import Tokenizer
 
 from seektrain.infer.generate import SamplingConfig, generate
@@ -36,7 +38,12 @@ def test_seeded_sampling_from_the_cli_is_reproducible(trained_run, seektrain):
 
 
 def test_bad_input_gives_one_error_line(trained_run, tmp_path, seektrain):
+    truncated = tmp_path / "truncated" / "checkpoints" / "step_00000001"
+    shutil.copytree(next((trained_run / "checkpoints").iterdir()), truncated)
+    state = truncated / "state.pt"
+    state.write_bytes(state.read_bytes()[:4096])
     cases = {
+        "cannot read checkpoint": ["--run", tmp_path / "truncated", "--prompt", "x"],
         "has no checkpoints": ["--run", tmp_path, "--prompt", "x"],
         "exceeds the model's context of 2048 tokens": ["--run", trained_run, "--prompt", "word " * 3000],
         "--temperature must be >= 0": ["--run", trained_run, "--prompt", "x", "--temperature", "-1"],
