@@ -3,12 +3,15 @@
     .venv/bin/python bench/bench_data.py [--input stdlib] [--workers 2] [--repeat 1] [--json FILE]
 
 (a) prepare (default options: cleaning + exact dedup) against a plain baseline in the same run: read the
-    same files, decode, `Tokenizer.encode_batch` with the same tokenizer (tokenizers' own thread pool,
-    all cores). prepare is timed with the tokenizer given (the comparable work) and training its own.
-(b) MinHash near-dup removal: extra seconds per MB over exact dedup, with 1 and N workers.
+    same files, decode, `Tokenizer.encode_batch` (and `encode_batch_fast`, which skips offsets) with the
+    same tokenizer, on tokenizers' own thread pool (all cores). prepare is timed with that tokenizer
+    given (the comparable work) and training its own.
+(b) MinHash near-dup removal: extra seconds per MB of the cleaning phase, with 1 and N workers, and
+    the CPU seconds per MB it costs one process.
 (c) TokenLoader: tokens/s of one process drawing shuffled (mb, T) batches.
-Times are wall-clock (the fastest of --repeat runs, files in the page cache), with the CPU seconds
-of that run (process + worker processes) beside them: on a shared machine the CPU time is the steadier.
+Contenders run in turn for --repeat rounds and each keeps its fastest run (files in the page cache);
+the CPU seconds of that run (process + worker processes) are reported beside the wall time, as they
+are the steadier figure on a shared machine.
 """
 
 from __future__ import annotations
@@ -29,16 +32,25 @@ def _cpu() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def _best(fn, repeat):
-    """(wall s, CPU s, result) of the run with the least wall time."""
-    best, result = (float("inf"), 0.0), None
+def _measure(fn):
+    """(wall s, CPU s, result) of one call."""
+    t, c = time.perf_counter(), _cpu()
+    out = fn()
+    return time.perf_counter() - t, _cpu() - c, out
+
+
+def _alternate(contenders: dict, repeat: int) -> dict:
+    """Run the contenders in turn, `repeat` rounds, keeping each one's fastest run: interleaving makes
+    load from other processes hit all of them alike."""
+    best: dict = {}
     for _ in range(repeat):
-        t, c = time.perf_counter(), _cpu()
-        out = fn()
-        wall, cpu = time.perf_counter() - t, _cpu() - c
-        if wall < best[0]:
-            best, result = (wall, cpu), out
-    return best[0], best[1], result
+        for name, fn in contenders.items():
+            wall, cpu, out = _measure(fn)
+            extra = f"  {out['seconds']}" if isinstance(out, dict) else ""
+            print(f"{name:<22} {wall:7.2f} s  cpu {cpu:6.2f} s{extra}", flush=True)
+            if name not in best or wall < best[name][0]:
+                best[name] = (wall, cpu, out)
+    return best
 
 
 def baseline(files, tokenizer_path, fast: bool) -> int:
@@ -115,54 +127,64 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
 
-        def run(name, **kw):
+        def prep(name, **kw):
             cfg = dict(inputs=inputs, out_dir=f"{tmp}/{name}", workers=args.workers, progress=False)
-            cfg.update(kw)
-            secs, cpu, report = _best(lambda: prepare(PrepareConfig(**cfg)), args.repeat)
-            print(
-                f"{name:<22} {secs:7.2f} s  {mb / secs:6.2f} MB/s  cpu {cpu:6.2f} s  {report['seconds']}",
-                flush=True,
-            )
-            return secs, cpu, report
+            return lambda: prepare(PrepareConfig(**(cfg | kw)))
 
-        full, full_cpu, _ = run("prepare_train_tok")
+        prep("prepare_train_tok")()  # the tokenizer every other run uses (and a warm-up)
         tok = Path(tmp) / "prepare_train_tok" / "tokenizer.json"
-        given, given_cpu, report = run("prepare_given_tok", tokenizer=str(tok))
-        base, base_cpu, n_tok = _best(lambda: baseline(files, tok, fast=False), args.repeat)
-        base_fast, base_fast_cpu, _ = _best(lambda: baseline(files, tok, fast=True), args.repeat)
-        for name, wall, cpu in [
-            ("baseline encode_batch", base, base_cpu),
-            ("baseline _fast", base_fast, base_fast_cpu),
-        ]:
-            print(f"{name:<22} {wall:7.2f} s  {mb / wall:6.2f} MB/s  cpu {cpu:6.2f} s  ({n_tok:,} tokens)")
+        best = _alternate(
+            {
+                "prepare_given_tok": prep("prepare_given_tok", tokenizer=str(tok)),
+                "baseline encode_batch": lambda: baseline(files, tok, fast=False),
+                "baseline _fast": lambda: baseline(files, tok, fast=True),
+                "prepare_train_tok": prep("prepare_train_tok"),
+            },
+            args.repeat,
+        )
+        (given, given_cpu, report), (full, full_cpu, _) = best["prepare_given_tok"], best["prepare_train_tok"]
+        (base, base_cpu, _), (fast, fast_cpu, _) = best["baseline encode_batch"], best["baseline _fast"]
         res["prepare"] = {
-            "seconds_given_tokenizer": round(given, 2),
-            "seconds_training_tokenizer": round(full, 2),
-            "baseline_encode_batch_s": round(base, 2),
-            "baseline_encode_batch_fast_s": round(base_fast, 2),
-            "ratio_vs_encode_batch": round(given / base, 2),
-            "ratio_vs_encode_batch_fast": round(given / base_fast, 2),
-            "ratio_with_training_vs_encode_batch": round(full / base, 2),
+            "wall_s": {
+                "prepare_given_tokenizer": round(given, 2),
+                "prepare_training_tokenizer": round(full, 2),
+                "baseline_encode_batch": round(base, 2),
+                "baseline_encode_batch_fast": round(fast, 2),
+            },
+            "cpu_s": {
+                "prepare_given_tokenizer": round(given_cpu, 1),
+                "prepare_training_tokenizer": round(full_cpu, 1),
+                "baseline_encode_batch": round(base_cpu, 1),
+                "baseline_encode_batch_fast": round(fast_cpu, 1),
+            },
+            "wall_ratio_given_vs_encode_batch": round(given / base, 2),
+            "wall_ratio_given_vs_encode_batch_fast": round(given / fast, 2),
+            "wall_ratio_training_vs_encode_batch": round(full / base, 2),
+            "cpu_ratio_given_vs_encode_batch": round(given_cpu / base_cpu, 2),
+            "cpu_ratio_given_vs_encode_batch_fast": round(given_cpu / fast_cpu, 2),
             "mb_per_s_given_tokenizer": round(mb / given, 2),
-            "phases": report["seconds"],
+            "phases_given_tokenizer": report["seconds"],
         }
 
+        contenders = {}
+        for w in sorted({1, args.workers}):
+            contenders[f"exact_w{w}"] = prep(f"exact_w{w}", tokenizer=str(tok), workers=w)
+            contenders[f"minhash_w{w}"] = prep(
+                f"minhash_w{w}", tokenizer=str(tok), workers=w, dedup="minhash"
+            )
+        best = _alternate(contenders, args.repeat)
         minhash = {}
         for w in sorted({1, args.workers}):
-            exact, _, rep_e = run(f"exact_w{w}", tokenizer=str(tok), workers=w)
-            near, _, rep_n = run(f"minhash_w{w}", tokenizer=str(tok), workers=w, dedup="minhash")
-            clean_delta = (rep_n["seconds"]["clean"] + rep_n["seconds"]["dedup"]) - (
-                rep_e["seconds"]["clean"] + rep_e["seconds"]["dedup"]
-            )
+            exact, near = best[f"exact_w{w}"][2], best[f"minhash_w{w}"][2]
             minhash[f"workers_{w}"] = {
-                "exact_s": round(exact, 2),
-                "minhash_s": round(near, 2),
-                "extra_s_per_mb": round((near - exact) / mb, 3),
-                "extra_clean_s_per_mb": round(clean_delta / mb, 3),
-                "near_duplicates": rep_n["dropped"].get("near_duplicate", 0),
+                "clean_phase_s_exact": exact["seconds"]["clean"],
+                "clean_phase_s_minhash": near["seconds"]["clean"],
+                "minhash_extra_s_per_mb": round(
+                    (near["seconds"]["clean"] - exact["seconds"]["clean"]) / mb, 3
+                ),
+                "near_duplicates": near["dropped"].get("near_duplicate", 0),
             }
         res["minhash"] = minhash | bench_minhash_cpu(files, mb)
-
         res["loader_mtokens_per_s"] = bench_loader(Path(tmp) / "prepare_given_tok")
     print(json.dumps(res, indent=2))
     if args.json:
