@@ -55,8 +55,9 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, d_qk)
         k = torch.cat([k_nope, k_rope.expand(B, H, T, self.rope)], dim=-1)  # (B, H, T, d_qk)
-        if v.is_cuda and self.v_dim < q.shape[-1]:
-            # Flash attention needs one head dim for q, k and v: pad v with zeros, drop them after.
+        if self.v_dim < q.shape[-1]:
+            # The flash kernels (CUDA and CPU) need one head dim for q, k and v, else SDPA falls back to
+            # the unfused math path: pad v with zeros, drop them after.
             v = F.pad(v, (0, q.shape[-1] - self.v_dim))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)[..., : self.v_dim]
         # y: (B, H, T, v)

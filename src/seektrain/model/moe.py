@@ -9,7 +9,8 @@ Routing (in fp32, as transformers and the V3 reference do):
   idx = top-k(choice);  w = s[idx] / sum(s[idx]) * routed_scaling_factor
 Routed experts are stacked `[E, …]` weights; tokens are sorted by expert (stable) and multiplied by
 one grouped GEMM per projection (`F.grouped_mm` where the build has a kernel, else one matmul per
-EXPERT from a single host sync). No token is dropped.
+EXPERT from a single host sync). No token is dropped. Results are combined back per token with
+index_add_ on CPU (cheapest, and serial there) and without atomics on GPU (deterministic backward).
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ def _has_grouped_mm_kernel(x: torch.Tensor, w: torch.Tensor) -> bool:
         aligned = x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
         return version >= (2, 11) or (version >= (2, 9) and aligned)
     return False
+
+
+def _index_add_is_deterministic(device: torch.device) -> bool:
+    """index_add_ (and index_select's backward) accumulate serially on CPU; on GPU they use atomics."""
+    return device.type == "cpu"
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -119,13 +125,21 @@ class MoE(nn.Module):
         expert_sorted, order = idx.reshape(-1).sort(stable=True)  # (S,) with S = N*k
         ends = torch.searchsorted(expert_sorted, torch.arange(E, device=x.device), right=True)  # (E,)
         counts = torch.diff(ends, prepend=ends.new_zeros(1))  # (E,) int64, no host sync
-        # Expand (backward = a sum over k) then permute, instead of gathering token rows k times:
-        # keeps the input gradient free of atomic scatter-adds, hence deterministic on GPU.
-        x_pairs = flat.unsqueeze(1).expand(B * T, k, D).reshape(B * T * k, D)  # (S, D) in pair order
-        y_sorted = self.experts(x_pairs[order], counts)  # (S, D)
-        y_sorted = y_sorted * weights.reshape(-1)[order, None]  # fp32 combine weights
-        y_pairs = torch.index_put(torch.zeros_like(y_sorted), (order,), y_sorted)  # back to pair order
-        routed = y_pairs.view(B * T, k, D).sum(1).to(x.dtype).view(B, T, D)
+        w_sorted = weights.reshape(-1)[order, None]  # (S, 1) fp32 combine weights
+        if _index_add_is_deterministic(x.device):
+            # Gather each pair's token row, scatter-add the weighted results back: the cheapest form,
+            # and deterministic where index_add_ (also the gather's backward) accumulates serially.
+            token = order // k  # (S,) token row of each sorted pair
+            y_sorted = self.experts(flat.index_select(0, token), counts) * w_sorted  # (S, D)
+            routed = y_sorted.new_zeros(B * T, D).index_add_(0, token, y_sorted)  # (N, D)
+        else:
+            # Expand (backward = a sum over k) then permute, instead of gathering token rows k times:
+            # keeps the input gradient free of atomic scatter-adds, hence deterministic on GPU.
+            x_pairs = flat.unsqueeze(1).expand(B * T, k, D).reshape(B * T * k, D)  # (S, D) in pair order
+            y_sorted = self.experts(x_pairs[order], counts) * w_sorted  # (S, D)
+            y_pairs = torch.index_put(torch.zeros_like(y_sorted), (order,), y_sorted)  # back to pair order
+            routed = y_pairs.view(B * T, k, D).sum(1)  # (N, D)
+        routed = routed.to(x.dtype).view(B, T, D)
 
         out = routed + self.shared_experts(x) if self.shared_experts is not None else routed
         balance = self._balance_loss(scores.view(B, T, E), idx.view(B, T, k))
