@@ -1,11 +1,16 @@
 """seektrain's training step against transformers' DeepseekV3ForCausalLM with the same dimensions.
 
 Same process, same batch, same precision, AdamW for both; the cases are interleaved over several rounds
-and the median step time of each is reported, so background load hits both alike. MTP is off in both
-(transformers does not train it), so the work is the same function.
+and the median step time of each is reported with its spread, so background load hits both alike. MTP is
+off in both (transformers does not train it), so the work is the same function; `--mtp` adds a seektrain
+case with its MTP modules on.
 
-Run:  python bench/bench_step.py [--preset tiny] [--batch 4] [--seq 256] [--steps 5] [--rounds 3] [--precision fp32]
-On a GPU it defaults to the `small` preset, B=8, T=2048, bf16. Prints JSON lines, then a table.
+Run:  python bench/bench_step.py [--preset tiny] [--batch 4] [--seq 256] [--steps 5] [--rounds 3]
+        [--precision fp32] [--threads N] [--mtp] [--no-optimizer] [--compile] [--profile]
+On a GPU it defaults to the `small` preset, B=8, T=2048, bf16. `--compile` compiles every decoder layer of
+every model in place; `--profile` prints a torch.profiler table of one step of each case after the timing.
+On a shared CPU prefer `--threads 1`: two OpenMP threads on two busy cores stall on each other's barriers.
+Prints JSON lines, then a table.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import dataclasses
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import transformers
@@ -26,24 +32,58 @@ from seektrain.model.transformer import Transformer
 from seektrain.train.metrics import flops_per_token, peak_flops
 
 
-def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str, hf: bool):
+def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace, hf: bool):
+    """One training step: forward with loss, backward, then (unless --no-optimizer) clipping and AdamW."""
     device = x.device
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
 
-    def step() -> float:
+    def step() -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = model(input_ids=x, labels=x).loss if hf else model(x, y).loss
         loss.backward()
+        if args.no_optimizer:
+            model.zero_grad(set_to_none=True)
+            return
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.item()
 
     return step
 
 
-def time_steps(step, steps: int, device: torch.device) -> float:
+def build_cases(
+    args: argparse.Namespace, cfg: ModelConfig, x: torch.Tensor, y: torch.Tensor
+) -> dict[str, Callable]:
+    """seektrain (with MTP too if asked) and transformers with grouped_mm / eager experts, each warmed up."""
+    device = x.device
+    models: dict[str, tuple[torch.nn.Module, bool]] = {}
+    for name, mtp in [("seektrain", 0)] + ([("seektrain_mtp", 1)] if args.mtp else []):
+        with torch.device(device):
+            models[name] = (Transformer(dataclasses.replace(cfg, num_mtp_layers=mtp)), False)
+    for impl in ("grouped_mm", "eager"):
+        hf_cfg = DeepseekV3Config(**hf_config(cfg, torch.float32))
+        hf_cfg._attn_implementation = "sdpa"
+        hf_cfg._experts_implementation = impl
+        with torch.device(device):
+            models[f"hf_{impl}"] = (DeepseekV3ForCausalLM(hf_cfg), True)
+
+    cases = {}
+    for name, (model, hf) in models.items():
+        if args.compile:
+            for layer in model.model.layers if hf else model.layers:
+                layer.compile()
+        step = make_step(model, x, y, args, hf)
+        try:
+            step()  # warm-up (and compilation)
+        except Exception as e:  # a peer variant this build cannot run is reported, not fatal
+            print(json.dumps({"case": name, "error": repr(e)[:200]}))
+            continue
+        cases[name] = step
+    return cases
+
+
+def time_steps(step: Callable, steps: int, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -52,6 +92,19 @@ def time_steps(step, steps: int, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / steps
+
+
+def profile(name: str, step: Callable, device: torch.device) -> None:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"== profile: {name}")
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=25))
 
 
 def main() -> None:
@@ -63,36 +116,25 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--precision", default="bf16" if gpu else "fp32", choices=["fp32", "bf16"])
+    p.add_argument("--threads", type=int, help="torch.set_num_threads for every case (default: torch's)")
+    p.add_argument("--mtp", action="store_true", help="also time seektrain with one MTP module")
+    p.add_argument("--no-optimizer", action="store_true", help="time forward+backward only")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer, in every model")
+    p.add_argument("--profile", action="store_true", help="profile one step of each case after timing")
     args = p.parse_args()
     device = torch.device("cuda" if gpu else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    cfg = dataclasses.replace(ModelConfig.from_preset(args.preset), num_mtp_layers=0,
-                              max_position_embeddings=max(args.seq, 4096))
+    cfg = dataclasses.replace(
+        ModelConfig.from_preset(args.preset), num_mtp_layers=0, max_position_embeddings=max(args.seq, 4096)
+    )
     torch.manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=device)
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-    # transformers shifts labels itself, so it gets x as labels; both see B*(T-1) or B*T targets (≈ same work).
+    # transformers shifts labels itself, so it gets x as labels: B*(T-1) vs B*T targets (≈ the same work).
+    cases = build_cases(args, cfg, x, y)
 
-    cases = {}
-    with torch.device(device):
-        ours = Transformer(cfg)
-    cases["seektrain"] = make_step(ours, x, y, args.precision, hf=False)
-    for impl in ("grouped_mm", "eager"):
-        hf_cfg = DeepseekV3Config(**hf_config(cfg, torch.float32))
-        hf_cfg._attn_implementation = "sdpa"
-        hf_cfg._experts_implementation = impl
-        with torch.device(device):
-            peer = DeepseekV3ForCausalLM(hf_cfg)
-        step = make_step(peer, x, y, args.precision, hf=True)
-        try:
-            step()
-        except Exception as e:  # a peer variant this build cannot run is reported, not fatal
-            print(json.dumps({"case": f"hf_{impl}", "error": repr(e)[:200]}))
-            continue
-        cases[f"hf_{impl}"] = step
-
-    for step in cases.values():  # warm-up
-        step()
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(args.rounds):
         for name, step in cases.items():
@@ -104,21 +146,42 @@ def main() -> None:
     for name, ts in times.items():
         dt = statistics.median(ts)
         tps = args.batch * args.seq / dt
-        rows.append(dict(case=name, step_ms=round(dt * 1e3, 1), tokens_per_s=round(tps),
-                         tflops=round(tps * fpt / 1e12, 3), mfu=round(tps * fpt / peak, 4) if peak else None,
-                         spread=round((max(ts) - min(ts)) / dt, 3)))
-    best_peer = max((r for r in rows if r["case"] != "seektrain"), key=lambda r: r["tokens_per_s"])
-    ours_tps = rows[0]["tokens_per_s"]
-    header = dict(torch=torch.__version__, transformers=transformers.__version__,
-                  device=torch.cuda.get_device_name() if gpu else "cpu", threads=torch.get_num_threads(),
-                  preset=args.preset, batch=args.batch, seq=args.seq, precision=args.precision)
+        rows.append(
+            dict(
+                case=name,
+                step_ms=round(dt * 1e3, 1),
+                tokens_per_s=round(tps),
+                tflops=round(tps * fpt / 1e12, 3),
+                mfu=round(tps * fpt / peak, 4) if peak else None,
+                spread=round((max(ts) - min(ts)) / dt, 3),
+            )
+        )
+    header = dict(
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        device=torch.cuda.get_device_name() if gpu else "cpu",
+        threads=torch.get_num_threads(),
+        preset=args.preset,
+        batch=args.batch,
+        seq=args.seq,
+        precision=args.precision,
+        optimizer=not args.no_optimizer,
+        compile=args.compile,
+    )
     print(json.dumps(header))
     for r in rows:
         print(json.dumps(r))
     print("case | step ms | tokens/s | TFLOP/s | MFU | spread")
     for r in rows:
-        print(f"{r['case']} | {r['step_ms']} | {r['tokens_per_s']} | {r['tflops']} | {r['mfu']} | {r['spread']}")
-    print(f"seektrain / best peer ({best_peer['case']}): {ours_tps / best_peer['tokens_per_s']:.2f}x")
+        print(" | ".join(str(value) for value in r.values()))
+    ours = next((r for r in rows if r["case"] == "seektrain"), None)
+    peers = [r for r in rows if r["case"].startswith("hf_")]
+    if ours and peers:
+        best = max(peers, key=lambda r: r["tokens_per_s"])
+        print(f"seektrain / best peer ({best['case']}): {ours['tokens_per_s'] / best['tokens_per_s']:.2f}x")
+    if args.profile:
+        for name, step in cases.items():
+            profile(name, step, device)
 
 
 if __name__ == "__main__":
