@@ -7,7 +7,7 @@ set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-B=${B:-8}; T=${T:-2048}; STEPS=${STEPS:-10}
+B=${B:-8}; T=${T:-2048}; STEPS=${STEPS:-10}; PRESET=${PRESET:-small}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
@@ -15,15 +15,14 @@ echo "== correctness"; $PY bench/gpu_check.py | tee "$OUT/check.jsonl"
 
 bench() { timeout "${1}" $PY -m seektrain bench --json --batch "$B" --seq "$T" --steps "$STEPS" "${@:2}" | tee -a "$OUT/bench.jsonl"; }
 echo "== seektrain small (MoE)"
-bench 120 --preset small
-bench 240 --preset small --compile
-bench 120 --preset small --activation-checkpointing
+bench 150 --preset "$PRESET" --compile
+echo "== transformers peer"
+timeout 150 $PY .gpu/peer_transformers.py ${PEER_ARGS:-} | tee "$OUT/peer.txt"
+bench 90 --preset "$PRESET"
 echo "== seektrain dense (MoE off, 24 layers ~ the 375M Llama peer)"
-bench 240 --preset small --dense --layers 24 --compile
+bench 150 --preset "$PRESET" --dense --layers "${DENSE_LAYERS:-24}" --compile
 [ -n "${EXTRA:-}" ] && eval "$EXTRA"
 
-echo "== transformers peer"
-timeout 240 $PY .gpu/peer_transformers.py | tee "$OUT/peer.txt"
 
 echo "== summary"
 $PY - "$OUT" <<'PYEOF'
