@@ -9,7 +9,8 @@ Run:  python bench/bench_step.py [--preset tiny] [--batch 4] [--seq 256] [--step
         [--precision fp32] [--threads N] [--mtp] [--no-optimizer] [--compile] [--profile]
 On a GPU it defaults to the `small` preset, B=8, T=2048, bf16. `--compile` compiles every decoder layer of
 every model in place; `--profile` prints a torch.profiler table of one step of each case after the timing.
-On a shared CPU prefer `--threads 1`: two OpenMP threads on two busy cores stall on each other's barriers.
+On CPU it runs one intra-op thread unless `--threads` says otherwise: on the shared 2-core box two OpenMP
+threads stall at every op's barrier whenever another process holds a core (steps ~3x slower, spreads >100%).
 Prints JSON lines, then a table.
 """
 
@@ -75,7 +76,8 @@ def build_cases(
                 layer.compile()
         step = make_step(model, x, y, args, hf)
         try:
-            step()  # warm-up (and compilation)
+            step()  # warm-up: optimizer state, compilation (a second call settles recompiles)
+            step()
         except Exception as e:  # a peer variant this build cannot run is reported, not fatal
             print(json.dumps({"case": name, "error": repr(e)[:200]}))
             continue
@@ -116,7 +118,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--precision", default="bf16" if gpu else "fp32", choices=["fp32", "bf16"])
-    p.add_argument("--threads", type=int, help="torch.set_num_threads for every case (default: torch's)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0 if gpu else 1,
+        help="torch.set_num_threads for every case; 0 keeps torch's default (default: 1 on CPU, see above)",
+    )
     p.add_argument("--mtp", action="store_true", help="also time seektrain with one MTP module")
     p.add_argument("--no-optimizer", action="store_true", help="time forward+backward only")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer, in every model")
