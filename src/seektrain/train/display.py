@@ -30,8 +30,10 @@ class Display:
 
     def update(self, step: int, loss: float, tokens_per_s: float | None) -> None:
         if self.progress is not None:
-            speed = f"{tokens_per_s:,.0f}" if tokens_per_s else "-"
-            self.progress.update(self.task, completed=step, loss=f"{loss:.3f}", speed=speed)
+            fields = {"loss": f"{loss:.3f}"}
+            if tokens_per_s is not None:
+                fields["speed"] = f"{tokens_per_s:,.0f}"
+            self.progress.update(self.task, completed=step, **fields)
 
     def print(self, text: str) -> None:
         self.console.print(text, markup=False)

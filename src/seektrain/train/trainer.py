@@ -192,9 +192,10 @@ class Trainer:
 
     def _loop(self, stop: _SignalFlag) -> int:
         t, ck = self.cfg.train, self.cfg.checkpoint
-        window_tokens, window_start = 0, time.perf_counter()
+        window_tokens, window_time = 0, 0.0  # training tokens and seconds since the last log line
         while self.counters.step < t.steps:
             c = self.counters
+            started = time.perf_counter()
             step = c.step + 1
             n_units = global_batch_at(step, t) // (t.micro_batch_size * self.dist.world_size)
             batches = [next(self.loader) for _ in range(n_units)]
@@ -224,12 +225,12 @@ class Trainer:
                 c.skipped_steps += 1
             c.tokens += stats.tokens * self.dist.world_size
             window_tokens += stats.tokens * self.dist.world_size
+            window_time += time.perf_counter() - started  # evaluation and checkpoints not included
 
             if step % t.log_every == 0 or step == t.steps:
-                elapsed = time.perf_counter() - window_start
-                speed = window_tokens / elapsed if elapsed > 0 else 0.0
+                speed = window_tokens / window_time if window_time > 0 else 0.0
                 self._log_step(stats, grad_norm, lr, mtp_weight, speed, global_batch_at(step, t))
-                window_tokens, window_start = 0, time.perf_counter()
+                window_tokens, window_time = 0, 0.0
             self.display.update(step, stats.loss, None)
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
                 self._evaluate()
