@@ -11,6 +11,7 @@ import pytest
 from data_helpers import make_docs, small_config, write_corpus
 from tokenizers import Tokenizer
 
+from seektrain.data.clean import CleanConfig
 from seektrain.data.merge import merge
 from seektrain.data.prepare import _recover_interrupted, prepare
 from seektrain.data.shards import load_manifest
@@ -81,9 +82,16 @@ def test_report_counts_each_drop_reason(tmp_path):
     docs += [docs[0], docs[1].replace("\n", "\n\n"), "too short", "\n".join(["spam spam spam"] * 40)]
     src = write_corpus(tmp_path / "src", docs)
     (src / "binary.txt").write_bytes(bytes(range(128, 256)) * 8)
-    report = prepare(small_config([src], tmp_path / "out"))
-    assert report["documents_in"] == 35 and report["documents_kept"] == 30
-    assert report["dropped"] == {"exact_duplicate": 2, "too_short": 1, "dup_lines": 1, "invalid_utf8": 1}
+    (src / "huge.txt").write_text("word " * 2000)  # 10 kB > 4 bytes x max_chars: dropped unread
+    report = prepare(small_config([src], tmp_path / "out", clean=CleanConfig(max_chars=2000)))
+    assert report["documents_in"] == 36 and report["documents_kept"] == 30
+    assert report["dropped"] == {
+        "exact_duplicate": 2,
+        "too_short": 1,
+        "dup_lines": 1,
+        "invalid_utf8": 1,
+        "too_long": 1,
+    }
     saved = json.loads((tmp_path / "out/prepare_report.json").read_text())
     assert saved["dropped"] == report["dropped"]
     assert load_manifest(tmp_path / "out")["sources"]["dropped"] == report["dropped"]

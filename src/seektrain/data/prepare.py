@@ -132,9 +132,18 @@ class _Progress:
 def _batches_of_documents(
     files, cfg: PrepareConfig, stats: dict, progress: _Progress, task
 ) -> Iterator[list]:
-    """Raw documents in ~1 MB batches; advances the progress bar by each file's size once it is read."""
+    """Raw documents in ~1 MB batches; advances the progress bar by each file's size once it is read.
+    A plain text file too big to hold max_chars characters (4 bytes each at most) is not even read."""
+    limit = 4 * cfg.clean.max_chars
+    huge = {f for f in files if f.kind == "text" and not f.path.name.endswith(".gz") and f.size > limit}
+    for f in huge:  # counted only: order does not matter
+        stats["documents_in"] += 1
+        stats["bytes_in"] += f.size
+        stats["dropped"]["too_long"] += 1
+        progress.advance(task, f.size)
+    readable = [f for f in files if f not in huge]
     batch, size, current = [], 0, None
-    for sf, doc in iter_documents(files, cfg.text_field, cfg.skip_bad_lines, stats):
+    for sf, doc in iter_documents(readable, cfg.text_field, cfg.skip_bad_lines, stats):
         if sf is not current:
             if current is not None:
                 progress.advance(task, current.size)
