@@ -182,3 +182,16 @@ def test_bad_shapes_and_missing_or_corrupt_data(prepared, tmp_path):
     (bad / "manifest.json").write_text("{")
     with pytest.raises(UserError, match="corrupt manifest"):
         TokenLoader(bad, seq_len=T)
+
+
+def test_few_shards_open_at_once(prepared, monkeypatch):
+    import seektrain.data.loader as loader_module
+
+    data_dir, _ = prepared
+    free = TokenLoader(data_dir, seq_len=T, micro_batch_size=4, seed=2)
+    monkeypatch.setattr(loader_module, "_OPEN_SHARDS", 2)
+    capped = TokenLoader(data_dir, seq_len=T, micro_batch_size=4, seed=2)
+    assert len(capped._files) > 3
+    for _ in range(30):
+        assert torch.equal(next(free)[0], next(capped)[0])
+        assert len(capped._maps) <= 2

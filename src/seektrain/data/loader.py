@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from seektrain.data.shards import load_manifest, verify_shards
 from seektrain.errors import UserError
 
 STATE_VERSION = 1
+_OPEN_SHARDS = 64
 _CHUNK = 8192  # stream positions permuted at once: amortizes numpy's per-call cost of `permute`
 
 
@@ -107,7 +109,8 @@ class TokenLoader:
 
         shards = [s for s in manifest["splits"][split]["shards"] if s["tokens"] > 0]
         dtype = np.dtype(manifest["dtype"])
-        self._maps = [np.memmap(self.data_dir / s["file"], dtype=dtype, mode="r") for s in shards]
+        self._files, self._dtype = [self.data_dir / s["file"] for s in shards], dtype
+        self._maps: OrderedDict[int, np.memmap] = OrderedDict()  # open shards, least recently used first
         self._starts = np.cumsum([0] + [s["tokens"] for s in shards])  # (S+1,) first token of each shard
         self.num_tokens = int(self._starts[-1])
         self.num_sequences = (self.num_tokens - 1) // seq_len if self.num_tokens else 0
@@ -146,6 +149,17 @@ class TokenLoader:
             out[mask] = permute(offsets[mask].astype(np.uint64), self.num_sequences, self.seed, int(e))
         return out
 
+    def _shard(self, k: int) -> np.memmap:
+        """Shard k, memory-mapped on first use; at most _OPEN_SHARDS stay open (each holds a file
+        descriptor, and a large corpus has thousands of shards)."""
+        if k in self._maps:
+            self._maps.move_to_end(k)
+        else:
+            if len(self._maps) >= _OPEN_SHARDS:
+                self._maps.popitem(last=False)
+            self._maps[k] = np.memmap(self._files[k], dtype=self._dtype, mode="r")
+        return self._maps[k]
+
     def _gather(self, windows: np.ndarray):
         """(B,) window indices -> x, y torch int64 (B, T)."""
         import torch
@@ -157,7 +171,7 @@ class TokenLoader:
             k = int(np.searchsorted(self._starts, start, side="right")) - 1
             local, filled = start - int(self._starts[k]), 0
             while filled < T + 1:  # a window may continue into the next shard(s)
-                piece = self._maps[k][local : local + T + 1 - filled]
+                piece = self._shard(k)[local : local + T + 1 - filled]
                 buf[row, filled : filled + len(piece)] = piece
                 filled, k, local = filled + len(piece), k + 1, 0
         t = torch.from_numpy(buf)

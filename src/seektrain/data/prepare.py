@@ -418,6 +418,10 @@ def prepare(cfg: PrepareConfig) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
 def print_summary(report: dict) -> None:
     """The one-screen summary printed at the end of `seektrain prepare`."""
     mb = 1e6
@@ -443,7 +447,8 @@ def print_summary(report: dict) -> None:
     lines += [
         "  tokens    "
         + " · ".join(
-            f"{s} {report['tokens'][s]:,} ({report['documents'][s]:,} docs, {report['shards'][s]} shards)"
+            f"{s} {report['tokens'][s]:,} ({_plural(report['documents'][s], 'doc')}, "
+            f"{_plural(report['shards'][s], 'shard')})"
             for s in ("train", "val")
         ),
         f"  tokenizer vocab {report['vocab_size']:,}, {report['dtype']} ids, "
