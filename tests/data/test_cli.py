@@ -81,3 +81,28 @@ def test_slices_and_merge_from_the_cli(run, tmp_path):
     merged = json.loads((tmp_path / "merged/manifest.json").read_text())["splits"]
     assert {s: v["tokens"] for s, v in merged.items()} == {s: v["tokens"] for s, v in whole.items()}
     _assert_one_error(run("--input", src, "--num-slices", 2, "--out", tmp_path / "x"), "share one tokenizer")
+
+
+def test_cleaning_thresholds_and_special_tokens_from_the_cli(run, tmp_path):
+    docs = make_docs(12, seed=3)
+    src = write_corpus(tmp_path / "src", [*docs, "\n".join(["repeated line here"] * 3 + ["a b c d e"] * 7)])
+    out = tmp_path / "d"
+    argv = ["--input", src, "--out", out, "--vocab-size", 300, "--min-chars", 0]
+    assert run(*argv)[0] == 0
+    assert json.loads((out / "manifest.json").read_text())["sources"]["dropped"]["dup_lines"] == 1
+    loose = [
+        "max_dup_line_frac=0.9",
+        "max_dup_line_char_frac=1",
+        "max_top_ngram_frac=",
+        "max_dup_ngram_frac=",
+    ]
+    rc, _, _ = run(
+        *argv, *(a for o in loose for a in ("--clean-option", o)), "--special-tokens", "<s>,</s>,<pad>"
+    )
+    m = json.loads((out / "manifest.json").read_text())
+    assert rc == 0 and m["sources"]["documents_kept"] == 13
+    assert m["options"]["clean"]["max_top_ngram_frac"] == {}
+    assert m["special_tokens"]["eos"] == {"token": "</s>", "id": 1}
+    _assert_one_error(run(*argv, "--clean-option", "max_dup=0.3"), "expected KEY=VALUE with KEY one of")
+    _assert_one_error(run(*argv, "--clean-option", "min_chars=many"), "bad value for min_chars")
+    _assert_one_error(run(*argv, "--special-tokens", "<s>,<s>,<pad>"), "three distinct special tokens")

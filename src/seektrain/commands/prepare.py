@@ -75,6 +75,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-repetition-filter", action="store_true", help="keep documents with repeated lines/n-grams"
     )
+    p.add_argument(
+        "--clean-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any CleanConfig field, e.g. max_dup_line_frac=0.3 or max_top_ngram_frac=2:0.2,3:0.18",
+    )
+    p.add_argument(
+        "--special-tokens",
+        default="<|bos|>,<|eos|>,<|pad|>",
+        metavar="BOS,EOS,PAD",
+        help="special tokens of a trained tokenizer (ids 0, 1, 2)",
+    )
     p.add_argument("--shard-tokens", type=int, default=1 << 24, metavar="N", help="tokens per shard file")
     p.add_argument(
         "--num-slices",
@@ -91,7 +104,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from seektrain.data.clean import CleanConfig
+    from seektrain.data.clean import CleanConfig, clean_overrides
     from seektrain.data.prepare import PrepareConfig, prepare, print_summary
     from seektrain.errors import UserError
 
@@ -103,10 +116,13 @@ def run(args: argparse.Namespace) -> int:
         print_summary(merge(args.merge, args.out))
         return 0
     clean = CleanConfig(
-        unicode_form=args.unicode,
-        min_chars=args.min_chars,
-        max_chars=args.max_chars,
-        repetition_filters=not args.no_repetition_filter,
+        **{
+            "unicode_form": args.unicode,
+            "min_chars": args.min_chars,
+            "max_chars": args.max_chars,
+            "repetition_filters": not args.no_repetition_filter,
+            **clean_overrides(args.clean_option),
+        }
     )
     cfg = PrepareConfig(
         inputs=args.input or ["stdlib"],
@@ -123,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         num_slices=args.num_slices,
         slice_index=args.slice_index,
         clean=clean,
+        special_tokens=tuple(t.strip() for t in args.special_tokens.split(",")),
         progress=not args.no_progress,
     )
     print_summary(prepare(cfg))

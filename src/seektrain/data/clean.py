@@ -64,6 +64,38 @@ class CleanConfig:
             raise UserError("cleaning thresholds are fractions and must lie in [0, 1]")
 
 
+def clean_overrides(options: list[str]) -> dict:
+    """`KEY=VALUE` strings (the CLI's --clean-option) -> CleanConfig keyword arguments; n-gram maps are
+    written `2:0.2,3:0.18` (empty to switch that filter off). UserError names an unknown key."""
+    from dataclasses import fields
+
+    from seektrain.errors import UserError
+
+    types = {f.name: f.type for f in fields(CleanConfig)}
+    out: dict = {}
+    for option in options:
+        key, eq, value = option.partition("=")
+        key = key.strip()
+        if not eq or key not in types:
+            raise UserError(
+                f"--clean-option {option!r}: expected KEY=VALUE with KEY one of {', '.join(types)}"
+            )
+        kind = str(types[key])
+        try:
+            if kind.startswith("dict"):
+                pairs = [item.split(":") for item in value.split(",") if item.strip()]
+                out[key] = {int(n): float(frac) for n, frac in pairs}
+            elif kind == "bool":
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                out[key] = value.lower() in ("true", "1")
+            else:
+                out[key] = {"int": int, "float": float, "str": str}[kind](value)
+        except ValueError as e:
+            raise UserError(f"--clean-option {option!r}: bad value for {key} ({kind})") from e
+    return out
+
+
 def decode(raw: bytes | str, max_invalid_frac: float) -> str | None:
     """UTF-8 text of a document, or None when too much of it is not valid UTF-8 (see module docstring)."""
     if isinstance(raw, str):

@@ -36,7 +36,15 @@ from seektrain.data.shards import (
     token_dtype,
 )
 from seektrain.data.sources import discover, iter_documents
-from seektrain.data.tokenizer import TokenizerConfig, load_tokenizer, special_tokens, train_bpe
+from seektrain.data.tokenizer import (
+    BOS,
+    EOS,
+    PAD,
+    TokenizerConfig,
+    load_tokenizer,
+    special_tokens,
+    train_bpe,
+)
 from seektrain.errors import UserError
 
 DEDUP_MODES = ("none", "exact", "minhash")
@@ -65,6 +73,7 @@ class PrepareConfig:
     num_slices: int = 1  # prepare only every num_slices-th input file, starting at slice_index
     slice_index: int = 0
     clean: CleanConfig = field(default_factory=CleanConfig)
+    special_tokens: tuple[str, str, str] = (BOS, EOS, PAD)  # bos, eos, pad of a trained tokenizer
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -89,7 +98,14 @@ class PrepareConfig:
                 "slices must share one tokenizer: pass --tokenizer FILE (e.g. from a prepare of a "
                 "sample) with --num-slices"
             )
-        self.tokenizer_cfg = TokenizerConfig(vocab_size=self.vocab_size, path=self.tokenizer)
+        if (
+            len(self.special_tokens) != 3
+            or len(set(self.special_tokens)) != 3
+            or not all(self.special_tokens)
+        ):
+            raise UserError(f"need three distinct special tokens (bos, eos, pad), got {self.special_tokens}")
+        bos, eos, pad = self.special_tokens
+        self.tokenizer_cfg = TokenizerConfig(self.vocab_size, self.tokenizer, bos, eos, pad)
 
 
 class _Progress:
