@@ -47,11 +47,12 @@ def test_near_duplicates_removed_unique_kept():
     bands = np.stack([np.frombuffer(c.bands, dtype="<u8") for c in cleaned])  # (N, bands)
     exact = exact_keep(keys)
     assert exact.tolist() == [True] * 9 + [False]
-    near_keep = near_dup_keep([bands[:, j] for j in range(bands.shape[1])])
+    near_keep = near_dup_keep(bands)
     assert near_keep.tolist() == [True] * 6 + [False] * 4  # near copies and the exact copy go, base stays
 
 
 def test_near_dup_groups_are_transitive():
     # 0~1 in band 0, 1~2 in band 1: one group, only 0 kept; 3 is alone.
-    cols = [np.array([1, 1, 7, 9], dtype=np.uint64), np.array([4, 5, 5, 8], dtype=np.uint64)]
-    assert near_dup_keep(cols).tolist() == [True, False, False, True]
+    bands = np.array([[1, 1, 7, 9], [4, 5, 5, 8]], dtype=np.uint64).T  # (4 docs, 2 bands)
+    assert near_dup_keep(bands).tolist() == [True, False, False, True]
+    assert near_dup_keep(bands, np.array([1, 2, 3])).tolist() == [True, False, True]

@@ -189,6 +189,8 @@ def test_minhash_prepare_drops_near_copies_only(tmp_path):
     }
     kept = sorted(_documents(tmp_path / "minhash", "train") + _documents(tmp_path / "minhash", "val"))
     assert kept == sorted(docs)  # the originals (first occurrences) stay
+    layout = ["manifest.json", "prepare_report.json", "tokenizer.json", "train", "val"]
+    assert sorted(p.name for p in (tmp_path / "minhash").iterdir()) == layout  # no scratch files left
 
 
 def test_foreign_tokenizer_eos_fallback_and_missing_eos(tmp_path, corpus_docs):

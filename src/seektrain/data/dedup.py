@@ -96,10 +96,12 @@ def exact_keep(hashes: np.ndarray) -> np.ndarray:
     return keep
 
 
-def near_dup_keep(band_columns: list[np.ndarray]) -> np.ndarray:
-    """(N,) bool from per-band (N,) hash columns: documents sharing any band are joined (union-find,
-    transitively) and only the lowest index of each group is kept. Columns may be memory-mapped."""
-    n = len(band_columns[0]) if band_columns else 0
+def near_dup_keep(bands: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """(K,) bool over `rows` of the (N, B) band hashes (all rows by default; may be memory-mapped):
+    documents sharing any band are joined (union-find, transitively) and only the first of each group
+    is kept. One band column is in memory at a time."""
+    rows = np.arange(len(bands)) if rows is None else rows
+    n = len(rows)
     parent: dict[int, int] = {}  # only documents that collide somewhere: small
 
     def find(i: int) -> int:
@@ -110,9 +112,9 @@ def near_dup_keep(band_columns: list[np.ndarray]) -> np.ndarray:
             parent[i], i = root, parent[i]
         return root
 
-    for col in band_columns:
-        col = np.asarray(col)
-        order = np.argsort(col, kind="stable")  # (N,) equal hashes become adjacent, lower index first
+    for j in range(bands.shape[1] if n else 0):
+        col = np.asarray(bands[rows, j])  # (K,)
+        order = np.argsort(col, kind="stable")  # (K,) equal hashes become adjacent, lower index first
         sorted_col = col[order]
         same = np.flatnonzero(sorted_col[1:] == sorted_col[:-1])  # order[k+1] collides with order[k]
         for k in same:

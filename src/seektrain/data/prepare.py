@@ -179,12 +179,13 @@ def _batches_of_documents(
 
 
 def _clean_pass(files, cfg: PrepareConfig, scratch: Path, minhash, stats: dict, progress: _Progress):
-    """Pass 1: clean every document into `scratch`; returns per-kept-document (offsets, key hashes,
-    split hashes, band rows)."""
-    offsets, keys, splits, bands = array("Q", [0]), array("Q"), array("Q"), bytearray()
+    """Pass 1: clean every document into `scratch` (band hashes into `scratch`.bands); returns, per
+    document that passed the filters, (offsets, key hashes, split hashes, band rows (K, bands) memmap)."""
+    offsets, keys, splits = array("Q", [0]), array("Q"), array("Q")  # 24 bytes per document in memory
     dropped = stats["dropped"]
     task = progress.task("clean", sum(f.size for f in files))
-    with open(scratch, "wb") as out:
+    band_file = scratch.with_suffix(".bands")
+    with open(scratch, "wb") as out, open(band_file, "wb") as band_out:
         for results in W.ordered_map(
             W.clean_batch,
             _batches_of_documents(files, cfg, stats, progress, task),
@@ -201,9 +202,10 @@ def _clean_pass(files, cfg: PrepareConfig, scratch: Path, minhash, stats: dict, 
                 offsets.append(offsets[-1] + len(data))
                 keys.append(r.key_hash)
                 splits.append(r.split_hash)
-                bands += r.bands
-    n = len(keys)
-    band_rows = np.frombuffer(bytes(bands), dtype="<u8").reshape(n, -1) if minhash else None
+                band_out.write(r.bands)
+    band_rows = None
+    if minhash is not None and keys:
+        band_rows = np.memmap(band_file, dtype="<u8", mode="r").reshape(len(keys), minhash.num_bands)
     return (
         np.frombuffer(offsets, np.uint64),
         np.frombuffer(keys, np.uint64),
@@ -319,9 +321,9 @@ def prepare(cfg: PrepareConfig) -> dict:
         if cfg.dedup != "none":
             keep = exact_keep(keys)
             stats["dropped"]["exact_duplicate"] = int((~keep).sum())
-        if minhash is not None:
+        if minhash is not None and len(keys):
             idx = np.flatnonzero(keep)
-            near = near_dup_keep([band_rows[idx, j] for j in range(band_rows.shape[1])])
+            near = near_dup_keep(band_rows, idx)
             keep[idx[~near]] = False
             stats["dropped"]["near_duplicate"] = int((~near).sum())
         kept = np.flatnonzero(keep)
@@ -366,6 +368,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         splits = {s: w.close() for s, w in writers.items()}
         seconds["tokenize"] = time.perf_counter() - t
         scratch.unlink()
+        scratch.with_suffix(".bands").unlink()
 
         tok_bytes = tokenizer.to_str(pretty=True).encode()
         atomic_write_bytes(tmp / "tokenizer.json", tok_bytes)
