@@ -243,6 +243,41 @@ def _val_mask(split_hashes: np.ndarray, fraction: float) -> np.ndarray:
     return split_hashes < np.uint64(min(int(fraction * 2.0**64), 2**64 - 1))
 
 
+def _dedup(keys: np.ndarray, band_rows, mode: str, dropped: Counter) -> np.ndarray:
+    """Indices of the documents to keep: first occurrences by exact key, then (minhash) first of each
+    near-duplicate group among those; counts what it drops."""
+    keep = np.ones(len(keys), dtype=bool)
+    if mode != "none":
+        keep = exact_keep(keys)
+        dropped["exact_duplicate"] = int((~keep).sum())
+    if mode == "minhash" and len(keys):
+        idx = np.flatnonzero(keep)
+        near = near_dup_keep(band_rows, idx)
+        keep[idx[~near]] = False
+        dropped["near_duplicate"] = int((~near).sum())
+    return np.flatnonzero(keep)
+
+
+def _tokenize_pass(batches, sizes, val, writers, tokenizer, eos: int, cfg: PrepareConfig, progress) -> None:
+    """Pass 2: encode the kept documents (workers) and append each to its split's shards, in order."""
+    task = progress.task("tokenize", int(sizes.sum()))
+    dtype = writers["train"].dtype
+    done = 0
+    for ids, lens in W.ordered_map(
+        W.tokenize_batch,
+        batches,
+        cfg.workers,
+        W.init_tokenize,
+        (tokenizer.to_str(), eos, dtype.str, cfg.workers == 1),
+    ):
+        in_val = val[done : done + len(lens)]  # (D,) split of each document of the batch
+        token_val = np.repeat(in_val, lens)  # (N,) split of each token
+        writers["train"].write(ids[~token_val], int((~in_val).sum()))
+        writers["val"].write(ids[token_val], int(in_val.sum()))
+        progress.advance(task, int(sizes[done : done + len(lens)].sum()))
+        done += len(lens)
+
+
 def _swap_into_place(tmp: Path, out: Path) -> None:
     """Replace `out` by the complete `tmp`; the old dir is removed only after the new one is in place."""
     if out.exists():
@@ -317,16 +352,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         seconds["clean"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        keep = np.ones(len(keys), dtype=bool)
-        if cfg.dedup != "none":
-            keep = exact_keep(keys)
-            stats["dropped"]["exact_duplicate"] = int((~keep).sum())
-        if minhash is not None and len(keys):
-            idx = np.flatnonzero(keep)
-            near = near_dup_keep(band_rows, idx)
-            keep[idx[~near]] = False
-            stats["dropped"]["near_duplicate"] = int((~near).sum())
-        kept = np.flatnonzero(keep)
+        kept = _dedup(keys, band_rows, cfg.dedup, stats["dropped"])
         seconds["dedup"] = time.perf_counter() - t
         if not len(kept):
             reasons = (
@@ -347,24 +373,9 @@ def prepare(cfg: PrepareConfig) -> dict:
 
         t = time.perf_counter()
         val = _val_mask(split_hashes[kept], cfg.val_fraction)  # (K,) over kept documents, in order
-        writers = {s: ShardWriter(tmp / s, dtype, cfg.shard_tokens) for s in ("train", "val")}
         sizes = offsets[kept + 1] - offsets[kept]  # (K,) bytes of each kept document
-        task = progress.task("tokenize", int(sizes.sum()))
-        done = 0
-        batches = _read_docs(scratch, offsets, kept)
-        for ids, lens in W.ordered_map(
-            W.tokenize_batch,
-            batches,
-            cfg.workers,
-            W.init_tokenize,
-            (tokenizer.to_str(), eos, dtype.str, cfg.workers == 1),
-        ):
-            in_val = val[done : done + len(lens)]
-            token_val = np.repeat(in_val, lens)  # (N,) split of each token
-            writers["train"].write(ids[~token_val], int((~in_val).sum()))
-            writers["val"].write(ids[token_val], int(in_val.sum()))
-            progress.advance(task, int(sizes[done : done + len(lens)].sum()))
-            done += len(lens)
+        writers = {s: ShardWriter(tmp / s, dtype, cfg.shard_tokens) for s in ("train", "val")}
+        _tokenize_pass(_read_docs(scratch, offsets, kept), sizes, val, writers, tokenizer, eos, cfg, progress)
         splits = {s: w.close() for s, w in writers.items()}
         seconds["tokenize"] = time.perf_counter() - t
         scratch.unlink()
@@ -397,23 +408,15 @@ def prepare(cfg: PrepareConfig) -> dict:
             },
             "splits": splits,
             "sources": sources,
-            "options": {
-                "dedup": cfg.dedup,
-                "val_fraction": cfg.val_fraction,
-                "clean": asdict(cfg.clean),
-                **(
-                    {
-                        "minhash": {
-                            "threshold": cfg.minhash_threshold,
-                            "num_perm": cfg.minhash_num_perm,
-                            "ngram": cfg.minhash_ngram,
-                        }
-                    }
-                    if minhash
-                    else {}
-                ),
-            },
+            "options": {"dedup": cfg.dedup, "val_fraction": cfg.val_fraction, "clean": asdict(cfg.clean)},
         }
+        if minhash is not None:
+            manifest["options"]["minhash"] = {
+                "threshold": minhash.threshold,
+                "num_perm": minhash.num_perm,
+                "ngram": minhash.ngram,
+                "bands": minhash.num_bands,
+            }
         seconds["total"] = time.perf_counter() - t0
         report = {
             "out_dir": str(out),
