@@ -1,0 +1,19 @@
+"""`seektrain train` with no arguments: the tiny preset on data/stdlib, written to runs/tiny."""
+
+import argparse
+from pathlib import Path
+
+from seektrain.commands import train
+from seektrain.config import load_config
+
+
+def test_no_arguments_mean_tiny_on_stdlib():
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    args = parser.parse_args([])
+    assert (args.config, args.preset, args.overrides, args.resume) == (None, None, [], "auto")
+    cfg = load_config(args.config, args.preset, args.overrides)
+    assert cfg.model.preset == "tiny" and cfg.data.path == "data/stdlib"
+    assert train.default_run_dir(None, None) == Path("runs/tiny")
+    assert train.default_run_dir("configs/big_run.toml", None) == Path("runs/big_run")
+    assert train.default_run_dir(None, "small") == Path("runs/small")
