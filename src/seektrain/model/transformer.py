@@ -166,7 +166,8 @@ class _CrossEntropySum(torch.autograd.Function):
         valid = (targets != IGNORE_INDEX)[:, None]  # (N, 1)
         picked = targets.masked_fill(~valid[:, 0], 0)[:, None]  # (N, 1)
         top = logits.amax(-1, keepdim=True).float()  # (N, 1)
-        exp = logits.to(torch.float32, copy=True).sub_(top).exp_()  # (N, V); `logits - top` casts bf16 first
+        # (N, V): one fp32 copy, then in place (`logits - top` would cast bf16 logits into a second buffer)
+        exp = logits.to(torch.float32, copy=True).sub_(top).exp_()
         total = exp.sum(-1, keepdim=True)  # (N, 1)
         nll = top + total.log() - logits.gather(1, picked).float()  # (N, 1) = logsumexp - x_target
         ctx.save_for_backward(exp, total, picked, valid)
