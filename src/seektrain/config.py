@@ -178,10 +178,16 @@ class LogConfig:
 
 @dataclass
 class ParallelConfig:
-    data_parallel: str = _opt("ddp", "under torchrun: ddp or fsdp (one process: ignored)", ("ddp", "fsdp"))
+    dp_mode: str = _opt(
+        "ddp",
+        "under torchrun: ddp (replicate), fsdp (FSDP2, shard over all ranks) or hsdp (shard within groups "
+        "of parallel.dp_shard ranks, replicate across them); one process: ignored",
+        ("ddp", "fsdp", "hsdp"),
+    )
+    dp_shard: int = _opt(0, "hsdp: ranks per shard group (0 = the ranks of one node)")
 
     def validate(self) -> None:
-        pass
+        _non_negative(self, "dp_shard")
 
 
 @dataclass

@@ -96,4 +96,4 @@ def test_docs_config_reference_in_sync():
         "docs/train.md config reference is stale: run python -m seektrain.config"
     )
     keys = set(re.findall(r"^\| `([a-z_]+\.[a-z_<>]+)`", config_reference(), flags=re.M))
-    assert {"data.path", "train.steps", "optim.lr", "checkpoint.every", "parallel.data_parallel"} <= keys
+    assert {"data.path", "train.steps", "optim.lr", "checkpoint.every", "parallel.dp_mode"} <= keys

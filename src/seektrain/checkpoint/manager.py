@@ -4,6 +4,11 @@ A checkpoint is written into a hidden temporary directory, every file fsynced, a
 to its final name; a directory with a final name is therefore always complete, and a crash mid-write
 leaves only a `.tmp-*` directory that discovery ignores and the next save removes. Old checkpoints
 are removed by renaming them to a hidden name first, so a half-deleted one never looks complete.
+
+Under torchrun (`save_sharded`) every rank writes its shards of model and optimizer into the same
+temporary directory (`sharded.py`); rank 0 writes the rest and renames the directory only after a
+barrier, i.e. once every rank's files are on disk. A rank killed mid-save leaves only `.tmp-*`.
+The run directory must be on a filesystem all ranks share.
 """
 
 from __future__ import annotations
@@ -12,11 +17,13 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from seektrain.checkpoint.sharded import DCP_DIR, METADATA_FILE
 from seektrain.errors import UserError
 
 STATE_FILE = "state.pt"
@@ -55,6 +62,38 @@ class CheckpointManager:
         tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
         tmp.mkdir()
         _write(tmp / STATE_FILE, lambda f: torch.save(state, f))
+        return self._finish(tmp, final, step, config_toml, meta)
+
+    def save_sharded(
+        self,
+        step: int,
+        write_shards: Callable[[Path], None],
+        state: dict[str, Any],
+        config_toml: str,
+        meta: dict[str, Any],
+        is_main: bool,
+    ) -> Path:
+        """Called by every rank: `write_shards(tmp_dir)` is the collective DCP write of model and
+        optimizer; rank 0 (`is_main`) adds `state` (the rest, no model) and renames after a barrier."""
+        import torch.distributed as dist
+
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f".tmp-{final.name}"  # one name for all ranks (pids differ)
+        if is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._remove_stale()
+            tmp.mkdir()
+        dist.barrier()
+        write_shards(tmp)
+        dist.barrier()  # every rank's shards are written (and fsynced by DCP)
+        if is_main:
+            _write(tmp / STATE_FILE, lambda f: torch.save(state, f))
+            _fsync_dir(tmp / DCP_DIR)
+            self._finish(tmp, final, step, config_toml, meta)
+        dist.barrier()  # nobody reads checkpoints (rollback) before the rename
+        return final
+
+    def _finish(self, tmp: Path, final: Path, step: int, config_toml: str, meta: dict[str, Any]) -> Path:
         _write(tmp / CONFIG_FILE, lambda f: f.write(config_toml.encode()))
         _write(tmp / META_FILE, lambda f: f.write(json.dumps({"step": step, **meta}, indent=1).encode()))
         _fsync_dir(tmp)
@@ -79,7 +118,10 @@ class CheckpointManager:
 
 
 def is_complete(path: Path) -> bool:
-    return all((path / name).is_file() for name in (STATE_FILE, META_FILE, CONFIG_FILE))
+    files = (STATE_FILE, META_FILE, CONFIG_FILE)
+    if (path / DCP_DIR).exists():
+        files += (f"{DCP_DIR}/{METADATA_FILE}",)
+    return all((path / name).is_file() for name in files)
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:

@@ -43,9 +43,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.preset, args.overrides)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config, args.preset)
 
+    from seektrain.distributed.env import destroy_process_group
     from seektrain.train.trainer import Trainer
 
-    return Trainer(cfg, run_dir, resume=args.resume).fit()
+    try:
+        return Trainer(cfg, run_dir, resume=args.resume).fit()  # the Trainer is dropped on return
+    finally:
+        destroy_process_group()  # joined by the Trainer under torchrun
 
 
 def default_run_dir(config: str | None, preset: str | None) -> Path:

@@ -1,4 +1,9 @@
-"""Where this process sits in a launch: rank, world size and device, read from torchrun's environment."""
+"""Where this process sits in a launch: rank, world size and device, read from torchrun's environment.
+
+One process (no torchrun) is world size 1 and never touches torch.distributed, so the laptop path
+has no process group at all. Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set; single node, multi-node
+with c10d rendezvous, or srun under Slurm) `init_process_group` joins the group: nccl on GPU, gloo on CPU.
+"""
 
 from __future__ import annotations
 
@@ -13,19 +18,35 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # ranks on this node (the default shard group of hybrid FSDP)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone logs, prints and writes run files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
 
 
 def detect() -> DistEnv:
-    """The torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK), or a single process without it."""
-    env = DistEnv(
-        int(os.environ.get("RANK", 0)),
-        int(os.environ.get("WORLD_SIZE", 1)),
-        int(os.environ.get("LOCAL_RANK", 0)),
-    )
-    if env.world_size > 1:
+    """The torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), or one process."""
+    try:
+        env = DistEnv(
+            int(os.environ.get("RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1))),
+        )
+    except ValueError as e:
+        raise UserError(f"bad torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK): {e}") from None
+    if env.world_size < 1 or not 0 <= env.rank < env.world_size or env.local_rank < 0:
+        raise UserError(f"bad torchrun environment: RANK={env.rank}, WORLD_SIZE={env.world_size}")
+    if env.distributed and "MASTER_ADDR" not in os.environ:
         raise UserError(
-            f"launched with WORLD_SIZE={env.world_size}: multi-process training is not "
-            "supported yet; run one process"
+            f"WORLD_SIZE={env.world_size} but no MASTER_ADDR: launch with torchrun "
+            "(e.g. torchrun --standalone --nproc-per-node 2 -m seektrain train …)"
         )
     return env
 
@@ -40,3 +61,47 @@ def pick_device(name: str, local_rank: int = 0):
         return torch.device("cpu")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
+
+
+def init_process_group(env: DistEnv, device) -> None:
+    """Join the default process group (nccl on GPU, gloo on CPU); a no-op for one process or when
+    already joined (tests that spawn ranks themselves)."""
+    import torch.distributed as dist
+
+    if not env.distributed or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+
+
+def destroy_process_group() -> None:
+    """Leave the process group. Call it once nothing references the group any more (drop the Trainer
+    first): a gloo group that outlives this call is torn down during interpreter exit, which can abort
+    ("terminate called without an active exception") or hang."""
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()  # DDP/FSDP modules in reference cycles hold the group
+        dist.destroy_process_group()
+
+
+def build_mesh(env: DistEnv, device, dp_mode: str, dp_shard: int):
+    """The data-parallel device mesh: 1-D ("dp",) for ddp/fsdp; 2-D ("replicate", "shard") for hsdp,
+    parameters sharded within groups of `dp_shard` ranks (0 = the ranks of one node) and replicated
+    across groups."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if dp_mode != "hsdp":
+        return init_device_mesh(device.type, (env.world_size,), mesh_dim_names=("dp",))
+    shard = dp_shard or env.local_world_size
+    if shard < 1 or env.world_size % shard:
+        raise UserError(
+            f"parallel.dp_shard={shard} must divide the number of ranks ({env.world_size}) for hsdp"
+        )
+    return init_device_mesh(
+        device.type, (env.world_size // shard, shard), mesh_dim_names=("replicate", "shard")
+    )

@@ -1,10 +1,14 @@
-"""Applied to the model from outside: activation checkpointing and torch.compile per block.
+"""Applied to the model from outside: activation checkpointing, torch.compile, DDP or FSDP2.
 
-The model stays single-device and unaware of either; state-dict keys do not change (no wrapper
-modules), so checkpoints load with or without them. DDP/FSDP2 will be applied here as well.
+The model stays single-device and unaware of any of them. Order (as torchtitan): checkpointing wraps
+each block's forward, compile compiles each block, then FSDP2 `fully_shard`s each block and the root
+(or DDP wraps the whole). None of them renames a parameter (FSDP2 swaps parameters for DTensors in
+place; DDP's `module.` prefix is stripped by `unwrap`), so checkpoints load with or without them.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -31,3 +35,57 @@ def apply_compile(model: torch.nn.Module) -> None:
     """torch.compile each block in place (module.compile keeps parameter names)."""
     for block in blocks(model):
         block.compile()
+
+
+def apply_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Replicate the model; gradients are averaged across ranks in buckets during the backward.
+    Buffers are not broadcast: the MoE correction biases are kept identical by the trainer (the same
+    all-reduced loads update them on every rank)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+
+def apply_fsdp(model: torch.nn.Module, mesh, precision: str) -> torch.nn.Module:
+    """FSDP2: shard each block's parameters (and the root's remainder: embedding, norm, head) over the
+    mesh; a 2-D mesh (replicate, shard) gives hybrid sharding. With bf16 the parameters are gathered in
+    bf16 and gradients reduced in fp32 onto fp32 shards (the optimizer's master weights)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy()
+    if precision == "bf16":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in blocks(model):  # MTP: only its block (its norms are also called outside its forward)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself under a DDP wrapper (FSDP2 adds none)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: torch.nn.Module, enabled: bool):
+    """Skip the gradient all-reduce / reduce-scatter inside the block (all accumulation micro-steps but
+    the last): gradients accumulate locally and are synchronized once, by the last backward."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    if enabled:
+        yield
+    elif isinstance(model, DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield

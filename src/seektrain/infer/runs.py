@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from seektrain.checkpoint.manager import STATE_FILE, CheckpointManager, is_complete, load_checkpoint
+from seektrain.checkpoint.sharded import is_sharded, read_model_state
 from seektrain.config import RunConfig
 from seektrain.errors import UserError
 from seektrain.model.config import ModelConfig
@@ -64,6 +65,8 @@ def load_run(
     (the routers' correction biases stay fp32)."""
     path = find_checkpoint(run_dir, checkpoint)
     state = _load_state(path)
+    if "model" not in state and is_sharded(path):  # written by several ranks: weights in path/dcp
+        state["model"] = read_model_state(path)
     if "model" not in state or "config" not in state:
         raise UserError(f"{path / 'state.pt'} is not a seektrain checkpoint (no model or config)")
     config = RunConfig.from_dict(state["config"])

@@ -4,6 +4,13 @@ unscale + clip (which yields the gradient norm the guard judges), then the optim
 Precision: `fp32`; `bf16` autocast over fp32 master weights; `fp16` autocast with dynamic loss
 scaling (GradScaler: the scale backs off and the step is skipped on overflow, grows after a run of
 good steps). The loss itself is always computed in fp32 by the model.
+
+Data parallel (`world_size` > 1, the model wrapped by DDP or FSDP2): target counts are all-reduced
+before the first forward, so every rank divides by the GLOBAL count; the gradient reduction averages
+over ranks, so each rank backpropagates `world_size` × its share and the average is the gradient of the
+global-batch loss (exact for a power-of-two world size). Gradients are synchronized by the last
+micro-batch's backward only; the logged sums and expert loads are all-reduced, so every rank sees the
+same statistics and takes the same guard decisions.
 """
 
 from __future__ import annotations
@@ -13,7 +20,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
+from seektrain.distributed.parallelize import gradient_sync
 from seektrain.train.loss import micro_batch_loss, target_counts
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -23,9 +32,9 @@ AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 class StepStats:
     loss: float  # main cross-entropy, mean over the global batch's targets
     mtp_loss: float  # MTP cross-entropy, mean over its targets (all depths)
-    balance_loss: float  # sequence-wise balance loss, mean over micro-batches
-    tokens: int  # main targets in the step
-    expert_counts: torch.Tensor  # (n_moe_layers, E) int64, summed over micro-batches
+    balance_loss: float  # sequence-wise balance loss, mean over micro-batches (of all ranks)
+    tokens: int  # main targets in the step (all ranks)
+    expert_counts: torch.Tensor  # (n_moe_layers, E) int64, summed over micro-batches and ranks
 
 
 class Stepper:
@@ -38,11 +47,13 @@ class Stepper:
         precision: str,
         device: torch.device,
         grad_clip: float,
+        world_size: int = 1,
     ):
-        self.model = model
+        self.model = model  # the module to call: the model itself, or its DDP/FSDP2 form
         self.optimizer = optimizer
         self.device = device
         self.grad_clip = grad_clip
+        self.world_size = world_size
         self.autocast_dtype = AUTOCAST_DTYPES[precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
@@ -56,34 +67,53 @@ class Stepper:
     ) -> StepStats:
         """Accumulate the gradient of the global-batch loss over micro-batches (x, y) each (mb, T)."""
         self.optimizer.zero_grad(set_to_none=True)
-        n_main, n_mtp = target_counts([y for _, y in batches], mtp_depth)
+        n_main, n_mtp = self._all_reduce_counts(*target_counts([y for _, y in batches], mtp_depth))
+        n_micro, ranks = len(batches) * self.world_size, self.world_size
         main = mtp = balance = torch.zeros((), device=self.device)
         counts = None
-        for x, y in batches:
+        for i, (x, y) in enumerate(batches):
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
-            with self.autocast():
-                out = self.model(x, y)
-            loss = micro_batch_loss(out, n_main, n_mtp, mtp_weight, len(batches))
-            self.scaler.scale(loss).backward()
+            with gradient_sync(self.model, enabled=i == len(batches) - 1):
+                with self.autocast():
+                    out = self.model(x, y)
+                loss = micro_batch_loss(out, n_main, n_mtp, mtp_weight, n_micro) * ranks
+                self.scaler.scale(loss).backward()
             main = main + out.main_loss_sum.detach()
             mtp = mtp + out.mtp_loss_sum.detach()
             balance = balance + out.balance_loss.detach()
             counts = out.expert_counts if counts is None else counts + out.expert_counts
+        sums = torch.stack([main, mtp, balance])  # (3,) fp32
+        if ranks > 1:
+            dist.all_reduce(sums)
+            dist.all_reduce(counts)
+        main, mtp, balance = sums.tolist()
         return StepStats(
-            loss=main.item() / max(n_main, 1),
-            mtp_loss=mtp.item() / n_mtp if n_mtp else 0.0,
-            balance_loss=balance.item() / len(batches),
+            loss=main / max(n_main, 1),
+            mtp_loss=mtp / n_mtp if n_mtp else 0.0,
+            balance_loss=balance / n_micro,
             tokens=n_main,
             expert_counts=counts.cpu(),
         )
+
+    def _all_reduce_counts(self, n_main: int, n_mtp: int) -> tuple[int, int]:
+        """Target counts over all ranks' micro-batches (the loss denominators)."""
+        if self.world_size == 1:
+            return n_main, n_mtp
+        both = torch.tensor([n_main, n_mtp], dtype=torch.int64, device=self.device)
+        dist.all_reduce(both)
+        return int(both[0]), int(both[1])
 
     def clip(self) -> float:
         """Unscale (fp16) and clip to the global norm; return the norm before clipping (inf/nan if bad)."""
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
-        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], error_if_nonfinite=False)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a partial norm of this rank's shards -> the global norm
+            norm = norm.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm.item()
 
     def apply(self, lr: float) -> bool:
         """Optimizer step at learning rate `lr`; False when the scaler skipped it (fp16 overflow)."""

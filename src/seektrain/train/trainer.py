@@ -4,6 +4,10 @@
 SIGINT/SIGTERM once a checkpoint is written). Everything is validated before anything is written,
 so bad input never harms an existing run directory. The gradient path of one step lives in
 `step.py`; this file is the loop around it.
+
+Under torchrun every rank runs this same loop on its slice of each global batch (DDP or FSDP2 applied
+from outside the model, `distributed/`); rank 0 alone prints and writes run files, and every decision
+(guard, stop on a signal) is taken from all-reduced values, so the ranks never diverge.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ import numpy as np
 import torch
 
 from seektrain.checkpoint.manager import CheckpointManager, load_checkpoint, resolve_resume
+from seektrain.checkpoint.sharded import load_training_state, save_training_state
 from seektrain.config import RunConfig
-from seektrain.distributed.env import detect, pick_device
-from seektrain.distributed.parallelize import apply_activation_checkpointing, apply_compile
+from seektrain.distributed import parallelize
+from seektrain.distributed.env import build_mesh, detect, init_process_group, pick_device
 from seektrain.errors import UserError
 from seektrain.train import balance
 from seektrain.train.display import Display
@@ -53,6 +58,12 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.dist = detect()
         self.device = pick_device(cfg.train.device, self.dist.local_rank)
+        if self.dist.distributed and cfg.parallel.dp_mode != "ddp" and cfg.train.precision == "fp16":
+            raise UserError(
+                f"train.precision=fp16 with parallel.dp_mode={cfg.parallel.dp_mode} is not supported "
+                "(the loss scaler would see only this rank's gradient shards): use bf16"
+            )
+        init_process_group(self.dist, self.device)
         resume_from = resolve_resume(resume, self.run_dir)
         if (
             resume == "never"
@@ -65,7 +76,9 @@ class Trainer:
             )
         data_dir = Path(cfg.data.path)
         if not (data_dir / "manifest.json").exists() and data_dir.resolve() == DEFAULT_DATA.resolve():
-            self._prepare_default(data_dir)
+            if self.dist.is_main:
+                self._prepare_default(data_dir)
+            _barrier(self.dist)
         t = cfg.train
         unit = t.micro_batch_size * self.dist.world_size
         if t.global_batch_size % unit:
@@ -107,14 +120,24 @@ class Trainer:
 
             model = Transformer(self.model_cfg)
         model.to_empty(device=self.device)
-        model.init_weights()
-        self.model = model
+        model.init_weights()  # the same weights on every rank (same seed); FSDP2 then keeps each its shard
+        self.model = model  # the model itself; `self.stepper.model` is what a step calls
         if t.activation_checkpointing:
-            apply_activation_checkpointing(model)
+            parallelize.apply_activation_checkpointing(model)
         if t.compile:
-            apply_compile(model)
-        self.optimizer = build_optimizer(model, self.cfg.optim)
-        self.stepper = Stepper(model, self.optimizer, t.precision, self.device, t.grad_clip)
+            parallelize.apply_compile(model)
+        wrapped = model
+        if self.dist.distributed:
+            p = self.cfg.parallel
+            if p.dp_mode == "ddp":
+                wrapped = parallelize.apply_ddp(model, self.device)
+            else:
+                mesh = build_mesh(self.dist, self.device, p.dp_mode, p.dp_shard)
+                parallelize.apply_fsdp(model, mesh, t.precision)
+        self.optimizer = build_optimizer(model, self.cfg.optim)  # after FSDP2: over the sharded parameters
+        self.stepper = Stepper(
+            wrapped, self.optimizer, t.precision, self.device, t.grad_clip, self.dist.world_size
+        )
         self.guard = Guard(t.max_bad_steps, t.spike_zscore, t.spike_window)
         self.counters = Counters()
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", self.cfg.checkpoint.keep)
@@ -123,7 +146,8 @@ class Trainer:
         sizes = np.array([global_batch_at(s, t) for s in range(1, t.steps + 1)], dtype=np.float64)
         self._token_before = np.concatenate([[0.0], np.cumsum(sizes)]) / max(sizes.sum(), 1.0)
         if self.resume_state is not None:
-            self._load_state(self.resume_state, restore_loader=False)  # loader already restored
+            # the loader was restored above, before the model existed
+            self._load_state(self.resume_from, self.resume_state, restore_loader=False)
             self.resume_state = None
         self.flops_per_token = flops_per_token(self.model_cfg, self.cfg.data.seq_len)
         self.peak = peak_flops(self.device)
@@ -137,21 +161,31 @@ class Trainer:
 
     # --- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.stepper.scaler.state_dict(),
-            "loader": self.loader.state_dict(),
-            "rng": _rng_state(),
-            "counters": dataclasses.asdict(self.counters),
-            "guard": self.guard.state_dict(),
-            "config": self.cfg.to_dict(),
-        }
+        """Everything a resume needs; under torchrun without model and optimizer, which every rank
+        writes sharded (`save_checkpoint`)."""
+        state = {}
+        if not self.dist.distributed:
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        state.update(
+            {
+                "scaler": self.stepper.scaler.state_dict(),
+                "loader": self.loader.state_dict(),
+                "rng": _rng_state(),
+                "counters": dataclasses.asdict(self.counters),
+                "guard": self.guard.state_dict(),
+                "config": self.cfg.to_dict(),
+            }
+        )
         return state
 
-    def _load_state(self, state: dict, restore_loader: bool) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def _load_state(self, path: Path, state: dict, restore_loader: bool) -> None:
+        """Restore the checkpoint at `path` (`state`: its state.pt). One process reading a one-process
+        checkpoint loads it directly; any other pairing (sharded, or N -> M ranks) goes through DCP."""
+        if not self.dist.distributed and "model" in state:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            load_training_state(path, self.stepper.model, self.optimizer, state)
         self.stepper.scaler.load_state_dict(state["scaler"])
         if restore_loader:
             self.loader.load_state_dict(state["loader"])
@@ -161,8 +195,17 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         c = self.counters
-        return self.checkpoints.save(
-            c.step, self.state_dict(), self.cfg.to_toml(), {"tokens": c.tokens, "time": time.time()}
+        meta = {"tokens": c.tokens, "time": time.time()}
+        if not self.dist.distributed:
+            return self.checkpoints.save(c.step, self.state_dict(), self.cfg.to_toml(), meta)
+        meta["world_size"] = self.dist.world_size
+        return self.checkpoints.save_sharded(
+            c.step,
+            lambda tmp: save_training_state(tmp, self.stepper.model, self.optimizer),
+            self.state_dict(),
+            self.cfg.to_toml(),
+            meta,
+            self.dist.is_main,
         )
 
     # --- the loop ----------------------------------------------------------------------------------
@@ -174,10 +217,15 @@ class Trainer:
                 "Raise train.steps to continue, or use another --run-dir."
             )
             return 0
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.run_dir / "config.toml", self.cfg.to_toml())
-        self.metrics = MetricsLog(self.run_dir, c.step if self.resume_from else -1, self.cfg.log.tensorboard)
-        self.display = Display(t.steps, c.step, self.cfg.log.progress)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _atomic_write(self.run_dir / "config.toml", self.cfg.to_toml())
+            self.metrics = MetricsLog(
+                self.run_dir, c.step if self.resume_from else -1, self.cfg.log.tensorboard
+            )
+            self.display = Display(t.steps, c.step, self.cfg.log.progress)
+        else:
+            self.metrics = self.display = _Silent()
         self._announce()
         stop = _SignalFlag()
         try:
@@ -223,8 +271,8 @@ class Trainer:
                 balance.update_expert_bias(self.model.moe_layers(), stats.expert_counts, t.bias_update_speed)
             else:
                 c.skipped_steps += 1
-            c.tokens += stats.tokens * self.dist.world_size
-            window_tokens += stats.tokens * self.dist.world_size
+            c.tokens += stats.tokens
+            window_tokens += stats.tokens
             window_time += time.perf_counter() - started  # evaluation and checkpoints not included
 
             if step % t.log_every == 0 or step == t.steps:
@@ -236,7 +284,7 @@ class Trainer:
                 self._evaluate()
             if step % ck.every == 0 or step == t.steps:
                 self.save_checkpoint()
-            if stop.signum is not None:
+            if self._stopping(stop):
                 if step % ck.every and step != t.steps:
                     self.save_checkpoint()
                 name = signal.Signals(stop.signum).name
@@ -301,18 +349,24 @@ class Trainer:
             )
         except UserError:
             return None  # no (or too small a) validation split
-        self.model.eval()
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        count = 0
-        for i, (x, y) in enumerate(val.epoch()):
-            if t.eval_batches and i >= t.eval_batches:
+        # Ranks split each global batch of the val split; eval_batches counts micro-batches of all
+        # ranks, and every rank runs as many forwards (FSDP2 gathers parameters collectively).
+        ranks = self.dist.world_size
+        limit = -(-t.eval_batches // ranks) if t.eval_batches else None
+        model = self.stepper.model
+        model.eval()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, target count)
+        for i, (x, y) in enumerate(val.epoch(drop_last=ranks > 1)):
+            if limit is not None and i >= limit:
                 break
             with self.stepper.autocast():
-                out = self.model(x.to(self.device), y.to(self.device))
-            total += out.main_loss_sum.double()
-            count += int(out.main_count)
-        self.model.train()
-        return total.item() / count if count else None
+                out = model(x.to(self.device), y.to(self.device))
+            sums += torch.stack([out.main_loss_sum.double(), out.main_count.double()])
+        model.train()
+        if ranks > 1:
+            torch.distributed.all_reduce(sums)
+        total, count = sums.tolist()
+        return total / count if count else None
 
     def _evaluate(self) -> None:
         val_loss = self.evaluate()
@@ -339,7 +393,7 @@ class Trainer:
                 f"loss still diverges ({reason}); lower optim.lr"
             )
         old = self.counters
-        self._load_state(state, restore_loader=False)
+        self._load_state(latest, state, restore_loader=False)
         self.counters.skipped_steps, self.counters.bad_steps = old.skipped_steps, old.bad_steps
         self.counters.rollbacks = old.rollbacks + 1
         self.guard.reset_bad()
@@ -359,6 +413,16 @@ class Trainer:
         )
         self.save_checkpoint()
 
+    def _stopping(self, stop: _SignalFlag) -> bool:
+        """Whether any rank got SIGINT/SIGTERM (they may arrive at different steps on different ranks,
+        so the ranks agree through an all-reduce before one of them checkpoints and leaves)."""
+        if not self.dist.distributed:
+            return stop.signum is not None
+        flag = torch.tensor([stop.signum or 0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        stop.signum = int(flag) or None
+        return stop.signum is not None
+
     def _announce(self) -> None:
         m, t = self.model_cfg, self.cfg.train
         what = f"resuming {self.resume_from} at step {self.counters.step}" if self.resume_from else "new run"
@@ -370,6 +434,12 @@ class Trainer:
             f"global batch {t.global_batch_size} (micro {t.micro_batch_size}), {t.steps} steps\n"
             f"  {self.device.type}, {t.precision}, optimizer {self.cfg.optim.name}, "
             f"schedule {self.cfg.optim.schedule}, lr {self.cfg.optim.lr}"
+            + (
+                f"\n  {self.dist.world_size} ranks, {self.cfg.parallel.dp_mode}"
+                f" ({t.global_batch_size // self.dist.world_size} sequences per rank per step)"
+                if self.dist.distributed
+                else ""
+            )
         )
 
 
@@ -394,6 +464,18 @@ class _SignalFlag:
     def restore(self) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+
+
+class _Silent:
+    """Stands in for the display and the metrics log on ranks other than 0."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def _barrier(env) -> None:
+    if env.distributed:
+        torch.distributed.barrier()
 
 
 def _with_data_vocab(cfg: RunConfig, vocab_size: int, eos_id: int) -> RunConfig:

@@ -1,0 +1,95 @@
+"""Model and optimizer state through torch.distributed.checkpoint (DCP): sharded, resharding on load.
+
+A multi-rank checkpoint keeps model + optimizer in `step_XXXXXXXX/dcp/` (each rank writes its own
+shards in parallel; rank 0 writes `.metadata`, the global layout). Keys are the model's own parameter
+names (FQNs), whatever wraps it (DDP, FSDP2, compile), so the files can be read back by ANY number of
+ranks: DCP reads the slices each rank now owns. The small rest of the state (loader, RNG, counters,
+config) stays in `state.pt` beside it, written by rank 0.
+
+`load_training_state` also loads a single-process `state.pt` (full tensors, optimizer state keyed by
+position) into a DDP/FSDP2 model, which is how a 1-rank checkpoint resumes on N ranks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DCP_DIR = "dcp"
+METADATA_FILE = ".metadata"  # written last by DCP's coordinator
+
+
+def is_sharded(path: Path) -> bool:
+    return (Path(path) / DCP_DIR).is_dir()
+
+
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """{"model", "optimizer"} keyed by parameter name: DTensor shards under FSDP2, full tensors else."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+
+
+def save_training_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every rank writes its shards of model + optimizer under `path/dcp` (a collective call)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(training_state(model, optimizer), checkpoint_id=Path(path) / DCP_DIR)
+
+
+def load_training_state(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Load model + optimizer of the checkpoint at `path` (whose `state.pt` is `state`) into this
+    model, however many ranks wrote it and however many read it (a collective call under torchrun)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    if is_sharded(path):
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        target = training_state(model, optimizer)  # tensors of the right shapes and shards to read into
+        dcp.load(target, checkpoint_id=Path(path) / DCP_DIR, no_dist=not dist.is_initialized())
+        set_model_state_dict(model, target["model"])
+        set_optimizer_state_dict(model, optimizer, target["optimizer"])
+        return
+    full = StateDictOptions(full_state_dict=True)  # every rank holds the whole tensors; each keeps its part
+    set_model_state_dict(model, state["model"], options=full)
+    osd = _by_name(state["optimizer"], model, optimizer)
+    set_optimizer_state_dict(model, optimizer, osd, options=full)
+
+
+def _by_name(osd: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """`optimizer.state_dict()` (parameters numbered in param-group order) keyed by parameter name,
+    the form the distributed state-dict API expects. Wrappers keep parameter order and identity."""
+    from seektrain.distributed.parallelize import unwrap
+
+    names = {id(p): name for name, p in unwrap(model).named_parameters(remove_duplicate=False)}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return {
+        "state": {order[int(i)]: v for i, v in osd["state"].items()},
+        "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in osd["param_groups"]],
+    }
+
+
+def read_model_state(path: Path) -> dict[str, torch.Tensor]:
+    """The full model state dict of a sharded checkpoint, read in this one process (no process group),
+    for generate/eval/export; the optimizer's shards are not read."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(Path(path) / DCP_DIR))
+    layout = reader.read_metadata().state_dict_metadata
+    model = {
+        key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in layout.items()
+        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
+    }
+    dcp.load({"model": model}, storage_reader=reader, no_dist=True)
+    return model
