@@ -15,9 +15,9 @@ import pytest
 from seektrain.cli import main
 from seektrain.train.metrics import read_metrics
 
-STEPS = 40
+STEPS = 24
 RUN = [
-    "train.steps=40",
+    f"train.steps={STEPS}",
     "train.log_every=1",
     "train.eval_every=10",
     "train.eval_batches=2",
