@@ -161,6 +161,11 @@ class OptimConfig:
 class CheckpointConfig:
     every: int = _opt(500, "save a checkpoint every N steps (also on SIGTERM/SIGINT and at the end)")
     keep: int = _opt(3, "keep the newest K checkpoints")
+    async_save: bool = _opt(
+        False,
+        "under torchrun: write sharded checkpoints in a background thread while training goes on "
+        "(completed at the next checkpoint or the end of the run)",
+    )
 
     def validate(self) -> None:
         _positive(self, "every")

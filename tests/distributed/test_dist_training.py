@@ -64,14 +64,19 @@ def assert_biases(run, ref_biases, exact=True):
         assert per_rank[0] == ref_biases
 
 
-def test_ddp_matches_one_process(toy, reference, tmp_path):
+def test_ddp_matches_one_process_with_async_checkpoints(toy, reference, tmp_path):
     ref_run, ref_biases = reference
     run = tmp_path / "ddp"
-    launch(worker(run, [*toy, "parallel.dp_mode=ddp"]))
+    launch(worker(run, [*toy, "parallel.dp_mode=ddp", "checkpoint.async_save=true"]))
     assert_same_curve(run, ref_run, range(1, 9))
     for step, value in val_losses(ref_run).items():
         assert math.isclose(val_losses(run)[step], value, rel_tol=REL)
     assert_biases(run, ref_biases)
+    # step 4 was written in the background while steps 5.. trained: it holds step 4's state
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004", "step_00000008"]
+    resumed = tmp_path / "resumed-on-1"
+    train_here(toy, resumed, resume=str(run / "checkpoints" / "step_00000004"))
+    assert_same_curve(resumed, ref_run, range(5, 9))
 
 
 def test_fsdp_matches_one_process_and_its_checkpoint_resumes_on_one_rank(toy, reference, tmp_path):

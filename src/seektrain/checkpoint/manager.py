@@ -8,11 +8,14 @@ are removed by renaming them to a hidden name first, so a half-deleted one never
 Under torchrun (`save_sharded`) every rank writes its shards of model and optimizer into the same
 temporary directory (`sharded.py`); rank 0 writes the rest and renames the directory only after a
 barrier, i.e. once every rank's files are on disk. A rank killed mid-save leaves only `.tmp-*`.
-The run directory must be on a filesystem all ranks share.
+The run directory must be on a filesystem all ranks share. An asynchronous save (DCP writes in a
+background thread while training goes on) is completed and renamed by `finish_pending`, which the next
+save calls first and the trainer calls at the end of the run.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -42,6 +45,7 @@ class CheckpointManager:
     def __init__(self, root: str | os.PathLike, keep: int):
         self.root = Path(root)
         self.keep = keep
+        self._pending: tuple | None = None  # an asynchronous sharded save not yet renamed
 
     def list(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -67,16 +71,18 @@ class CheckpointManager:
     def save_sharded(
         self,
         step: int,
-        write_shards: Callable[[Path], None],
+        write_shards: Callable[[Path], Any],
         state: dict[str, Any],
         config_toml: str,
         meta: dict[str, Any],
         is_main: bool,
     ) -> Path:
         """Called by every rank: `write_shards(tmp_dir)` is the collective DCP write of model and
-        optimizer; rank 0 (`is_main`) adds `state` (the rest, no model) and renames after a barrier."""
+        optimizer; rank 0 (`is_main`) adds `state` (the rest, no model) and renames after a barrier.
+        When `write_shards` returns a Future (an asynchronous write), that happens in `finish_pending`."""
         import torch.distributed as dist
 
+        self.finish_pending()
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{final.name}"  # one name for all ranks (pids differ)
         if is_main:
@@ -84,7 +90,23 @@ class CheckpointManager:
             self._remove_stale()
             tmp.mkdir()
         dist.barrier()
-        write_shards(tmp)
+        future = write_shards(tmp)
+        self._pending = (future, tmp, final, step, copy.deepcopy(state), config_toml, meta, is_main)
+        if future is None:
+            self.finish_pending()
+        return final
+
+    def finish_pending(self) -> Path | None:
+        """Complete the last sharded save (every rank calls it): wait for this rank's shards, then,
+        after a barrier, rank 0 writes the rest and renames the directory. None when nothing is pending."""
+        if self._pending is None:
+            return None
+        import torch.distributed as dist
+
+        future, tmp, final, step, state, config_toml, meta, is_main = self._pending
+        self._pending = None
+        if future is not None:
+            future.result()
         dist.barrier()  # every rank's shards are written (and fsynced by DCP)
         if is_main:
             _write(tmp / STATE_FILE, lambda f: torch.save(state, f))

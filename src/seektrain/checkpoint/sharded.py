@@ -12,6 +12,7 @@ position) into a DDP/FSDP2 model, which is how a 1-rank checkpoint resumes on N 
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,20 @@ def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
 
 
-def save_training_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Every rank writes its shards of model + optimizer under `path/dcp` (a collective call)."""
+def save_training_state(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, async_group=None
+) -> Future | None:
+    """Every rank writes its shards of model + optimizer under `path/dcp` (a collective call).
+    With `async_group` (a gloo group used for nothing else, so its collectives never interleave with
+    training's), the state is first copied to CPU memory, then written by a background thread; the
+    returned Future completes when this rank's part is on disk."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(training_state(model, optimizer), checkpoint_id=Path(path) / DCP_DIR)
+    state, where = training_state(model, optimizer), Path(path) / DCP_DIR
+    if async_group is None:
+        dcp.save(state, checkpoint_id=where)
+        return None
+    return dcp.async_save(state, checkpoint_id=where, process_group=async_group)
 
 
 def load_training_state(

@@ -141,6 +141,9 @@ class Trainer:
         self.guard = Guard(t.max_bad_steps, t.spike_zscore, t.spike_window)
         self.counters = Counters()
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", self.cfg.checkpoint.keep)
+        self.async_group = None  # asynchronous checkpoints: their own gloo group (new_group is collective)
+        if self.dist.distributed and self.cfg.checkpoint.async_save:
+            self.async_group = torch.distributed.new_group(backend="gloo")
         self.rollback_targets: dict[int, int] = {}
         # tokens-so-far per step for the multistep schedule (only differs from steps under a batch ramp)
         sizes = np.array([global_batch_at(s, t) for s in range(1, t.steps + 1)], dtype=np.float64)
@@ -201,7 +204,7 @@ class Trainer:
         meta["world_size"] = self.dist.world_size
         return self.checkpoints.save_sharded(
             c.step,
-            lambda tmp: save_training_state(tmp, self.stepper.model, self.optimizer),
+            lambda tmp: save_training_state(tmp, self.stepper.model, self.optimizer, self.async_group),
             self.state_dict(),
             self.cfg.to_toml(),
             meta,
@@ -232,6 +235,7 @@ class Trainer:
             if c.step == 0:
                 self._evaluate()
             exit_code = self._loop(stop)
+            self.checkpoints.finish_pending()  # an asynchronous checkpoint still being written
         finally:
             stop.restore()
             self.display.close()
@@ -378,6 +382,7 @@ class Trainer:
     def _rollback(self, bad_step: int, reason: str) -> None:
         """Reload the newest checkpoint but keep the loader where it is: the data window since the
         checkpoint, which caused the spike, is skipped. The new position is saved at once."""
+        self.checkpoints.finish_pending()
         latest = self.checkpoints.latest()
         if latest is None:
             raise UserError(
