@@ -15,17 +15,12 @@ from typing import Any
 
 from seektrain.errors import UserError
 
-# Keys a YaRN `rope_scaling` dict may carry (HF-style; `type` is the legacy spelling of `rope_type`).
-YARN_KEYS = {
-    "type",
-    "rope_type",
-    "factor",
-    "original_max_position_embeddings",
-    "beta_fast",
-    "beta_slow",
-    "mscale",
-    "mscale_all_dim",
-}
+# The numeric parameters of YaRN, and every key a `rope_scaling` dict may carry (HF-style; `type` is
+# the legacy spelling of `rope_type`).
+YARN_FIELDS = (
+    "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+)
+YARN_KEYS = {"type", "rope_type", *YARN_FIELDS}
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from seektrain.errors import UserError
-from seektrain.model.config import ModelConfig
+from seektrain.model.config import YARN_FIELDS, ModelConfig
 
 TOP_LEVEL = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
              "lm_head.weight": "lm_head.weight"}  # fmt: skip
@@ -193,7 +193,7 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
         src = rope if rope.get("rope_type") == "yarn" else legacy
         kw["rope_scaling"] = {
             "type": "yarn",
-            **{k: v for k, v in src.items() if k in _YARN_FIELDS and v is not None},
+            **{k: v for k, v in src.items() if k in YARN_FIELDS and v is not None},
         }
     elif kind != "default":
         raise UserError(f"config.json uses rope type {kind!r}; seektrain supports 'default' and 'yarn'")
@@ -201,12 +201,3 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
     kw.update(d.get("seektrain", {}))
     return ModelConfig.from_dict(kw)
 
-
-_YARN_FIELDS = (
-    "factor",
-    "original_max_position_embeddings",
-    "beta_fast",
-    "beta_slow",
-    "mscale",
-    "mscale_all_dim",
-)
