@@ -27,7 +27,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_bf16_loss(device: torch.device, preset: str, seq: int) -> dict:
-    cfg = dataclasses.replace(ModelConfig.from_preset(preset), num_hidden_layers=4, max_position_embeddings=seq)
+    cfg = ModelConfig.from_preset(preset)
+    cfg = dataclasses.replace(cfg, num_hidden_layers=4, max_position_embeddings=seq)
     torch.manual_seed(0)
     with torch.device(device):
         model = Transformer(cfg)
@@ -37,7 +38,8 @@ def check_bf16_loss(device: torch.device, preset: str, seq: int) -> dict:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             bf16 = model(x[:, :-1], x[:, 1:]).loss.item()
     err = abs(bf16 - fp32) / fp32
-    return dict(check="bf16_vs_fp32_loss", fp32=round(fp32, 5), bf16=round(bf16, 5), rel_err=err, ok=err <= 1e-2)
+    return dict(check="bf16_vs_fp32_loss", fp32=round(fp32, 5), bf16=round(bf16, 5), rel_err=err,
+                ok=err <= 1e-2)
 
 
 def check_grouped_mm(device: torch.device) -> dict:

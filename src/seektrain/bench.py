@@ -17,7 +17,7 @@ from seektrain.config import OptimConfig
 from seektrain.distributed.parallelize import apply_activation_checkpointing, apply_compile
 from seektrain.model.config import ModelConfig
 from seektrain.model.transformer import Transformer
-from seektrain.train.metrics import flops_per_token, peak_flops
+from seektrain.train.metrics import flops_per_token, memory_gib, peak_flops
 from seektrain.train.optim import build_optimizer
 from seektrain.train.step import Stepper
 
@@ -103,7 +103,7 @@ def run_bench(cfg: BenchConfig, device: torch.device | None = None) -> dict:
         "tokens_per_s": round(tokens_per_s),
         "tflops": round(tflops, 2),
         "mfu": round(tflops * 1e12 / peak, 4) if peak else None,
-        "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        "peak_mem_gib": round(memory_gib(device), 2) if device.type == "cuda" else None,
         "loss": round(loss, 4),
     }
 

@@ -14,7 +14,8 @@ from seektrain.errors import UserError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, help="model preset (default: small on GPU, tiny on CPU)")
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default: 8 on GPU, 4 on CPU)")
-    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: 2048 on GPU, 256 on CPU)")
+    p.add_argument("--seq", type=int, default=None,
+                   help="tokens per sequence (default: 2048 on GPU, 256 on CPU)")
     p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up (default: 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
