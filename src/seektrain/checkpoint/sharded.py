@@ -12,6 +12,8 @@ position) into a DDP/FSDP2 model, which is how a 1-rank checkpoint resumes on N 
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -65,7 +67,8 @@ def load_training_state(
         import torch.distributed.checkpoint as dcp
 
         target = training_state(model, optimizer)  # tensors of the right shapes and shards to read into
-        dcp.load(target, checkpoint_id=Path(path) / DCP_DIR, no_dist=not dist.is_initialized())
+        with _quiet_single_process():
+            dcp.load(target, checkpoint_id=Path(path) / DCP_DIR, no_dist=not dist.is_initialized())
         set_model_state_dict(model, target["model"])
         set_optimizer_state_dict(model, optimizer, target["optimizer"])
         return
@@ -101,5 +104,14 @@ def read_model_state(path: Path) -> dict[str, torch.Tensor]:
         for key, meta in layout.items()
         if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
     }
-    dcp.load({"model": model}, storage_reader=reader, no_dist=True)
+    with _quiet_single_process():
+        dcp.load({"model": model}, storage_reader=reader, no_dist=True)
     return model
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every load without a process group; reading in one process is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield

@@ -41,10 +41,18 @@ def apply_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Replicate the model; gradients are averaged across ranks in buckets during the backward.
     Buffers are not broadcast: the MoE correction biases are kept identical by the trainer (the same
     all-reduced loads update them on every rank)."""
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    # torch 2.13 renamed broadcast_buffers (deprecated there, the only name before)
+    buffer_sync = (
+        "forward_sync_buffers"
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        else "broadcast_buffers"
+    )
+    return DistributedDataParallel(model, device_ids=ids, **{buffer_sync: False})
 
 
 def apply_fsdp(model: torch.nn.Module, mesh, precision: str) -> torch.nn.Module:
