@@ -1,8 +1,9 @@
 """Where this process sits in a launch: rank, world size and device, read from torchrun's environment.
 
-One process (no torchrun) is world size 1 and never touches torch.distributed, so the laptop path
-has no process group at all. Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set; single node, multi-node
-with c10d rendezvous, or srun under Slurm) `init_process_group` joins the group: nccl on GPU, gloo on CPU.
+One process started without torchrun never touches torch.distributed, so the laptop path has no
+process group at all. Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set; single node, multi-node with c10d
+rendezvous, or srun under Slurm) `init_process_group` joins the group: nccl on GPU, gloo on CPU. That
+holds for `--nproc-per-node 1` too: one rank still runs the DDP/FSDP2 path (a way to check it on one GPU).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1  # ranks on this node (the default shard group of hybrid FSDP)
+    launched: bool = False  # started by torchrun (or anything that sets RANK), even as a single rank
 
     @property
     def is_main(self) -> bool:
@@ -27,7 +29,8 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Whether to join a process group and train through DDP/FSDP2 and sharded checkpoints."""
+        return self.launched or self.world_size > 1
 
 
 def detect() -> DistEnv:
@@ -38,6 +41,7 @@ def detect() -> DistEnv:
             int(os.environ.get("WORLD_SIZE", 1)),
             int(os.environ.get("LOCAL_RANK", 0)),
             int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1))),
+            "RANK" in os.environ,
         )
     except ValueError as e:
         raise UserError(f"bad torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK): {e}") from None

@@ -440,7 +440,8 @@ class Trainer:
             f"  {self.device.type}, {t.precision}, optimizer {self.cfg.optim.name}, "
             f"schedule {self.cfg.optim.schedule}, lr {self.cfg.optim.lr}"
             + (
-                f"\n  {self.dist.world_size} ranks, {self.cfg.parallel.dp_mode}"
+                f"\n  {self.dist.world_size} rank{'s' if self.dist.world_size > 1 else ''}, "
+                f"{self.cfg.parallel.dp_mode}"
                 f" ({t.global_batch_size // self.dist.world_size} sequences per rank per step)"
                 if self.dist.distributed
                 else ""
