@@ -433,7 +433,7 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
-# --- reference (docs/train.md keeps this in sync; a test checks) -----------------------------------
+# --- reference (README.md keeps this in sync; a test checks) ---------------------------------------
 
 
 def config_reference() -> str:

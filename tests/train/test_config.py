@@ -10,7 +10,7 @@ import tomllib
 from seektrain.config import RunConfig, config_reference, load_config, preset_names
 from seektrain.errors import UserError
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "train.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_presets_load_and_validate():
@@ -89,11 +89,9 @@ def test_resolved_round_trip():
     assert dataclasses.asdict(again.train) == dataclasses.asdict(cfg.train)
 
 
-def test_docs_config_reference_in_sync():
-    """docs/train.md carries the generated table verbatim (regenerate with `python -m seektrain.config`)."""
-    text = DOCS.read_text()
-    assert config_reference() in text, (
-        "docs/train.md config reference is stale: run python -m seektrain.config"
-    )
+def test_readme_config_reference_in_sync():
+    """README.md carries the generated table verbatim (regenerate with `python -m seektrain.config`)."""
+    text = README.read_text()
+    assert config_reference() in text, "README.md config reference is stale: run python -m seektrain.config"
     keys = set(re.findall(r"^\| `([a-z_]+\.[a-z_<>]+)`", config_reference(), flags=re.M))
     assert {"data.path", "train.steps", "optim.lr", "checkpoint.every", "parallel.dp_mode"} <= keys

@@ -1,5 +1,7 @@
-"""A real prepared data dir (a dozen stdlib sources, 512-token BPE), made once per session, and the
-toy model overrides every trainer test uses (2 layers, hidden 64: steps take milliseconds)."""
+"""Shared by tests/train, tests/integration and tests/distributed: a real prepared data dir (a dozen
+stdlib sources, 512-token BPE), made once per session, and the toy model overrides the trainer tests use
+(2 layers, hidden 64: steps take milliseconds). tests/distributed overrides `toy` with its own batch
+layout; tests/infer and tests/data make their own corpora."""
 
 import inspect
 import pathlib
