@@ -36,6 +36,14 @@ def test_shapes_and_expert_counts(model):
     assert (out.expert_counts.sum(1) == 2 * 24 * CFG.num_experts_per_tok).all()
     # returned per call, never accumulated
     assert torch.equal(model(tokens).expert_counts, out.expert_counts)
+    assert out.mtp_expert_counts is None  # MTP runs only with targets
+
+
+def test_mtp_expert_counts_cover_every_position(model):
+    tokens, targets = batch()
+    counts = model(tokens, targets).mtp_expert_counts
+    assert counts.shape == (len(model.mtp_moe_layers()), CFG.n_routed_experts) == (CFG.num_mtp_layers, 16)
+    assert (counts.sum(1) == 2 * 24 * CFG.num_experts_per_tok).all()
 
 
 def test_loss_sums_and_counts_are_exact(model):
@@ -66,7 +74,7 @@ def test_mtp_predicts_the_token_two_ahead_from_the_token_one_ahead(model):
     for block in model.layers:
         h = block(h, cos, sin)[0]
     emb_next = model.embed_tokens(torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1))  # last column: any token
-    h1, _ = model.mtp[0](h, emb_next, cos, sin)
+    h1 = model.mtp[0](h, emb_next, cos, sin)[0]
     logits = model.lm_head(model.mtp[0].norm(h1))[:, : T - 1]  # position T-1 has no target two ahead
     want = F.cross_entropy(logits.flatten(0, 1), targets[:, 1:].flatten(), ignore_index=-100, reduction="sum")
     torch.testing.assert_close(out.mtp_loss_sum, want, rtol=1e-5, atol=1e-5)

@@ -152,6 +152,8 @@ def test_activation_checkpointing_changes_nothing(make, tmp_path):
     s2 = ac.stepper.forward_backward(batches, 0.3, 1)
     assert torch.equal(s1.expert_counts, s2.expert_counts)
     assert s1.expert_counts.sum() == 2 * 4 * 32 * 2 * 1  # micro-batches × mb × T × top-k × MoE layers
+    assert torch.equal(s1.mtp_expert_counts, s2.mtp_expert_counts)
+    assert s1.mtp_expert_counts.sum() == 2 * 4 * 32 * 2 * 1  # … × MTP depth 1
     for a, b in zip(grads(plain.model), grads(ac.model), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -183,3 +185,16 @@ def test_variants_run_and_log(make, tmp_path, overrides):
         assert [r["mtp_weight"] for r in lines] == [0.3, 0.3, 0.1, 0.1]
     val = [r for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r]
     assert [r["step"] for r in val] == [0, 4]
+
+
+def test_mtp_expert_biases_are_balanced_too(make, tmp_path):
+    """The MTP module's MoE routes tokens as well: its correction bias moves by ±γ per step like the main
+    layers' (a bias that stayed at zero would leave MTP routing unbalanced)."""
+    tr = make(tmp_path / "run", "train.steps=3", "train.bias_update_speed=0.01")
+    assert tr.fit() == 0
+    (mtp_moe,) = tr.model.mtp_moe_layers()
+    bias = mtp_moe.e_score_correction_bias
+    assert bias.abs().sum() > 0
+    steps = bias / 0.01  # each entry is a sum of three ±1 (or 0) moves
+    torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-4)
+    assert steps.abs().max() <= 3

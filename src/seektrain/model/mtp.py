@@ -29,12 +29,11 @@ class MTPModule(nn.Module):
 
     def forward(
         self, h: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """h (B, T, D) previous depth's hidden states, emb (B, T, D) embeddings of the tokens k ahead
-        -> (this depth's hidden states (B, T, D), its balance loss or None)."""
+        -> (this depth's hidden states (B, T, D), its expert counts (E,) or None, balance loss or None)."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
-        x, _, balance = self.block(x, cos, sin)
-        return x, balance
+        return self.block(x, cos, sin)
 
 
 def shift_left(x: torch.Tensor, k: int, fill: int) -> torch.Tensor:

@@ -54,6 +54,7 @@ class ModelOutput:
     mtp_count: torch.Tensor | None = None
     balance_loss: torch.Tensor | None = None  # α-weighted sequence-wise balance loss, summed over MoE layers
     expert_counts: torch.Tensor | None = None  # (n_moe_layers, E) int64 tokens per expert, main layers only
+    mtp_expert_counts: torch.Tensor | None = None  # (MTP MoE layers, E) int64, with targets only
 
 
 class Transformer(nn.Module):
@@ -79,6 +80,11 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         """The main model's MoE modules, in the row order of `expert_counts`."""
         return [block.mlp for block in self.layers if isinstance(block.mlp, MoE)]
+
+    def mtp_moe_layers(self) -> list[MoE]:
+        """The MTP modules' MoE modules, in the row order of `mtp_expert_counts`; their correction biases
+        are balanced like the main model's."""
+        return [m.block.mlp for m in self.mtp if isinstance(m.block.mlp, MoE)]
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -113,10 +119,11 @@ class Transformer(nn.Module):
                 counts.append(c)
                 balances.append(bal)
         logits = self.lm_head(self.norm(h))  # (B, T, V)
+        E = self.cfg.n_routed_experts
         if counts:
             expert_counts = torch.stack(counts)  # (n_moe_layers, E)
         else:
-            expert_counts = torch.zeros(0, self.cfg.n_routed_experts, dtype=torch.int64, device=tokens.device)
+            expert_counts = torch.zeros(0, E, dtype=torch.int64, device=tokens.device)
         out = ModelOutput(logits=logits, expert_counts=expert_counts)
         if targets is None:
             return out
@@ -124,14 +131,17 @@ class Transformer(nn.Module):
         out.main_loss_sum, out.main_count = _ce_sum(logits, targets)
         out.mtp_loss_sum = torch.zeros((), device=logits.device)
         out.mtp_count = torch.zeros((), dtype=torch.int64, device=logits.device)
+        mtp_counts = []
         for k, module in enumerate(self.mtp, start=1):
             emb = self.embed_tokens(shift_left(tokens, k, fill=0))  # Emb(t_{i+k}); padded tail has no target
-            h, bal = module(h, emb, cos, sin)
-            if bal is not None:
+            h, c, bal = module(h, emb, cos, sin)
+            if c is not None:
+                mtp_counts.append(c)
                 balances.append(bal)
             loss_sum, count = _ce_sum(self.lm_head(module.norm(h)), shift_left(targets, k, fill=IGNORE_INDEX))
             out.mtp_loss_sum = out.mtp_loss_sum + loss_sum
             out.mtp_count = out.mtp_count + count
+        out.mtp_expert_counts = torch.stack(mtp_counts) if mtp_counts else expert_counts.new_zeros(0, E)
         out.balance_loss = torch.stack(balances).sum() if balances else torch.zeros((), device=logits.device)
         out.loss = (
             out.main_loss_sum / out.main_count.clamp(min=1)

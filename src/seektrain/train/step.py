@@ -35,6 +35,7 @@ class StepStats:
     balance_loss: float  # sequence-wise balance loss, mean over micro-batches (of all ranks)
     tokens: int  # main targets in the step (all ranks)
     expert_counts: torch.Tensor  # (n_moe_layers, E) int64, summed over micro-batches and ranks
+    mtp_expert_counts: torch.Tensor  # (MTP MoE layers, E) int64, likewise
 
 
 class Stepper:
@@ -82,18 +83,21 @@ class Stepper:
             main = main + out.main_loss_sum.detach()
             mtp = mtp + out.mtp_loss_sum.detach()
             balance = balance + out.balance_loss.detach()
-            counts = out.expert_counts if counts is None else counts + out.expert_counts
+            step_counts = torch.cat([out.expert_counts, out.mtp_expert_counts])  # main rows, then MTP rows
+            counts = step_counts if counts is None else counts + step_counts
         sums = torch.stack([main, mtp, balance])  # (3,) fp32
         if ranks > 1:
             dist.all_reduce(sums)
             dist.all_reduce(counts)
+        n_main_rows = out.expert_counts.shape[0]
         main, mtp, balance = sums.tolist()
         return StepStats(
             loss=main / max(n_main, 1),
             mtp_loss=mtp / n_mtp if n_mtp else 0.0,
             balance_loss=balance / n_micro,
             tokens=n_main,
-            expert_counts=counts.cpu(),
+            expert_counts=counts[:n_main_rows].cpu(),
+            mtp_expert_counts=counts[n_main_rows:].cpu(),
         )
 
     def _all_reduce_counts(self, n_main: int, n_mtp: int) -> tuple[int, int]:

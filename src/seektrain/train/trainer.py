@@ -273,6 +273,9 @@ class Trainer:
                 self.display.print(f"step {step}: skipped ({self.guard.last_reason})")
             elif self.stepper.apply(lr):
                 balance.update_expert_bias(self.model.moe_layers(), stats.expert_counts, t.bias_update_speed)
+                balance.update_expert_bias(
+                    self.model.mtp_moe_layers(), stats.mtp_expert_counts, t.bias_update_speed
+                )
             else:
                 c.skipped_steps += 1
             c.tokens += stats.tokens
