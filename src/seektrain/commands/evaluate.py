@@ -26,13 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
+    from seektrain.distributed.env import pick_device
     from seektrain.infer.evaluate import EvalConfig, evaluate_run
 
-    device = (
-        "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
-    )
+    device = pick_device(args.device)
     cfg = EvalConfig(
         data=args.data,
         split=args.split,

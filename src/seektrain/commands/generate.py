@@ -41,9 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from seektrain.data.tokenizer import load_tokenizer
+    from seektrain.distributed.env import pick_device
     from seektrain.infer.generate import SamplingConfig, generate
     from seektrain.infer.kv_cache import latent_bytes_per_token, naive_bytes_per_token
     from seektrain.infer.runs import load_run, tokenizer_path
@@ -55,9 +55,7 @@ def run(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
     )
-    device = (
-        "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
-    )
+    device = pick_device(args.device)
     loaded = load_run(args.run, device=device, checkpoint=args.checkpoint)
     tokenizer = load_tokenizer(args.tokenizer or str(tokenizer_path(loaded)))
     prompt = tokenizer.encode(args.prompt, add_special_tokens=False).ids

@@ -60,7 +60,7 @@ def pick_device(name: str, local_rank: int = 0):
     import torch
 
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but no CUDA device is available")
+        raise UserError("device cuda was asked for, but no CUDA device is available")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     torch.cuda.set_device(local_rank)

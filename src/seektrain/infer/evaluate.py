@@ -28,7 +28,7 @@ class EvalConfig:
     seq_len: int | None = None  # None: the run's data.seq_len
     batch_size: int = 8
     max_batches: int = 0  # 0 = the whole split
-    device: str = "cpu"
+    device: str | torch.device = "cpu"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
