@@ -8,22 +8,10 @@ import pathlib
 
 import pytest
 
+from toy_model import TOY_MODEL
+
 TOY = [
-    "model.num_hidden_layers=2",
-    "model.first_k_dense_replace=1",
-    "model.hidden_size=64",
-    "model.intermediate_size=128",
-    "model.moe_intermediate_size=32",
-    "model.num_attention_heads=2",
-    "model.q_lora_rank=32",
-    "model.kv_lora_rank=32",
-    "model.qk_nope_head_dim=16",
-    "model.qk_rope_head_dim=8",
-    "model.v_head_dim=16",
-    "model.n_routed_experts=8",
-    "model.num_experts_per_tok=2",
-    "model.n_group=2",
-    "model.topk_group=1",
+    *TOY_MODEL,
     "data.seq_len=32",
     "train.micro_batch_size=4",
     "train.global_batch_size=8",
