@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -43,6 +44,12 @@ def launch(args: list[str], nproc: int = 2, check: bool = True) -> subprocess.Co
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+def exit_codes(torchrun_stderr: str) -> dict[int, int]:
+    """rank -> exit code of each rank that torchrun's failure summary lists (signals negative)."""
+    found = re.findall(r"rank\s*:\s*(\d+) \(local_rank.*\n\s*exitcode\s*:\s*(-?\d+)", torchrun_stderr)
+    return {int(rank): int(code) for rank, code in found}
 
 
 def worker(run_dir: pathlib.Path, overrides: list[str], resume: str = "auto", *extra: str) -> list[str]:

@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from dist_helpers import launch, losses, val_losses, worker
+from dist_helpers import exit_codes, launch, losses, val_losses, worker
 
 from seektrain.config import load_config
 from seektrain.infer.runs import load_run
@@ -130,10 +130,16 @@ def test_rank_killed_mid_save_leaves_the_last_checkpoint_usable(toy, reference, 
     ref_run, _ = reference
     run = tmp_path / "killed"
     proc = launch(worker(run, [*toy, "parallel.dp_mode=fsdp"], "auto", "--die-in-save", "8"), check=False)
-    assert proc.returncode != 0
-    names = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert names == [".tmp-step_00000008", "step_00000004"]  # the interrupted save never got its name
+    output = f"{proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    codes = exit_codes(proc.stderr)  # the launch failed as planned: rank 1 SIGKILLed, rank 0 stopped
+    assert proc.returncode != 0 and codes.get(1) == -9 and codes.get(0, 0) != 0, output
+    checkpoints = run / "checkpoints"
+    names = sorted(p.name for p in checkpoints.iterdir())
+    assert names == [".tmp-step_00000008", "step_00000004"], output  # the interrupted save never got its name
+    torn = checkpoints / ".tmp-step_00000008"  # killed inside the save: both ranks' shards, not the rest
+    assert sorted(p.name for p in (torn / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not (torn / "state.pt").exists()
     # torchrun again with --resume auto: continues from step 4 on the same curve
     launch(worker(run, [*toy, "parallel.dp_mode=fsdp"], "auto"))
     assert_same_curve(run, ref_run, range(5, 9))
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004", "step_00000008"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000004", "step_00000008"]
