@@ -1,7 +1,13 @@
 """`seektrain VERB …`: one subcommand per module in `seektrain.commands`, each a plain function.
 
 User mistakes raise `UserError` and end as one `error: …` line with exit code 2; `--debug` shows the
-traceback instead. Command modules import torch lazily so that `seektrain --help` stays instant.
+traceback too. Command modules import torch lazily so that `seektrain --help` stays instant.
+
+Under torchrun the line is printed once per launch: every rank raises the same error (the same command
+line and config; the trainer makes its ranks agree on what they read from disk, `distributed.env.agree`),
+so rank 0 prints it and the other ranks wait ERROR_GRACE_S first, since torchrun stops them as soon as
+rank 0 exits. A rank still running after that failed alone (say, no GPU on its node) and prints its own
+error as `error: rank N: …`. The same holds for argparse's usage errors.
 """
 
 from __future__ import annotations
@@ -9,9 +15,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import time
 import traceback
 
+from seektrain.distributed.env import launch_rank
 from seektrain.errors import UserError
+
+ERROR_GRACE_S = 10.0  # how long a rank > 0 leaves rank 0 to report an error that all ranks share
 
 # verb -> module in seektrain.commands; each module has `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS = {
@@ -25,8 +35,18 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors reported once per torchrun launch like `UserError`s."""
+
+    def error(self, message: str):
+        prefix = _wait_unless_rank_zero()
+        if prefix:
+            self.exit(2, f"{self.prog}: error: {prefix}{message}\n")
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="seektrain",
         description="Train DeepSeek-V3-style language models: prepare → train → eval, generate, export.",
     )
@@ -46,13 +66,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except UserError as e:
+        prefix = _wait_unless_rank_zero()
         if args.debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {prefix}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _wait_unless_rank_zero() -> str:
+    """Before reporting an error: nothing to wait for on rank 0 or outside a launch (returns ''); a
+    rank > 0 sleeps ERROR_GRACE_S, in which torchrun ends it if rank 0 failed too, and otherwise
+    reports on its own (returns 'rank N: ')."""
+    rank = launch_rank()
+    if rank <= 0:
+        return ""
+    time.sleep(ERROR_GRACE_S)
+    return f"rank {rank}: "
 
 
 if __name__ == "__main__":

@@ -4,14 +4,22 @@ One process started without torchrun never touches torch.distributed, so the lap
 process group at all. Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set; single node, multi-node with c10d
 rendezvous, or srun under Slurm) `init_process_group` joins the group: nccl on GPU, gloo on CPU. That
 holds for `--nproc-per-node 1` too: one rank still runs the DDP/FSDP2 path (a way to check it on one GPU).
+
+Bad input is reported once per launch, not once per rank: every rank runs the same command line on the
+same config, and what the trainer reads after joining the group (files a node may lack) goes through
+`agree`, so all ranks fail together with one message that rank 0 prints (`launch_rank`, cli.py).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from seektrain.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,15 @@ def detect() -> DistEnv:
             "(e.g. torchrun --standalone --nproc-per-node 2 -m seektrain train …)"
         )
     return env
+
+
+def launch_rank() -> int:
+    """RANK as torchrun sets it, read leniently for error reporting: 0 outside a launch and when it is
+    unreadable (a broken environment is then reported by every process)."""
+    try:
+        return int(os.environ.get("RANK", 0))
+    except ValueError:
+        return 0
 
 
 def pick_device(name: str, local_rank: int = 0):
@@ -109,3 +126,48 @@ def build_mesh(env: DistEnv, device, dp_mode: str, dp_shard: int):
     return init_device_mesh(
         device.type, (env.world_size // shard, shard), mesh_dim_names=("replicate", "shard")
     )
+
+
+def agree(env: DistEnv, phase: Callable[[], T]) -> T:
+    """`phase()` on every rank, failing on all of them if it failed on any: the ranks exchange their
+    UserError (or None) in one all_gather, so an input that only some ranks lack (a data dir missing
+    on one node) ends every rank with the same message instead of leaving the others blocked in their
+    next collective. Without a process group this is just `phase()`."""
+    if not env.distributed:
+        return phase()
+    import torch.distributed as dist
+
+    result, error = None, None
+    try:
+        result = phase()
+    except UserError as e:
+        error = e
+    errors: list[str | None] = [None] * env.world_size
+    dist.all_gather_object(errors, None if error is None else str(error))
+    if any(message is not None for message in errors):
+        raise UserError(merge_errors(errors)) from error
+    return result
+
+
+def merge_errors(errors: list[str | None]) -> str:
+    """One message for the ranks' errors (None: that rank succeeded): the message alone when every
+    rank raised it, else each distinct message after the ranks that raised it (`ranks 1-3, 6: …`)."""
+    ranks_of: dict[str, list[int]] = {}
+    for rank, message in enumerate(errors):
+        if message is not None:
+            ranks_of.setdefault(message, []).append(rank)
+    if len(ranks_of) == 1 and None not in errors:
+        return next(iter(ranks_of))
+    return " | ".join(f"{_rank_list(ranks)}: {message}" for message, ranks in ranks_of.items())
+
+
+def _rank_list(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> 'ranks 0-2, 5'."""
+    runs: list[list[int]] = []
+    for rank in ranks:
+        if runs and rank == runs[-1][-1] + 1:
+            runs[-1].append(rank)
+        else:
+            runs.append([rank])
+    spans = ", ".join(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}" for run in runs)
+    return f"rank{'s' if len(ranks) > 1 else ''} {spans}"

@@ -7,7 +7,8 @@ so bad input never harms an existing run directory. The gradient path of one ste
 
 Under torchrun every rank runs this same loop on its slice of each global batch (DDP or FSDP2 applied
 from outside the model, `distributed/`); rank 0 alone prints and writes run files, and every decision
-(guard, stop on a signal) is taken from all-reduced values, so the ranks never diverge.
+(guard, stop on a signal) is taken from all-reduced values, so the ranks never diverge. The setup
+fails on all ranks or none (`agree`), so a bad input is reported once, by rank 0.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from seektrain.checkpoint.manager import CheckpointManager, load_checkpoint, res
 from seektrain.checkpoint.sharded import load_training_state, save_training_state
 from seektrain.config import RunConfig
 from seektrain.distributed import parallelize
-from seektrain.distributed.env import build_mesh, detect, init_process_group, pick_device
+from seektrain.distributed.env import agree, build_mesh, detect, init_process_group, pick_device
 from seektrain.errors import UserError
 from seektrain.train import balance
 from seektrain.train.display import Display
@@ -64,6 +65,15 @@ class Trainer:
                 "(the loss scaler would see only this rank's gradient shards): use bf16"
             )
         init_process_group(self.dist, self.device)
+        # Ranks may see different files (a data dir on one node only): each phase fails on all or none.
+        self.resume_from = agree(self.dist, lambda: self._find_inputs(cfg, resume))
+        agree(self.dist, lambda: self._open_inputs(cfg))
+        self._build()
+
+    # --- setup -------------------------------------------------------------------------------------
+    def _find_inputs(self, cfg: RunConfig, resume: str) -> Path | None:
+        """The checkpoint to resume from (None: a new run); rank 0 prepares the default corpus when it
+        is missing."""
         resume_from = resolve_resume(resume, self.run_dir)
         if (
             resume == "never"
@@ -75,10 +85,13 @@ class Trainer:
                 "or choose another --run-dir"
             )
         data_dir = Path(cfg.data.path)
-        if not (data_dir / "manifest.json").exists() and data_dir.resolve() == DEFAULT_DATA.resolve():
-            if self.dist.is_main:
-                self._prepare_default(data_dir)
-            _barrier(self.dist)
+        missing = not (data_dir / "manifest.json").exists()
+        if self.dist.is_main and missing and data_dir.resolve() == DEFAULT_DATA.resolve():
+            self._prepare_default(data_dir)
+        return resume_from
+
+    def _open_inputs(self, cfg: RunConfig) -> None:
+        """The training loader, the config completed from the data, and the state to resume."""
         t = cfg.train
         unit = t.micro_batch_size * self.dist.world_size
         if t.global_batch_size % unit:
@@ -91,7 +104,7 @@ class Trainer:
         # The loader serves the global stream in units of one micro-batch per rank; a step takes as many
         # units as its global batch needs (which the batch-size ramp varies).
         self.loader = TokenLoader(
-            data_dir,
+            cfg.data.path,
             split="train",
             seq_len=cfg.data.seq_len,
             micro_batch_size=t.micro_batch_size,
@@ -104,14 +117,11 @@ class Trainer:
         self.cfg = _with_data_vocab(cfg, self.loader.vocab_size, self.loader.eos_id)
         self.model_cfg = self.cfg.model_config()
         self.resume_state = None
-        if resume_from is not None:
-            self.resume_state = load_checkpoint(resume_from)
-            _check_same_model(self.resume_state["config"]["model"], self.cfg, resume_from)
+        if self.resume_from is not None:
+            self.resume_state = load_checkpoint(self.resume_from)
+            _check_same_model(self.resume_state["config"]["model"], self.cfg, self.resume_from)
             self.loader.load_state_dict(self.resume_state["loader"])  # validates the data stream too
-        self.resume_from = resume_from
-        self._build()
 
-    # --- setup -------------------------------------------------------------------------------------
     def _build(self) -> None:
         t = self.cfg.train
         _seed_everything(t.seed)
@@ -215,10 +225,11 @@ class Trainer:
     def fit(self) -> int:
         t, c = self.cfg.train, self.counters
         if c.step >= t.steps:
-            print(
-                f"{self.run_dir} is complete at step {c.step} (train.steps={t.steps}); nothing to do. "
-                "Raise train.steps to continue, or use another --run-dir."
-            )
+            if self.dist.is_main:
+                print(
+                    f"{self.run_dir} is complete at step {c.step} (train.steps={t.steps}); nothing to do. "
+                    "Raise train.steps to continue, or use another --run-dir."
+                )
             return 0
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -480,11 +491,6 @@ class _Silent:
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: None
-
-
-def _barrier(env) -> None:
-    if env.distributed:
-        torch.distributed.barrier()
 
 
 def _with_data_vocab(cfg: RunConfig, vocab_size: int, eos_id: int) -> RunConfig:

@@ -1,0 +1,74 @@
+"""Bad input under `torchrun --nproc-per-node 2 -m seektrain train …` (real CLI, 2 gloo ranks): one
+`error: …` line per launch, not one per rank, and exit code 2 (torchrun itself exits 1 and names the
+rank that failed first); a rank that fails alone is still reported, with its rank."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+import pytest
+from dist_helpers import HERE, exit_codes, launch
+
+from seektrain.distributed.env import merge_errors
+
+
+def train(run_dir, overrides: list[str], *extra: str, cli: list[str] | None = None) -> list[str]:
+    sets = [a for o in overrides for a in ("--set", o)]
+    return [*(cli or ["-m", "seektrain"]), "train", "--run-dir", str(run_dir), *sets, *extra]
+
+
+def the_error(proc: subprocess.CompletedProcess, reporter: int = 0) -> str:
+    """The one `error:` line of a failed launch, after checking that `reporter` printed it and exited 2
+    and that no rank died of anything but that error (the others exit 2 too, or torchrun stops them)."""
+    output = f"{proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, output
+    assert "[rank" not in proc.stderr, output  # no rank died of an uncaught exception (a traceback)
+    codes = exit_codes(proc.stderr)
+    assert proc.returncode != 0 and codes.get(reporter) == 2, output
+    assert set(codes.values()) <= {2, -signal.SIGTERM}, output
+    return lines[0]
+
+
+def test_a_config_mistake_is_reported_once(toy, tmp_path):
+    line = the_error(launch(train(tmp_path / "run", [*toy, "train.stpes=5"]), check=False))
+    assert line == "error: unknown config key 'train.stpes'; did you mean train.steps?"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_data_dir_is_reported_once(toy, tmp_path):
+    line = the_error(launch(train(tmp_path / "run", [*toy, "data.path=/nonexistent/data"]), check=False))
+    assert line.startswith("error: no prepared data at /nonexistent/data") and "seektrain prepare" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_missing_on_one_rank_is_reported_once_with_its_rank(toy, data_dir, tmp_path):
+    """After the ranks joined their group: they agree, and rank 0 reports rank 1's error at once."""
+    (tmp_path / "data0").symlink_to(data_dir)
+    rank_cli = [str(HERE / "rank_cli.py")]
+    args = train(tmp_path / "run", [*toy, f"data.path={tmp_path}/data{{rank}}"], cli=rank_cli)
+    line = the_error(launch(args, check=False))
+    assert line.startswith(f"error: rank 1: no prepared data at {tmp_path}/data1"), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_missing_on_one_rank_is_reported_by_that_rank(toy, tmp_path):
+    """Before any process group: rank 0 waits in the rendezvous, rank 1 reports after ERROR_GRACE_S."""
+    (tmp_path / "run0.toml").write_text("[train]\nsteps = 4\n")
+    rank_cli = [str(HERE / "rank_cli.py")]
+    args = train(tmp_path / "run", toy, "--config", f"{tmp_path}/run{{rank}}.toml", cli=rank_cli)
+    line = the_error(launch(args, check=False), reporter=1)
+    assert line == f"error: rank 1: config file {tmp_path}/run1.toml does not exist"
+
+
+@pytest.mark.parametrize(
+    "errors, message",
+    [
+        (["bad", "bad", "bad"], "bad"),
+        ([None, "bad"], "rank 1: bad"),
+        (["bad", "bad", None, "bad", "other"], "ranks 0-1, 3: bad | rank 4: other"),
+    ],
+)
+def test_merged_errors_name_the_ranks_unless_all_agree(errors, message):
+    assert merge_errors(errors) == message
