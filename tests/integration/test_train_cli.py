@@ -4,6 +4,7 @@ and leaves the run directory untouched."""
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,7 +132,7 @@ def finished_run(toy, tmp_path_factory):
         (["--set", "data.path=/nonexistent/data"], ["/nonexistent/data", "seektrain prepare"]),
         (["--set", "train.micro_batch_size=3"], ["micro_batch_size=3", "global_batch_size=8"]),
         (["--set", "model.hidden_size=32"], ["cannot resume", "hidden_size"]),
-        (["--resume", "never"], ["already holds checkpoints"]),
+        (["--resume", "never"], ["already holds a run (checkpoints up to step_00000003)", "--resume auto"]),
         (["--resume", "/nonexistent/ckpt"], ["not a complete checkpoint"]),
     ],
 )
@@ -150,6 +151,44 @@ def test_bad_input_one_error_line_nothing_harmed(toy, finished_run, capsys, extr
     for word in words:
         assert word in err[0]
     assert snapshot(finished_run) == before
+
+
+def copy_of(run, where):
+    shutil.copytree(run, where)
+    return where
+
+
+def train_args(run_dir, overrides, *extra):
+    return ["train", "--run-dir", str(run_dir), *sum((["--set", o] for o in overrides), []), *extra]
+
+
+def test_resume_never_keeps_a_run_that_has_no_checkpoint_yet(toy, finished_run, tmp_path, capsys):
+    """A run stopped before its first checkpoint still has config.toml and metrics.jsonl: --resume never
+    must not start over them (it used to cut metrics.jsonl to nothing)."""
+    run = copy_of(finished_run, tmp_path / "run")
+    shutil.rmtree(run / "checkpoints")
+    before = snapshot(run)
+    capsys.readouterr()
+    assert main(train_args(run, [*toy, "train.steps=6"], "--resume", "never")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: {run} already holds a run (config.toml, metrics.jsonl; no checkpoint yet) and --resume "
+        "never would start a new one over it: choose another --run-dir, or start it over with --resume auto"
+    ]
+    assert snapshot(run) == before
+
+
+def test_another_runs_checkpoint_does_not_start_over_this_run(toy, finished_run, tmp_path, capsys):
+    other = copy_of(finished_run, tmp_path / "other") / "checkpoints" / "step_00000003"
+    before = snapshot(finished_run)
+    capsys.readouterr()
+    assert main(train_args(finished_run, [*toy, "train.steps=6"], "--resume", str(other))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a run (checkpoints up to step_00000003)" in err[0], err
+    assert snapshot(finished_run) == before
+    # into a new run directory it starts from that checkpoint
+    assert main(train_args(tmp_path / "new", [*toy, "train.steps=4"], "--resume", str(other))) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "new" / "metrics.jsonl") if "loss" in r] == [4]
 
 
 def test_finished_run_is_not_retrained(toy, finished_run, capsys):

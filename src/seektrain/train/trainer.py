@@ -2,8 +2,9 @@
 
 `Trainer(cfg, run_dir, resume).fit()` returns the process exit code (0, or 130/143 after
 SIGINT/SIGTERM once a checkpoint is written). Everything is validated before anything is written,
-so bad input never harms an existing run directory. The gradient path of one step lives in
-`step.py`; this file is the loop around it.
+so bad input never harms an existing run directory: a new run (`--resume never`, or another run's
+checkpoint) is refused where a run already is. The gradient path of one step lives in `step.py`; this
+file is the loop around it.
 
 Under torchrun every rank runs this same loop on its slice of each global batch (DDP or FSDP2 applied
 from outside the model, `distributed/`); rank 0 alone prints and writes run files, and every decision
@@ -34,12 +35,13 @@ from seektrain.errors import UserError
 from seektrain.train import balance
 from seektrain.train.display import Display
 from seektrain.train.guard import OK, ROLLBACK, SKIP, Guard
-from seektrain.train.metrics import MetricsLog, flops_per_token, memory_gib, peak_flops
+from seektrain.train.metrics import METRICS_FILE, MetricsLog, flops_per_token, memory_gib, peak_flops
 from seektrain.train.optim import build_optimizer
 from seektrain.train.schedule import global_batch_at, lr_factor, mtp_weight_at
 from seektrain.train.step import Stepper
 
 DEFAULT_DATA = Path("data/stdlib")
+RUN_FILES = ("config.toml", METRICS_FILE, "tb")  # what a started run leaves besides checkpoints
 MAX_ROLLBACKS_TO_ONE_CHECKPOINT = 3
 
 
@@ -72,18 +74,11 @@ class Trainer:
 
     # --- setup -------------------------------------------------------------------------------------
     def _find_inputs(self, cfg: RunConfig, resume: str) -> Path | None:
-        """The checkpoint to resume from (None: a new run); rank 0 prepares the default corpus when it
-        is missing."""
+        """The checkpoint to resume from (None: a new run), after refusing to start a new run over one
+        already in the run directory; rank 0 prepares the default corpus when it is missing."""
         resume_from = resolve_resume(resume, self.run_dir)
-        if (
-            resume == "never"
-            and (self.run_dir / "checkpoints").is_dir()
-            and any((self.run_dir / "checkpoints").iterdir())
-        ):
-            raise UserError(
-                f"{self.run_dir} already holds checkpoints: continue it with --resume auto, "
-                "or choose another --run-dir"
-            )
+        if resume == "never" or (resume_from is not None and not _belongs_to(resume_from, self.run_dir)):
+            _refuse_to_overwrite(self.run_dir, resume)
         data_dir = Path(cfg.data.path)
         missing = not (data_dir / "manifest.json").exists()
         if self.dist.is_main and missing and data_dir.resolve() == DEFAULT_DATA.resolve():
@@ -491,6 +486,27 @@ class _Silent:
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: None
+
+
+def _belongs_to(checkpoint: Path, run_dir: Path) -> bool:
+    return checkpoint.resolve().parent == (run_dir / "checkpoints").resolve()
+
+
+def _refuse_to_overwrite(run_dir: Path, resume: str) -> None:
+    """`--resume never`, or a checkpoint of another run, starts a new run: never over an existing one
+    (its metrics.jsonl, TensorBoard events and checkpoint retention would be mixed up or lost)."""
+    newest = CheckpointManager(run_dir / "checkpoints", keep=1).latest()
+    files = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if newest is None and not files:
+        return
+    if newest is not None:
+        holds, instead = f"checkpoints up to {newest.name}", "continue it with --resume auto"
+    else:
+        holds, instead = f"{', '.join(files)}; no checkpoint yet", "start it over with --resume auto"
+    raise UserError(
+        f"{run_dir} already holds a run ({holds}) and --resume {resume} would start a new one over it: "
+        f"choose another --run-dir, or {instead}"
+    )
 
 
 def _with_data_vocab(cfg: RunConfig, vocab_size: int, eos_id: int) -> RunConfig:
