@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import seektrain.model.moe as moe_mod
 from seektrain.model.config import ModelConfig
 from seektrain.model.moe import MoE
-from seektrain.model.transformer import IGNORE_INDEX, _ce_sum
+from seektrain.model.transformer import IGNORE_INDEX, TokenCrossEntropy
 
 
 def logits_and_targets(dtype: torch.dtype):
@@ -24,7 +24,7 @@ def logits_and_targets(dtype: torch.dtype):
 def test_cross_entropy_sum_matches_torch_in_value_and_gradient(dtype):
     logits, targets = logits_and_targets(dtype)
     scale = torch.tensor(0.37)  # the backward's incoming gradient, e.g. 1 / token count
-    loss, count = _ce_sum(logits, targets)
+    loss, count = TokenCrossEntropy()(logits, targets)
     (got,) = torch.autograd.grad(loss * scale, logits)
     want_loss = F.cross_entropy(
         logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
@@ -41,7 +41,7 @@ def test_cross_entropy_sum_matches_torch_in_value_and_gradient(dtype):
 
 def test_cross_entropy_sum_with_every_target_ignored_is_zero():
     logits, targets = logits_and_targets(torch.float32)
-    loss, count = _ce_sum(logits, torch.full_like(targets, IGNORE_INDEX))
+    loss, count = TokenCrossEntropy()(logits, torch.full_like(targets, IGNORE_INDEX))
     loss.backward()
     assert loss.item() == 0.0 and count.item() == 0 and not logits.grad.any()
 
@@ -49,7 +49,7 @@ def test_cross_entropy_sum_with_every_target_ignored_is_zero():
 def test_cross_entropy_sum_refuses_a_second_backward():
     """The backward reuses its saved buffer for the gradient; a retained graph must fail, not mislead."""
     logits, targets = logits_and_targets(torch.float32)
-    loss, _ = _ce_sum(logits, targets)
+    loss, _ = TokenCrossEntropy()(logits, targets)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()

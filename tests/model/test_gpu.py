@@ -65,3 +65,42 @@ def test_bf16_autocast_training_step_is_finite():
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_compiled_model_matches_eager_on_cuda_without_graph_breaks():
+    """The GPU training configuration (bf16 autocast, blocks and cross-entropy compiled) runs in one graph
+    per block and is as close to the fp32 model as eager bf16 is."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    from seektrain.distributed.parallelize import apply_compile
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(ModelConfig.from_preset("tiny"), num_hidden_layers=2)
+    with torch.device("cuda"):
+        eager = Transformer(cfg)
+    compiled = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    counters.clear()
+    apply_compile(compiled)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 129), device="cuda")
+
+    def loss_and_grad(model, bf16: bool):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            out = model(tokens[:, :-1], tokens[:, 1:])
+        out.loss.backward()
+        return out.loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    loss_32, grad_32 = loss_and_grad(eager, bf16=False)
+    loss_e, grad_e = loss_and_grad(eager, bf16=True)
+    loss_c, grad_c = loss_and_grad(compiled, bf16=True)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # bf16 rounds differently in fused kernels, and near-ties in routing may pick other experts for a few
+    # tokens (a per-tensor comparison of e.g. norm gains is then meaningless): so judge compiled bf16 by
+    # its distance to the fp32 truth, against eager bf16's. A dropped or doubled term is off by O(1).
+    err_e = ((grad_e - grad_32).norm() / grad_32.norm()).item()
+    err_c = ((grad_c - grad_32).norm() / grad_32.norm()).item()
+    assert err_c <= 2 * err_e + 1e-2, (err_c, err_e)
+    assert abs(loss_c - loss_32) <= 2 * abs(loss_e - loss_32) + 1e-3 * loss_32, (loss_c, loss_e, loss_32)

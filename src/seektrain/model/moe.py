@@ -10,7 +10,8 @@ Routing (in fp32, as transformers and the V3 reference do):
 Routed experts are stacked `[E, …]` weights; tokens are sorted by expert (stable) and multiplied by
 one grouped GEMM per projection (`F.grouped_mm` where the build has a kernel, else one matmul per
 EXPERT from a single host sync). No token is dropped. Results are combined back per token with
-index_add_ on CPU (cheapest, and serial there) and without atomics on GPU (deterministic backward).
+index_add_ on CPU (cheapest, and serial there) and with gathers through the inverse permutation on GPU
+(no atomics: deterministic forward and backward).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from torch import nn
 
 from seektrain.model.config import ModelConfig
 from seektrain.model.layers import MLP
+
+_TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
 
 def route(
@@ -54,9 +57,12 @@ def _has_grouped_mm_kernel(x: torch.Tensor, w: torch.Tensor) -> bool:
         return x.dtype == torch.bfloat16 and major_minor >= ((8, 0) if hasattr(F, "grouped_mm") else (9, 0))
     if x.device.type == "cpu":
         # CPU kernels exist from torch 2.9; before 2.11 they also need 16-byte aligned operands.
-        version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-        aligned = x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
-        return version >= (2, 11) or (version >= (2, 9) and aligned)
+        # Under torch.compile: the traced (fake) kernel accepts bf16 only, and alignment cannot be checked.
+        if torch.compiler.is_compiling():
+            return _TORCH_VERSION >= (2, 11) and x.dtype == torch.bfloat16
+        if _TORCH_VERSION >= (2, 11):
+            return True
+        return _TORCH_VERSION >= (2, 9) and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
     return False
 
 
@@ -79,6 +85,27 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: 
     # Fallback: one GEMM per expert (never per token); `tolist` is the only host sync.
     pieces = x.split(counts.tolist())
     return torch.cat([piece @ w[e] for e, piece in enumerate(pieces)])
+
+
+class PairRows(torch.autograd.Function):
+    """out[i] = x[index[i] // k] for a permutation `index` of range(len(x) · k) whose inverse is given:
+    every row of x feeds exactly k outputs. The backward is a gather too, grad[inverse] summed over each
+    row's k copies, where autograd's own would zero-fill an (S, D) buffer and scatter-add into it (atomics
+    on GPU). k = 1 is a plain row permutation."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x[index // k] if k > 1 else x[index]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        (inverse,) = ctx.saved_tensors
+        rows = grad[inverse]
+        if ctx.k > 1:
+            rows = rows.view(-1, ctx.k, grad.shape[-1]).sum(1)
+        return rows, None, None, None
 
 
 class GroupedExperts(nn.Module):
@@ -133,12 +160,12 @@ class MoE(nn.Module):
             y_sorted = self.experts(flat.index_select(0, token), counts) * w_sorted  # (S, D)
             routed = y_sorted.new_zeros(B * T, D).index_add_(0, token, y_sorted)  # (N, D)
         else:
-            # Expand (backward = a sum over k) then permute, instead of gathering token rows k times:
-            # keeps the input gradient free of atomic scatter-adds, hence deterministic on GPU.
-            x_pairs = flat.unsqueeze(1).expand(B * T, k, D).reshape(B * T * k, D)  # (S, D) in pair order
-            y_sorted = self.experts(x_pairs[order], counts) * w_sorted  # (S, D)
-            y_pairs = torch.index_put(torch.zeros_like(y_sorted), (order,), y_sorted)  # back to pair order
-            routed = y_pairs.view(B * T, k, D).sum(1)  # (N, D)
+            # Gathers both ways (see `PairRows`): deterministic on GPU, no atomic scatter-add, no zero fill.
+            inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+            x_sorted = PairRows.apply(flat, order, inverse, k)  # (S, D): row i = token order[i] // k
+            y_sorted = self.experts(x_sorted, counts)  # (S, D)
+            y_pairs = PairRows.apply(y_sorted, inverse, order, 1).view(B * T, k, D)  # back to pair order
+            routed = (y_pairs * weights.unsqueeze(-1)).sum(1)  # (N, D) fp32: Σ_k w_k y_k
         routed = routed.to(x.dtype).view(B, T, D)
 
         out = routed + self.shared_experts(x) if self.shared_experts is not None else routed
