@@ -1,0 +1,43 @@
+"""Stepper.clip: gradients are scaled to the clip norm when above it, and left untouched (no pass over
+them) when below."""
+
+import dataclasses
+
+import torch
+
+from seektrain.model.config import ModelConfig
+from seektrain.model.transformer import Transformer
+from seektrain.train.optim import param_groups
+from seektrain.train.step import Stepper, global_norm
+
+CFG = dataclasses.replace(
+    ModelConfig.from_preset("tiny"), num_hidden_layers=2, hidden_size=64, vocab_size=512, num_mtp_layers=0
+)
+
+
+def gradients_after_clip(grad_clip: float) -> tuple[float, list[torch.Tensor], list[torch.Tensor]]:
+    """The norm clip() returns, the gradients before it and after it."""
+    torch.manual_seed(0)
+    model = Transformer(CFG)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2)
+    stepper = Stepper(model, optimizer, "fp32", torch.device("cpu"), grad_clip=grad_clip)
+    tokens = torch.randint(0, CFG.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
+    stepper.forward_backward([(tokens[:, :-1], tokens[:, 1:])], 0.0, 0)
+    before = [p.grad.clone() for p in model.parameters()]
+    norm = stepper.clip()
+    return norm, before, [p.grad for p in model.parameters()]
+
+
+def test_gradients_above_the_clip_are_scaled_to_it():
+    norm, before, after = gradients_after_clip(0.05)
+    assert norm > 0.05
+    assert abs(global_norm(after).item() - 0.05) < 1e-6  # fp32 rounding of the scaled gradients
+    scale = 0.05 / (norm + 1e-6)
+    for a, b in zip(after, before, strict=True):
+        torch.testing.assert_close(a, b * scale, rtol=1e-6, atol=0)
+
+
+def test_gradients_below_the_clip_are_untouched():
+    norm, before, after = gradients_after_clip(1e6)
+    assert norm < 1e6 and norm == global_norm(before).item()
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
