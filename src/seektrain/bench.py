@@ -2,7 +2,8 @@
 
 The step is the trainer's own (`Stepper`), so what the benchmark speeds up, training speeds up. Tokens
 are random ids (the speed of a step does not depend on the text). MFU uses design.md's FLOPs/token over
-the detected GPU's dense bf16 peak; on CPU no MFU is reported.
+the detected GPU's dense bf16 peak; on CPU no MFU is reported. With compile, the number of graph breaks is
+reported too (each one costs fusions and a trip back to Python).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch._dynamo.utils import counters
 
 from seektrain.config import OptimConfig
 from seektrain.distributed.parallelize import apply_activation_checkpointing, apply_compile
@@ -35,6 +37,7 @@ class BenchConfig:
     dense: bool = False  # every layer a dense SwiGLU MLP (MoE off), for the dense peer comparison
     layers: int | None = None  # override the preset's layer count (e.g. a dense model of similar size)
     mtp: int = 0  # MTP depth; 0 like the transformers peer, which does not train MTP (and FLOPs omit it)
+    profile: int = 0  # > 0: after timing, profile one step and return a table of its top `profile` kernels
     seed: int = 0
 
 
@@ -62,6 +65,7 @@ def run_bench(cfg: BenchConfig, device: torch.device | None = None) -> dict:
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.compile:
+        counters["graph_break"].clear()
         apply_compile(model)
     optimizer = build_optimizer(model, OptimConfig())
     stepper = Stepper(model, optimizer, precision, device, grad_clip=1.0)
@@ -86,6 +90,8 @@ def run_bench(cfg: BenchConfig, device: torch.device | None = None) -> dict:
     _sync(device)
     step_s = (time.perf_counter() - start) / cfg.steps
 
+    table = _profile(step, device, cfg.profile) if cfg.profile else None
+
     tokens_per_s = cfg.batch * cfg.seq / step_s
     tflops = tokens_per_s * flops_per_token(model_cfg, cfg.seq) / 1e12
     peak = peak_flops(device)
@@ -105,7 +111,21 @@ def run_bench(cfg: BenchConfig, device: torch.device | None = None) -> dict:
         "mfu": round(tflops * 1e12 / peak, 4) if peak else None,
         "peak_mem_gib": round(memory_gib(device), 2) if device.type == "cuda" else None,
         "loss": round(loss, 4),
+        "graph_breaks": sum(counters["graph_break"].values()) if cfg.compile else None,
+        **({"profile": table} if table else {}),
     }
+
+
+def _profile(step, device: torch.device, rows: int) -> str:
+    """torch.profiler table of one step, by self time on the device (CPU time on CPU)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=rows)
 
 
 def _sync(device: torch.device) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from seektrain.errors import UserError
 
@@ -26,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=None, help="override the preset's number of layers")
     p.add_argument("--mtp", type=int, default=0,
                    help="MTP depth (default 0, like the transformers peer; its FLOPs are not counted)")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="after timing, profile one step and print its top ROWS ops by device time (stderr)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -55,8 +58,12 @@ def run(args: argparse.Namespace) -> int:
         dense=args.dense,
         layers=args.layers,
         mtp=args.mtp,
+        profile=args.profile,
     )
     result = run_bench(cfg)
+    table = result.pop("profile", None)
+    if table:
+        print(table, file=sys.stderr)
     if args.json:
         print(json.dumps(result))
         return 0
