@@ -6,6 +6,9 @@
    averages thousands of tokens, so rounding errors largely cancel; a broken kernel shifts it by far more.
 2. grouped GEMM vs one matmul per expert in bf16: relative error ‖a−b‖/‖b‖ ≤ 1e-2 in the output and in
    both gradients (bf16 operands land between 1e-3 and 1e-2 of each other).
+3. MLA attention backends (a measurement for the next speed step, never failing): SDPA forward + backward at
+   `small`'s shapes (H=16, d_qk=96, d_v=64, causal) with v zero-padded to 96 for the flash kernel (what the
+   model does) against cuDNN and memory-efficient attention on the unpadded v; outputs compared.
 Prints one JSON line per check and exits 1 if any fails.
 """
 
@@ -14,8 +17,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 
 import torch
+import torch.nn.functional as F
 
 from seektrain.model.config import ModelConfig
 from seektrain.model.moe import grouped_mm
@@ -61,10 +66,58 @@ def check_grouped_mm(device: torch.device) -> dict:
     return dict(check="grouped_mm_vs_per_expert_bf16", **errs, ok=max(errs.values()) <= 1e-2)
 
 
+def attention_step(q, k, v, g, backend, pad: bool) -> torch.Tensor:
+    """Causal SDPA forward + backward on one backend; v zero-padded to q's head dim when `pad`."""
+    from torch.nn.attention import sdpa_kernel
+
+    dv = v.shape[-1]
+    vv = F.pad(v, (0, q.shape[-1] - dv)) if pad else v
+    with sdpa_kernel([backend]):
+        y = F.scaled_dot_product_attention(q, k, vv, is_causal=True)[..., :dv]
+    y.backward(g)
+    return y
+
+
+def time_attention(device: torch.device, batch: int = 8, seq: int = 2048) -> dict:
+    from torch.nn.attention import SDPBackend
+
+    torch.manual_seed(2)
+    H, dqk, dv = 16, 96, 64
+    bf16 = dict(device=device, dtype=torch.bfloat16)
+    q = torch.randn(batch, H, seq, dqk, **bf16, requires_grad=True)
+    k = torch.randn(batch, H, seq, dqk, **bf16, requires_grad=True)
+    v = torch.randn(batch, H, seq, dv, **bf16, requires_grad=True)
+    g = torch.randn(batch, H, seq, dv, **bf16)
+    cases = {
+        "flash_padded_v": (SDPBackend.FLASH_ATTENTION, True),
+        "cudnn": (SDPBackend.CUDNN_ATTENTION, False),
+        "efficient": (SDPBackend.EFFICIENT_ATTENTION, False),
+    }
+    result, ref = dict(check="mla_attention_backends_fwd_bwd_ms"), None
+    for name, (backend, pad) in cases.items():
+        try:
+            for _ in range(2):
+                y = attention_step(q, k, v, g, backend, pad)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(10):
+                attention_step(q, k, v, g, backend, pad)
+            torch.cuda.synchronize()
+            result[name] = round((time.perf_counter() - start) / 10 * 1e3, 3)
+            ref = y if ref is None else ref
+            result[name + "_rel_err"] = rel(y, ref)
+        except RuntimeError as e:  # backend not available for these shapes on this build
+            result[name] = f"unavailable: {str(e).splitlines()[0][:120]}"
+    result["ok"] = True
+    return result
+
+
 def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset, seq = ("small", 2048) if device.type == "cuda" else ("tiny", 128)
     results = [check_bf16_loss(device, preset, seq), check_grouped_mm(device)]
+    if device.type == "cuda":
+        results.append(time_attention(device))
     for r in results:
         print(json.dumps(r), flush=True)
     return 0 if all(r["ok"] for r in results) else 1

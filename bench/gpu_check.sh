@@ -3,6 +3,9 @@
 # peer on the same card. Installs nothing; runs from source on the machine's torch/transformers.
 # Needs the peer script copied to .gpu/peer_transformers.py (git-ignored, carried).
 # Usage: bash bench/gpu_check.sh   (writes logs to $OUT if set, else ./gpu_out)
+#   EXTRA='bash bench/dist_gpu_check.sh'  also runs the one-GPU FSDP2 check (issue 5) after the benchmarks;
+#   BASELINE_SRC=.gpu/base/src            last, times the same compiled step with an older source tree
+#                                         (e.g. `git archive <rev> src | tar -x -C .gpu/base`) for an A/B.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -11,18 +14,23 @@ B=${B:-8}; T=${T:-2048}; STEPS=${STEPS:-10}; PRESET=${PRESET:-small}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
-echo "== correctness"; $PY bench/gpu_check.py | tee "$OUT/check.jsonl"
+echo "== correctness"
+$PY bench/gpu_check.py | tee "$OUT/check.jsonl"
+timeout 240 $PY -m pytest -q -p no:cacheprovider tests/model/test_gpu.py 2>&1 | tail -n 15 | tee "$OUT/pytest_gpu.txt"
 
 bench() { timeout "${1}" $PY -m seektrain bench --json --batch "$B" --seq "$T" --steps "$STEPS" "${@:2}" | tee -a "$OUT/bench.jsonl"; }
-echo "== seektrain small (MoE)"
-bench 150 --preset "$PRESET" --compile
+echo "== seektrain small (MoE), compiled, with a profile of one step"
+bench 180 --preset "$PRESET" --compile --profile 30 2> >(tail -n 45 > "$OUT/profile_small.txt")
 echo "== transformers peer"
 timeout 150 $PY .gpu/peer_transformers.py ${PEER_ARGS:-} | tee "$OUT/peer.txt"
-bench 90 --preset "$PRESET"
 echo "== seektrain dense (MoE off, 24 layers ~ the 375M Llama peer)"
 bench 150 --preset "$PRESET" --dense --layers "${DENSE_LAYERS:-24}" --compile
 [ -n "${EXTRA:-}" ] && eval "$EXTRA"
-
+if [ -n "${BASELINE_SRC:-}" ]; then
+  echo "== baseline source tree ($BASELINE_SRC): small, compiled"
+  PYTHONPATH="$BASELINE_SRC" timeout 180 $PY -m seektrain bench --json --batch "$B" --seq "$T" --steps "$STEPS" \
+    --preset "$PRESET" --compile | tee "$OUT/bench_baseline.jsonl"
+fi
 
 echo "== summary"
 $PY - "$OUT" <<'PYEOF'
@@ -31,10 +39,17 @@ out = pathlib.Path(sys.argv[1])
 print(open(out / "gpu.txt").read().strip())
 for line in open(out / "check.jsonl"):
     print(line.strip())
-print("case | compile | AC | tok/s | TFLOP/s | MFU(989) | peak GiB")
-for line in open(out / "bench.jsonl"):
-    r = json.loads(line)
-    print(f"seektrain {r['preset']} | {r['compile']} | {r['activation_checkpointing']} | {r['tokens_per_s']} | {r['tflops']} | {r['mfu']} | {r['peak_mem_gib']}")
+print("case | compile | graph breaks | tok/s | TFLOP/s | MFU(989) | peak GiB")
+for name in ("bench.jsonl", "bench_baseline.jsonl"):
+    path = out / name
+    for line in open(path) if path.exists() else []:
+        r = json.loads(line)
+        tag = " (baseline src)" if name != "bench.jsonl" else ""
+        print(f"seektrain {r['preset']}{tag} | {r['compile']} | {r.get('graph_breaks')} | {r['tokens_per_s']}"
+              f" | {r['tflops']} | {r['mfu']} | {r['peak_mem_gib']}")
 peer = [l for l in open(out / "peer.txt") if l.startswith("hf_") and "|" in l]
 print("".join(peer).strip())
+dist = out / "dist.jsonl"
+if dist.exists():
+    print("FSDP2 (torchrun, 1 rank) metrics:", dist.read_text().strip())
 PYEOF
