@@ -20,7 +20,8 @@ def test_bench_json_reports_a_training_step(capsys):
 
 
 def test_profile_table_goes_to_stderr_and_json_stays_parseable(capsys):
-    argv = ["bench", "--seq", "16", "--batch", "2", "--steps", "1", "--warmup", "1", "--profile", "5", "--json"]
+    argv = ["bench", "--seq", "16", "--batch", "2", "--steps", "1", "--warmup", "1", "--profile", "5"]
+    argv.append("--json")
     assert cli.main(argv) == 0
     captured = capsys.readouterr()
     result = json.loads(captured.out)
