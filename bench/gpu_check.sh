@@ -4,6 +4,8 @@
 # Needs the peer script copied to .gpu/peer_transformers.py (git-ignored, carried).
 # Usage: bash bench/gpu_check.sh   (writes logs to $OUT if set, else ./gpu_out)
 #   EXTRA='bash bench/dist_gpu_check.sh'  also runs the one-GPU FSDP2 check (issue 5) after the benchmarks;
+#   CHECKPOINTING=1                        also activation checkpointing's trade-off (none / full / selective,
+#                                         bench/bench_checkpointing.py, ~3 min: each mode compiles)
 #   BASELINE_SRC=.gpu/base/src            last, times the same compiled step with an older source tree
 #                                         (e.g. `git archive <rev> src | tar -x -C .gpu/base`) for an A/B.
 set -uo pipefail
@@ -25,6 +27,10 @@ echo "== transformers peer"
 timeout 150 $PY .gpu/peer_transformers.py ${PEER_ARGS:-} | tee "$OUT/peer.txt"
 echo "== seektrain dense (MoE off, 24 layers ~ the 375M Llama peer)"
 bench 150 --preset "$PRESET" --dense --layers "${DENSE_LAYERS:-24}" --compile
+if [ -n "${CHECKPOINTING:-}" ]; then
+  echo "== activation checkpointing: none / full / selective"
+  timeout 300 $PY bench/bench_checkpointing.py | tee "$OUT/checkpointing.txt"
+fi
 [ -n "${EXTRA:-}" ] && eval "$EXTRA"
 if [ -n "${BASELINE_SRC:-}" ]; then
   echo "== baseline source tree ($BASELINE_SRC): small, compiled"

@@ -33,7 +33,7 @@ class BenchConfig:
     warmup: int = 3
     precision: str | None = None  # None: bf16 on GPU, fp32 on CPU
     compile: bool = False
-    activation_checkpointing: bool = False
+    activation_checkpointing: str = "none"  # none, full or selective
     dense: bool = False  # every layer a dense SwiGLU MLP (MoE off), for the dense peer comparison
     layers: int | None = None  # override the preset's layer count (e.g. a dense model of similar size)
     mtp: int = 0  # MTP depth; 0 like the transformers peer, which does not train MTP (and FLOPs omit it)
@@ -62,8 +62,8 @@ def run_bench(cfg: BenchConfig, device: torch.device | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     with torch.device(device):
         model = Transformer(model_cfg)
-    if cfg.activation_checkpointing:
-        apply_activation_checkpointing(model)
+    if cfg.activation_checkpointing != "none":
+        apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if cfg.compile:
         counters["graph_break"].clear()
         apply_compile(model)

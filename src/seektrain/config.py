@@ -29,9 +29,10 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 
-def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
-    """A dataclass field with its help text (used by the generated config reference) and choices."""
-    meta = {"help": help, "choices": choices}
+def _opt(default: Any, help: str, choices: tuple | None = None, aliases: dict | None = None) -> Any:
+    """A dataclass field with its help text (used by the generated config reference), choices, and
+    aliases: older spellings still read (e.g. a former bool), mapped to the current value."""
+    meta = {"help": help, "choices": choices, "aliases": aliases or {}}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -62,8 +63,14 @@ class TrainConfig:
     eval_every: int = _opt(100, "evaluate val_loss every N steps and at the end (0 = only at the end)")
     eval_batches: int = _opt(20, "micro-batches of the validation split per evaluation (0 = all)")
     log_every: int = _opt(10, "write a metrics line every N steps")
-    compile: bool = _opt(False, "torch.compile each transformer block")
-    activation_checkpointing: bool = _opt(False, "recompute each block in the backward pass to save memory")
+    compile: bool = _opt(False, "torch.compile each transformer block and the cross-entropy")
+    activation_checkpointing: str = _opt(
+        "none",
+        "recompute activations in the backward pass to save memory: none; full (keep each block's input); "
+        "selective (also keep GEMM and attention outputs, recompute the rest)",
+        ("none", "full", "selective"),
+        aliases={True: "full", False: "none"},
+    )
     bias_update_speed: float = _opt(
         0.001, "γ of aux-loss-free balancing: bias += γ·sign(mean_load − load); 0 = off"
     )
@@ -348,6 +355,9 @@ def _apply(cfg: RunConfig, d: dict, origin: str) -> RunConfig:
         for key, value in values.items():
             if key not in known:
                 raise UserError(_unknown(f"{section}.{key}", None, [f"{section}.{k}" for k in known], origin))
+            aliases = known[key].metadata.get("aliases", {})
+            if isinstance(value, bool) and value in aliases:
+                value = aliases[value]
             value = _check_type(f"{section}.{key}", value, hints[key])
             choices = known[key].metadata.get("choices")
             if choices and value not in choices:

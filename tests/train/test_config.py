@@ -43,6 +43,15 @@ def test_set_overrides_are_typed():
     assert load_config(overrides=["train.grad_clip=2"]).train.grad_clip == 2.0  # int accepted for float
 
 
+@pytest.mark.parametrize(
+    "value, mode", [("true", "full"), ("false", "none"), ('"selective"', "selective"), ("full", "full")]
+)
+def test_activation_checkpointing_reads_its_former_bool_too(value, mode):
+    """Configs written before the selective mode existed (a bool) still load, as full / none."""
+    cfg = load_config(overrides=[f"train.activation_checkpointing={value}"])
+    assert cfg.train.activation_checkpointing == mode
+
+
 def test_config_file_then_set(tmp_path):
     f = tmp_path / "run.toml"
     f.write_text('[model]\npreset = "tiny"\nhidden_size = 64\n[train]\nsteps = 11\n')
@@ -59,6 +68,7 @@ def test_config_file_then_set(tmp_path):
         ("trian.steps=3", ["trian", "train"]),
         ("optim.schedule=cosin", ["optim.schedule", "cosine"]),
         ("train.precision=fp8", ["train.precision", "fp16"]),
+        ("train.activation_checkpointing=some", ["train.activation_checkpointing", "selective"]),
         ("train.steps=abc", ["train.steps", "int"]),
         ("train.steps=0", ["train.steps", "positive"]),
         ("train.global_batch_size=12", ["micro_batch_size", "global_batch_size"]),

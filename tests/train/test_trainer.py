@@ -143,10 +143,11 @@ def test_loss_spike_rolls_back_and_skips_the_data(make, tmp_path):
     assert tr.loader.state_dict()["sequences_consumed"] == 13 * 8
 
 
-def test_activation_checkpointing_changes_nothing(make, tmp_path):
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_changes_nothing(make, tmp_path, mode):
     """Same weights, same batches: gradients and expert counts (counted once, not per recompute) equal."""
     plain = make(tmp_path / "a")
-    ac = make(tmp_path / "b", "train.activation_checkpointing=true")
+    ac = make(tmp_path / "b", f"train.activation_checkpointing={mode}")
     batches = [next(plain.loader) for _ in range(2)]
     s1 = plain.stepper.forward_backward(batches, 0.3, 1)
     s2 = ac.stepper.forward_backward(batches, 0.3, 1)

@@ -22,7 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
-    p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
+    p.add_argument("--activation-checkpointing", nargs="?", const="full", default="none",
+                   choices=["none", "full", "selective"],
+                   help="recompute activations in the backward: full (the flag alone) or selective")
     p.add_argument("--dense", action="store_true", help="MoE off: every layer a dense SwiGLU MLP")
     p.add_argument("--layers", type=int, default=None, help="override the preset's number of layers")
     p.add_argument("--mtp", type=int, default=0,

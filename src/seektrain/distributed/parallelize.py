@@ -9,9 +9,10 @@ place; DDP's `module.` prefix is stripped by `unwrap`), so checkpoints load with
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 
 def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -19,14 +20,43 @@ def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [*model.layers, *(m.block for m in model.mtp)]
 
 
-def apply_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute each block's activations in the backward pass. The block's returned expert counts come
-    from the first forward only (recomputation outputs are discarded), so loads are counted once."""
+# Ops whose outputs selective checkpointing keeps: the GEMMs and attention (costly to recompute). Everything
+# else in a block (norms, RoPE, SwiGLU, routing, permutations, residuals) is recomputed in the backward.
+_SAVED_OPS = tuple(
+    op.default
+    for name in (
+        "mm",
+        "addmm",
+        "bmm",
+        "_grouped_mm",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+    )
+    if (op := getattr(torch.ops.aten, name, None)) is not None
+)
+
+
+def _keep_gemm_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(model: torch.nn.Module, mode: str = "full") -> None:
+    """Recompute block activations in the backward pass: `full` keeps only each block's input, `selective`
+    also keeps the outputs of its GEMMs and attention and recomputes only the cheap elementwise work.
+    The block's returned expert counts come from the first forward only (recomputation outputs are
+    discarded), so loads are counted once."""
+    if mode not in ("full", "selective"):
+        raise ValueError(f"activation checkpointing mode {mode!r}: expected full or selective")
+    options = {}
+    if mode == "selective":
+        options["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _keep_gemm_outputs)
     for block in blocks(model):
         forward = block.forward
 
         def checkpointed(*args, _forward=forward, **kwargs):
-            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **options, **kwargs)
 
         block.forward = checkpointed
 

@@ -127,8 +127,8 @@ class Trainer:
         model.to_empty(device=self.device)
         model.init_weights()  # the same weights on every rank (same seed); FSDP2 then keeps each its shard
         self.model = model  # the model itself; `self.stepper.model` is what a step calls
-        if t.activation_checkpointing:
-            parallelize.apply_activation_checkpointing(model)
+        if t.activation_checkpointing != "none":
+            parallelize.apply_activation_checkpointing(model, t.activation_checkpointing)
         if t.compile:
             parallelize.apply_compile(model)
         wrapped = model
