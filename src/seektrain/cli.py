@@ -7,7 +7,8 @@ Under torchrun the line is printed once per launch: every rank raises the same e
 line and config; the trainer makes its ranks agree on what they read from disk, `distributed.env.agree`),
 so rank 0 prints it and the other ranks wait ERROR_GRACE_S first, since torchrun stops them as soon as
 rank 0 exits. A rank still running after that failed alone (say, no GPU on its node) and prints its own
-error as `error: rank N: …`. The same holds for argparse's usage errors.
+error as `error: rank N: …`. The same holds for argparse's usage errors. Other launchers that set RANK
+may not stop the remaining ranks: there every rank > 0 reports at once, with its rank.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import time
 import traceback
 
-from seektrain.distributed.env import launch_rank
+from seektrain.distributed.env import launch_rank, under_torchrun
 from seektrain.errors import UserError
 
 ERROR_GRACE_S = 10.0  # how long a rank > 0 leaves rank 0 to report an error that all ranks share
@@ -78,12 +79,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _wait_unless_rank_zero() -> str:
     """Before reporting an error: nothing to wait for on rank 0 or outside a launch (returns ''); a
-    rank > 0 sleeps ERROR_GRACE_S, in which torchrun ends it if rank 0 failed too, and otherwise
-    reports on its own (returns 'rank N: ')."""
+    rank > 0 under torchrun sleeps ERROR_GRACE_S, in which torchrun ends it if rank 0 failed too, and
+    otherwise reports on its own (returns 'rank N: '; under other launchers at once)."""
     rank = launch_rank()
     if rank <= 0:
         return ""
-    time.sleep(ERROR_GRACE_S)
+    if under_torchrun():
+        time.sleep(ERROR_GRACE_S)
     return f"rank {rank}: "
 
 

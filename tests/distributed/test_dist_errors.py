@@ -10,7 +10,7 @@ import subprocess
 import pytest
 from dist_helpers import HERE, exit_codes, launch
 
-from seektrain.distributed.env import merge_errors
+from seektrain.distributed.env import merge_by_rank
 
 
 def train(run_dir, overrides: list[str], *extra: str, cli: list[str] | None = None) -> list[str]:
@@ -62,6 +62,20 @@ def test_a_config_missing_on_one_rank_is_reported_by_that_rank(toy, tmp_path):
     assert line == f"error: rank 1: config file {tmp_path}/run1.toml does not exist"
 
 
+def test_ranks_that_see_different_checkpoints_stop_instead_of_diverging(toy, tmp_path):
+    """No shared filesystem: rank 0's run dir holds a checkpoint, rank 1's none. Resuming on one rank
+    and starting fresh on the other would train two different models; the ranks compare and stop."""
+    from seektrain import cli
+
+    assert cli.main(train(tmp_path / "run0", [*toy, "train.steps=4"])[2:]) == 0  # one process, step 4 saved
+    rank_cli = [str(HERE / "rank_cli.py")]
+    line = the_error(launch(train(f"{tmp_path}/run{{rank}}", toy, cli=rank_cli), check=False))
+    checkpoint = tmp_path / "run0" / "checkpoints" / "step_00000004"
+    want = f"error: the ranks disagree on the checkpoint to resume from: rank 0: {checkpoint} | rank 1: none"
+    assert line == want, line
+    assert not (tmp_path / "run1").exists()
+
+
 @pytest.mark.parametrize(
     "errors, message",
     [
@@ -71,4 +85,4 @@ def test_a_config_missing_on_one_rank_is_reported_by_that_rank(toy, tmp_path):
     ],
 )
 def test_merged_errors_name_the_ranks_unless_all_agree(errors, message):
-    assert merge_errors(errors) == message
+    assert merge_by_rank(errors) == message

@@ -191,6 +191,24 @@ def test_another_runs_checkpoint_does_not_start_over_this_run(toy, finished_run,
     assert [r["step"] for r in read_metrics(tmp_path / "new" / "metrics.jsonl") if "loss" in r] == [4]
 
 
+def test_a_run_started_from_another_checkpoint_is_told_how_to_start_over(toy, finished_run, tmp_path, capsys):
+    """A fine-tune stopped before its first checkpoint: --resume auto would start from random weights,
+    so the advice names the files to remove to restart from the same checkpoint."""
+    other = copy_of(finished_run, tmp_path / "other") / "checkpoints" / "step_00000003"
+    run = copy_of(finished_run, tmp_path / "run")
+    shutil.rmtree(run / "checkpoints")
+    before = snapshot(run)
+    capsys.readouterr()
+    assert main(train_args(run, [*toy, "train.steps=6"], "--resume", str(other))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: {run} already holds a run (config.toml, metrics.jsonl; no checkpoint yet) and --resume "
+        f"{other} would start a new one over it: choose another --run-dir, or remove config.toml, "
+        f"metrics.jsonl there to start it over from {other}"
+    ]
+    assert snapshot(run) == before
+
+
 def test_finished_run_is_not_retrained(toy, finished_run, capsys):
     before = snapshot(finished_run)
     args = [

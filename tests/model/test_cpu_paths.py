@@ -56,7 +56,7 @@ def test_cross_entropy_sum_refuses_a_second_backward():
 
 
 def test_moe_cpu_combine_matches_the_gpu_formulation(monkeypatch):
-    """gather + index_add_ (CPU) and expand + index_put + sum over k (GPU) compute the same MoE."""
+    """gather + index_add_ (CPU) and gathers through the inverse permutation (GPU) compute the same MoE."""
     torch.manual_seed(4)
     moe = MoE(dataclasses.replace(ModelConfig.from_preset("tiny"), hidden_size=32))
     for p in moe.parameters():

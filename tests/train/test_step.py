@@ -8,7 +8,7 @@ import torch
 from seektrain.model.config import ModelConfig
 from seektrain.model.transformer import Transformer
 from seektrain.train.optim import param_groups
-from seektrain.train.step import Stepper, global_norm
+from seektrain.train.step import Stepper, fused_norm, global_norm
 
 CFG = dataclasses.replace(
     ModelConfig.from_preset("tiny"), num_hidden_layers=2, hidden_size=64, vocab_size=512, num_mtp_layers=0
@@ -37,7 +37,20 @@ def test_gradients_above_the_clip_are_scaled_to_it():
         torch.testing.assert_close(a, b * scale, rtol=1e-6, atol=0)
 
 
-def test_gradients_below_the_clip_are_untouched():
+def test_gradients_below_the_clip_are_untouched(monkeypatch):
+    def no_pass(*args, **kwargs):
+        raise AssertionError("clip_grads_with_norm_ ran although the factor is 1")
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_", no_pass)
     norm, before, after = gradients_after_clip(1e6)
     assert norm < 1e6 and norm == global_norm(before).item()
     assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+def test_fused_norm_equals_the_fp64_sum_of_squares():
+    """The CUDA path's multi-tensor kernels accumulate in fp64 like the per-tensor path: same fp32 norm.
+    (Checked here on CPU, where `_foreach_norm` runs the same arithmetic per tensor.)"""
+    g = torch.Generator().manual_seed(0)
+    sizes_and_scales = [(300_000, 1e-3), (5_000, 2.0), (70_000, 0.1), (7, 5.0)]
+    grads = [torch.randn(n, generator=g) * scale for n, scale in sizes_and_scales]
+    assert fused_norm(grads).item() == global_norm(grads).item()

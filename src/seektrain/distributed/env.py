@@ -64,12 +64,18 @@ def detect() -> DistEnv:
 
 
 def launch_rank() -> int:
-    """RANK as torchrun sets it, read leniently for error reporting: 0 outside a launch and when it is
+    """RANK as a launcher sets it, read leniently for error reporting: 0 outside a launch and when it is
     unreadable (a broken environment is then reported by every process)."""
     try:
         return int(os.environ.get("RANK", 0))
     except ValueError:
         return 0
+
+
+def under_torchrun() -> bool:
+    """Started by torchrun, which stops the remaining ranks as soon as one exits with an error (other
+    launchers that set RANK, e.g. a bare srun, may not)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def pick_device(name: str, local_rank: int = 0):
@@ -128,11 +134,13 @@ def build_mesh(env: DistEnv, device, dp_mode: str, dp_shard: int):
     )
 
 
-def agree(env: DistEnv, phase: Callable[[], T]) -> T:
-    """`phase()` on every rank, failing on all of them if it failed on any: the ranks exchange their
-    UserError (or None) in one all_gather, so an input that only some ranks lack (a data dir missing
-    on one node) ends every rank with the same message instead of leaving the others blocked in their
-    next collective. Without a process group this is just `phase()`."""
+def agree(env: DistEnv, phase: Callable[[], T], what: str = "its result") -> T:
+    """`phase()` on every rank, failing on all of them if it failed on any, or if the ranks got different
+    results: the ranks exchange their UserError (or None) and their result (as text) in one all_gather. So
+    an input that only some ranks lack (a data dir missing on one node) ends every rank with the same
+    message instead of leaving the others blocked in their next collective, and ranks that see different
+    files (a checkpoint on one node only) stop instead of silently diverging. Without a process group this
+    is just `phase()`."""
     if not env.distributed:
         return phase()
     import torch.distributed as dist
@@ -142,21 +150,26 @@ def agree(env: DistEnv, phase: Callable[[], T]) -> T:
         result = phase()
     except UserError as e:
         error = e
-    errors: list[str | None] = [None] * env.world_size
-    dist.all_gather_object(errors, None if error is None else str(error))
+    outcomes: list[tuple[str | None, str] | None] = [None] * env.world_size
+    shown = "none" if result is None else str(result)
+    dist.all_gather_object(outcomes, (None if error is None else str(error), shown))
+    errors = [message for message, _ in outcomes]
     if any(message is not None for message in errors):
-        raise UserError(merge_errors(errors)) from error
+        raise UserError(merge_by_rank(errors)) from error
+    results = [value for _, value in outcomes]
+    if len(set(results)) > 1:
+        raise UserError(f"the ranks disagree on {what}: {merge_by_rank(results)}")
     return result
 
 
-def merge_errors(errors: list[str | None]) -> str:
-    """One message for the ranks' errors (None: that rank succeeded): the message alone when every
-    rank raised it, else each distinct message after the ranks that raised it (`ranks 1-3, 6: …`)."""
+def merge_by_rank(messages: list[str | None]) -> str:
+    """One message for the ranks' messages (None: that rank has none): the message alone when every rank
+    has the same, else each distinct message after the ranks that have it (`ranks 1-3, 6: …`)."""
     ranks_of: dict[str, list[int]] = {}
-    for rank, message in enumerate(errors):
+    for rank, message in enumerate(messages):
         if message is not None:
             ranks_of.setdefault(message, []).append(rank)
-    if len(ranks_of) == 1 and None not in errors:
+    if len(ranks_of) == 1 and None not in messages:
         return next(iter(ranks_of))
     return " | ".join(f"{_rank_list(ranks)}: {message}" for message, ranks in ranks_of.items())
 

@@ -152,11 +152,11 @@ class MoE(nn.Module):
         expert_sorted, order = idx.reshape(-1).sort(stable=True)  # (S,) with S = N*k
         ends = torch.searchsorted(expert_sorted, torch.arange(E, device=x.device), right=True)  # (E,)
         counts = torch.diff(ends, prepend=ends.new_zeros(1))  # (E,) int64, no host sync
-        w_sorted = weights.reshape(-1)[order, None]  # (S, 1) fp32 combine weights
         if _index_add_is_deterministic(x.device):
             # Gather each pair's token row, scatter-add the weighted results back: the cheapest form,
             # and deterministic where index_add_ (also the gather's backward) accumulates serially.
             token = order // k  # (S,) token row of each sorted pair
+            w_sorted = weights.reshape(-1)[order, None]  # (S, 1) fp32 combine weights
             y_sorted = self.experts(flat.index_select(0, token), counts) * w_sorted  # (S, D)
             routed = y_sorted.new_zeros(B * T, D).index_add_(0, token, y_sorted)  # (N, D)
         else:

@@ -141,14 +141,19 @@ def global_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     An fp32 `vector_norm` of millions of elements is off by ~1e-5..1e-4 relative on CPU (measured on
     `tiny`): enough for one process and FSDP (which adds per-shard norms) to clip differently. So the
     per-tensor sums of squares (cascade-summed, ~1e-9) are added in fp64 (~2 ms per step on `tiny`).
-    On CUDA, one fused `_foreach_norm` with fp64 output reads each gradient once instead of writing and
-    re-reading a squared copy (the GPU reductions are tree-summed). Under FSDP2 (DTensor shards) the
+    On CUDA, `fused_norm`'s multi-tensor kernels read each gradient once instead of writing and
+    re-reading a squared copy. Under FSDP2 (DTensor shards) the
     per-rank partial sum is reduced."""
     if grads and grads[0].is_cuda and not hasattr(grads[0], "full_tensor"):
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
-        return torch.linalg.vector_norm(torch.stack(norms)).float()
+        return fused_norm(grads)
     squares = torch.stack([g.pow(2).sum().double() for g in grads])  # (n_params,)
     norm = squares.sum().sqrt()
     if hasattr(norm, "full_tensor"):  # FSDP2: partial over this rank's shards -> the global norm
         norm = norm.full_tensor()
     return norm.float()
+
+
+def fused_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """`global_norm` for plain tensors through multi-tensor kernels accumulating in fp64 (the CUDA path)."""
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
+    return torch.linalg.vector_norm(torch.stack(norms)).float()

@@ -68,7 +68,9 @@ class Trainer:
             )
         init_process_group(self.dist, self.device)
         # Ranks may see different files (a data dir on one node only): each phase fails on all or none.
-        self.resume_from = agree(self.dist, lambda: self._find_inputs(cfg, resume))
+        self.resume_from = agree(
+            self.dist, lambda: self._find_inputs(cfg, resume), what="the checkpoint to resume from"
+        )
         agree(self.dist, lambda: self._open_inputs(cfg))
         self._build()
 
@@ -501,8 +503,11 @@ def _refuse_to_overwrite(run_dir: Path, resume: str) -> None:
         return
     if newest is not None:
         holds, instead = f"checkpoints up to {newest.name}", "continue it with --resume auto"
-    else:
+    elif resume == "never":
         holds, instead = f"{', '.join(files)}; no checkpoint yet", "start it over with --resume auto"
+    else:  # a run started from another run's checkpoint that stopped before its own first checkpoint
+        holds = f"{', '.join(files)}; no checkpoint yet"
+        instead = f"remove {', '.join(files)} there to start it over from {resume}"
     raise UserError(
         f"{run_dir} already holds a run ({holds}) and --resume {resume} would start a new one over it: "
         f"choose another --run-dir, or {instead}"
