@@ -28,6 +28,7 @@ import torch
 import transformers
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
+from seektrain.bench import profile_table
 from seektrain.model.config import ModelConfig
 from seektrain.model.hf import hf_config
 from seektrain.model.transformer import Transformer
@@ -97,19 +98,6 @@ def time_steps(step: Callable, steps: int, device: torch.device) -> tuple[float,
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / steps, (time.thread_time() - cpu_start) / steps
-
-
-def profile(name: str, step: Callable, device: torch.device) -> None:
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"== profile: {name}")
-    print(prof.key_averages().table(sort_by=sort_by, row_limit=25))
 
 
 def main() -> None:
@@ -196,7 +184,8 @@ def main() -> None:
             print(f"by thread CPU time ({best_cpu['case']}): {best_cpu['cpu_ms'] / ours['cpu_ms']:.2f}x")
     if args.profile:
         for name, step in cases.items():
-            profile(name, step, device)
+            print(f"== profile: {name}")
+            print(profile_table(step, device, rows=25))
 
 
 if __name__ == "__main__":

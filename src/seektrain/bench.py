@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -90,7 +91,7 @@ def run_bench(cfg: BenchConfig, device: torch.device | None = None) -> dict:
     _sync(device)
     step_s = (time.perf_counter() - start) / cfg.steps
 
-    table = _profile(step, device, cfg.profile) if cfg.profile else None
+    table = profile_table(step, device, cfg.profile) if cfg.profile else None
 
     tokens_per_s = cfg.batch * cfg.seq / step_s
     tflops = tokens_per_s * flops_per_token(model_cfg, cfg.seq) / 1e12
@@ -116,7 +117,7 @@ def run_bench(cfg: BenchConfig, device: torch.device | None = None) -> dict:
     }
 
 
-def _profile(step, device: torch.device, rows: int) -> str:
+def profile_table(step: Callable[[], object], device: torch.device, rows: int) -> str:
     """torch.profiler table of one step, by self time on the device (CPU time on CPU)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
