@@ -149,8 +149,10 @@ class MoE(nn.Module):
             )  # (N, k), (N, k), (N, E)
 
         # Sort the N*k (token, expert) pairs by expert; stable, so ties keep token order (deterministic).
-        expert_sorted, order = idx.reshape(-1).sort(stable=True)  # (S,) with S = N*k
-        ends = torch.searchsorted(expert_sorted, torch.arange(E, device=x.device), right=True)  # (E,)
+        # int32 keys: a GPU radix sort makes half the passes of int64's.
+        expert_sorted, order = idx.reshape(-1).to(torch.int32).sort(stable=True)  # (S,) with S = N*k
+        experts = torch.arange(E, device=x.device, dtype=torch.int32)
+        ends = torch.searchsorted(expert_sorted, experts, right=True)  # (E,) int64
         counts = torch.diff(ends, prepend=ends.new_zeros(1))  # (E,) int64, no host sync
         if _index_add_is_deterministic(x.device):
             # Gather each pair's token row, scatter-add the weighted results back: the cheapest form,
