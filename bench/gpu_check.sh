@@ -18,15 +18,18 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'transform
 
 echo "== correctness"
 $PY bench/gpu_check.py | tee "$OUT/check.jsonl"
-timeout 240 $PY -m pytest -q -p no:cacheprovider tests/model/test_gpu.py 2>&1 | tail -n 15 | tee "$OUT/pytest_gpu.txt"
+timeout 300 $PY -m pytest -q -p no:cacheprovider tests/model/test_gpu.py 2>&1 | tail -n 15 | tee "$OUT/pytest_gpu.txt"
 
 bench() { timeout "${1}" $PY -m seektrain bench --json --batch "$B" --seq "$T" --steps "$STEPS" "${@:2}" | tee -a "$OUT/bench.jsonl"; }
-echo "== seektrain small (MoE), compiled, with a profile of one step"
-bench 180 --preset "$PRESET" --compile --profile 30 2> >(tail -n 45 > "$OUT/profile_small.txt")
+echo "== seektrain small (MoE), compiled"
+bench 180 --preset "$PRESET" --compile
+echo "== seektrain small (MoE), compiled, CUDA graphs, with a profile of one step"
+bench 180 --preset "$PRESET" --cuda-graphs --profile 40 2> >(tail -n 55 > "$OUT/profile_small.txt")
 echo "== transformers peer"
 timeout 150 $PY .gpu/peer_transformers.py ${PEER_ARGS:-} | tee "$OUT/peer.txt"
-echo "== seektrain dense (MoE off, 24 layers ~ the 375M Llama peer)"
+echo "== seektrain dense (MoE off, 24 layers ~ the 375M Llama peer): compiled, then with CUDA graphs"
 bench 150 --preset "$PRESET" --dense --layers "${DENSE_LAYERS:-24}" --compile
+bench 150 --preset "$PRESET" --dense --layers "${DENSE_LAYERS:-24}" --cuda-graphs
 if [ -n "${CHECKPOINTING:-}" ]; then
   echo "== activation checkpointing: none / full / selective"
   timeout 300 $PY bench/bench_checkpointing.py | tee "$OUT/checkpointing.txt"
@@ -45,13 +48,14 @@ out = pathlib.Path(sys.argv[1])
 print(open(out / "gpu.txt").read().strip())
 for line in open(out / "check.jsonl"):
     print(line.strip())
-print("case | compile | graph breaks | tok/s | TFLOP/s | MFU(989) | peak GiB")
+print("case | compile | CUDA graphs | graph breaks | tok/s | TFLOP/s | MFU(989) | peak GiB")
 for name in ("bench.jsonl", "bench_baseline.jsonl"):
     path = out / name
     for line in open(path) if path.exists() else []:
         r = json.loads(line)
         tag = " (baseline src)" if name != "bench.jsonl" else ""
-        print(f"seektrain {r['preset']}{tag} | {r['compile']} | {r.get('graph_breaks')} | {r['tokens_per_s']}"
+        print(f"seektrain {r['preset']}{tag} | {r['compile']} | {r.get('cuda_graphs')} (skips {r.get('cudagraph_skips')}) | {r.get('graph_breaks')}"
+              f" | {r['tokens_per_s']}"
               f" | {r['tflops']} | {r['mfu']} | {r['peak_mem_gib']}")
 peer = [l for l in open(out / "peer.txt") if l.startswith("hf_") and "|" in l]
 print("".join(peer).strip())

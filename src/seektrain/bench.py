@@ -1,4 +1,5 @@
-"""Time real training steps (forward, backward, clip, optimizer) of a preset on whatever device is present.
+"""Time real training steps (forward, backward, clip, optimizer, expert-bias update) of a preset on
+whatever device is present.
 
 The step is the trainer's own (`Stepper`), so what the benchmark speeds up, training speeds up. Tokens
 are random ids (the speed of a step does not depend on the text). MFU uses design.md's FLOPs/token over
@@ -16,10 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch._dynamo.utils import counters
 
-from seektrain.config import OptimConfig
+from seektrain.config import OptimConfig, TrainConfig
 from seektrain.distributed.parallelize import apply_activation_checkpointing, apply_compile
 from seektrain.model.config import ModelConfig
 from seektrain.model.transformer import Transformer
+from seektrain.train.balance import update_expert_bias
 from seektrain.train.metrics import flops_per_token, memory_gib, peak_flops
 from seektrain.train.optim import build_optimizer
 from seektrain.train.step import Stepper
@@ -34,11 +36,13 @@ class BenchConfig:
     warmup: int = 3
     precision: str | None = None  # None: bf16 on GPU, fp32 on CPU
     compile: bool = False
+    cuda_graphs: bool = False  # with compile: replay each block as CUDA graphs
     activation_checkpointing: str = "none"  # none, full or selective
     dense: bool = False  # every layer a dense SwiGLU MLP (MoE off), for the dense peer comparison
     layers: int | None = None  # override the preset's layer count (e.g. a dense model of similar size)
     mtp: int = 0  # MTP depth; 0 like the transformers peer, which does not train MTP (and FLOPs omit it)
     profile: int = 0  # > 0: after timing, profile one step and return a table of its top `profile` kernels
+    trace: str | None = None  # with profile: also write that step's Chrome trace here
     seed: int = 0
 
 
@@ -67,17 +71,21 @@ def run_bench(cfg: BenchConfig, device: torch.device | None = None) -> dict:
         apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if cfg.compile:
         counters["graph_break"].clear()
-        apply_compile(model)
+        counters["inductor"].clear()
+        apply_compile(model, cuda_graphs=cfg.cuda_graphs)
     optimizer = build_optimizer(model, OptimConfig())
-    stepper = Stepper(model, optimizer, precision, device, grad_clip=1.0)
+    stepper = Stepper(model, optimizer, precision, device, grad_clip=1.0, cuda_graphs=cfg.cuda_graphs)
     gen = torch.Generator().manual_seed(cfg.seed)
     tokens = torch.randint(0, model_cfg.vocab_size, (cfg.batch, cfg.seq + 1), generator=gen)
-    batch = [(tokens[:, :-1].to(device), tokens[:, 1:].to(device))]
+    batch = [(tokens[:, :-1], tokens[:, 1:])]  # on the CPU, where the trainer's loader delivers them
+    speed = TrainConfig().bias_update_speed
 
     def step() -> float:
         stats = stepper.forward_backward(batch, model_cfg.mtp_loss_weight, model_cfg.num_mtp_layers)
         stepper.clip()
         stepper.apply(1e-4)
+        update_expert_bias(model.moe_layers(), stats.expert_counts, speed)
+        update_expert_bias(model.mtp_moe_layers(), stats.mtp_expert_counts, speed)
         return stats.loss
 
     for _ in range(cfg.warmup):
@@ -91,7 +99,7 @@ def run_bench(cfg: BenchConfig, device: torch.device | None = None) -> dict:
     _sync(device)
     step_s = (time.perf_counter() - start) / cfg.steps
 
-    table = profile_table(step, device, cfg.profile) if cfg.profile else None
+    table = profile_table(step, device, cfg.profile, cfg.trace) if cfg.profile else None
 
     tokens_per_s = cfg.batch * cfg.seq / step_s
     tflops = tokens_per_s * flops_per_token(model_cfg, cfg.seq) / 1e12
@@ -101,6 +109,7 @@ def run_bench(cfg: BenchConfig, device: torch.device | None = None) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": precision,
         "compile": cfg.compile,
+        "cuda_graphs": cfg.cuda_graphs,
         "activation_checkpointing": cfg.activation_checkpointing,
         "batch": cfg.batch,
         "seq": cfg.seq,
@@ -113,20 +122,46 @@ def run_bench(cfg: BenchConfig, device: torch.device | None = None) -> dict:
         "peak_mem_gib": round(memory_gib(device), 2) if device.type == "cuda" else None,
         "loss": round(loss, 4),
         "graph_breaks": sum(counters["graph_break"].values()) if cfg.compile else None,
+        # graphs inductor declined to record (reasons in its log); the code then runs without them
+        "cudagraph_skips": counters["inductor"]["cudagraph_skips"] if cfg.cuda_graphs else None,
         **({"profile": table} if table else {}),
     }
 
 
-def profile_table(step: Callable[[], object], device: torch.device, rows: int) -> str:
-    """torch.profiler table of one step, by self time on the device (CPU time on CPU)."""
+def profile_table(
+    step: Callable[[], object], device: torch.device, rows: int, trace: str | None = None
+) -> str:
+    """torch.profiler table of one step, by self time on the device (CPU time on CPU). On a GPU it starts
+    with how long the device was busy during the step: the rest is time it waited for the host. `trace`:
+    also write the step's timeline (Chrome trace JSON, for Perfetto or chrome://tracing)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
         step()
         _sync(device)
+        wall_ms = (time.perf_counter() - start) * 1e3
+    if trace:
+        prof.export_chrome_trace(trace)
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=sort_by, row_limit=rows)
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=90)
+    if device.type != "cuda":
+        return table
+    kernels = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type.name == "CUDA"]
+    busy_ms = busy_time(kernels) / 1e3
+    busy = f"device busy {busy_ms:.1f} ms ({busy_ms / wall_ms:.0%})"
+    return f"one profiled step: {wall_ms:.1f} ms, {busy}\n{table}"
+
+
+def busy_time(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals: device time with at least one kernel running."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def _sync(device: torch.device) -> None:

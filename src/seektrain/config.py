@@ -64,6 +64,9 @@ class TrainConfig:
     eval_batches: int = _opt(20, "micro-batches of the validation split per evaluation (0 = all)")
     log_every: int = _opt(10, "write a metrics line every N steps")
     compile: bool = _opt(False, "torch.compile each transformer block and the cross-entropy")
+    cuda_graphs: bool = _opt(
+        False, "with compile, on a GPU: replay each block's kernels as CUDA graphs (less host overhead)"
+    )
     activation_checkpointing: str = _opt(
         "none",
         "recompute activations in the backward pass to save memory: none; full (keep each block's input); "
@@ -114,6 +117,10 @@ class TrainConfig:
                 )
         if self.spike_window < 2:
             raise UserError(f"train.spike_window={self.spike_window} must be at least 2")
+        if self.cuda_graphs and not self.compile:
+            raise UserError("train.cuda_graphs replays the compiled blocks: set train.compile=true too")
+        if self.cuda_graphs and self.activation_checkpointing != "none":
+            raise UserError("train.cuda_graphs with activation checkpointing is not supported yet")
         last = -1.0
         for entry in self.mtp_weight_schedule:
             ok = (

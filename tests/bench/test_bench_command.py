@@ -5,7 +5,7 @@ import json
 import pytest
 
 from seektrain import cli
-from seektrain.bench import BenchConfig, bench_model_config
+from seektrain.bench import BenchConfig, bench_model_config, busy_time
 
 
 def test_bench_json_reports_a_training_step(capsys):
@@ -29,13 +29,29 @@ def test_profile_table_goes_to_stderr_and_json_stays_parseable(capsys):
     assert "aten::mm" in captured.err and "Self CPU" in captured.err
 
 
+def test_trace_writes_the_profiled_step_as_a_chrome_trace(tmp_path, capsys):
+    trace = tmp_path / "step.json"
+    argv = ["bench", "--seq", "16", "--batch", "2", "--steps", "1", "--warmup", "1", "--profile", "3"]
+    assert cli.main([*argv, "--trace", str(trace), "--json"]) == 0
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any(e.get("name") == "aten::mm" for e in events)
+
+
+def test_busy_time_is_the_union_of_kernel_intervals():
+    # overlapping, nested, touching and disjoint intervals, unsorted
+    assert busy_time([(5, 7), (0, 2), (1, 3), (1.5, 2.5), (3, 4), (10, 10)]) == 4 + 2
+    assert busy_time([]) == 0
+
+
 def test_dense_variant_has_no_moe_layers_and_keeps_the_layer_override():
     cfg = bench_model_config(BenchConfig(preset="tiny", dense=True, layers=6, seq=4096))
     assert cfg.num_hidden_layers == 6 and cfg.num_moe_layers == 0
     assert cfg.num_mtp_layers == 0 and cfg.max_position_embeddings >= 4096
 
 
-@pytest.mark.parametrize("argv", [["--preset", "nope"], ["--steps", "0"], ["--layers", "-1"]])
+@pytest.mark.parametrize(
+    "argv", [["--preset", "nope"], ["--steps", "0"], ["--layers", "-1"], ["--trace", "t.json"]]
+)
 def test_bad_input_is_one_error_line(argv, capsys):
     assert cli.main(["bench", *argv]) == 2
     err = capsys.readouterr().err

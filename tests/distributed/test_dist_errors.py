@@ -37,6 +37,13 @@ def test_a_config_mistake_is_reported_once(toy, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_cuda_graphs_under_torchrun_are_refused_before_anything_is_written(toy, tmp_path):
+    overrides = [*toy, "train.compile=true", "train.cuda_graphs=true"]
+    line = the_error(launch(train(tmp_path / "run", overrides), check=False))
+    assert line == "error: train.cuda_graphs is single-process for now (not under torchrun)"
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_missing_data_dir_is_reported_once(toy, tmp_path):
     line = the_error(launch(train(tmp_path / "run", [*toy, "data.path=/nonexistent/data"]), check=False))
     assert line.startswith("error: no prepared data at /nonexistent/data") and "seektrain prepare" in line

@@ -1,4 +1,4 @@
-"""CUDA-only checks: the native grouped GEMM path and the padded-v flash attention path."""
+"""CUDA-only checks: grouped GEMM, CUDA vs CPU, bf16 and compiled training steps, host syncs, CUDA graphs."""
 
 import dataclasses
 
@@ -104,3 +104,87 @@ def test_compiled_model_matches_eager_on_cuda_without_graph_breaks():
     err_c = ((grad_c - grad_32).norm() / grad_32.norm()).item()
     assert err_c <= 2 * err_e + 1e-2, (err_c, err_e)
     assert abs(loss_c - loss_32) <= 2 * abs(loss_e - loss_32) + 1e-3 * loss_32, (loss_c, loss_e, loss_32)
+
+
+def test_training_step_reads_the_device_once():
+    """A bf16 training step (forward/backward, norm, optimizer, expert-bias update) synchronizes with the
+    device once, when the host reads the loss sums and the gradient norm: the CPU can queue the next step
+    while the optimizer runs. CUDA's sync debug mode reports every synchronizing call."""
+    import warnings
+
+    from seektrain.config import OptimConfig
+    from seektrain.train.balance import update_expert_bias
+    from seektrain.train.optim import build_optimizer
+    from seektrain.train.step import Stepper
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny")
+    with torch.device("cuda"):
+        model = Transformer(cfg)
+    optimizer = build_optimizer(model, OptimConfig())
+    stepper = Stepper(model, optimizer, "bf16", torch.device("cuda"), grad_clip=1e9)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 129))  # on the CPU, like the loader's batches
+
+    def step():
+        stats = stepper.forward_backward([(tokens[:, :-1], tokens[:, 1:])], 0.3, cfg.num_mtp_layers)
+        stepper.clip()
+        stepper.apply(1e-4)
+        update_expert_bias(model.moe_layers(), stats.expert_counts, 1e-3)
+        update_expert_bias(model.mtp_moe_layers(), stats.mtp_expert_counts, 1e-3)
+
+    step()  # the first step creates the optimizer state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 2, syncs
+
+
+def test_cuda_graphs_replay_the_compiled_step():
+    """Blocks compiled with CUDA graphs (recorded once, then replayed) train like the plain compiled blocks:
+    the same kernels run, so the first loss is identical; later steps may differ by the order of atomic
+    adds (e.g. the embedding's backward), hence rel 1e-4 there. Inductor recorded every graph."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    from seektrain.config import OptimConfig
+    from seektrain.distributed.parallelize import apply_compile
+    from seektrain.train.optim import build_optimizer
+    from seektrain.train.step import Stepper
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(ModelConfig.from_preset("tiny"), num_hidden_layers=2, num_mtp_layers=1)
+    with torch.device("cuda"):
+        plain = Transformer(cfg)
+    graphed = copy.deepcopy(plain)
+    torch._dynamo.reset()
+    counters.clear()
+    apply_compile(plain)
+    apply_compile(graphed, cuda_graphs=True)
+    batches = [torch.randint(0, cfg.vocab_size, (2, 129)) for _ in range(4)]
+
+    def train(model):
+        graphs = model is graphed
+        optimizer = build_optimizer(model, OptimConfig())
+        stepper = Stepper(model, optimizer, "bf16", torch.device("cuda"), 1.0, cuda_graphs=graphs)
+        losses = []
+        for i in range(0, len(batches), 2):  # two steps of two micro-batches
+            micro = [(t[:, :-1], t[:, 1:]) for t in batches[i : i + 2]]
+            stats = stepper.forward_backward(micro, 0.3, 1)
+            stepper.clip()
+            stepper.apply(1e-3)
+            losses.append((stats.loss, stats.mtp_loss, stats.grad_norm))
+        return losses
+
+    want, got = train(plain), train(graphed)
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert got[0] == want[0]
+    for a, b in zip(got[1:], want[1:], strict=True):
+        assert a == pytest.approx(b, rel=1e-4)

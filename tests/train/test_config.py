@@ -82,6 +82,16 @@ def test_bad_values_name_the_key(override, words):
         assert word in str(e.value)
 
 
+def test_cuda_graphs_need_compile_and_no_activation_checkpointing():
+    with pytest.raises(UserError, match="train.compile=true"):
+        load_config(overrides=["train.cuda_graphs=true"])
+    with pytest.raises(UserError, match="activation checkpointing"):
+        load_config(
+            overrides=["train.compile=true", "train.cuda_graphs=true", "train.activation_checkpointing=full"]
+        )
+    assert load_config(overrides=["train.compile=true", "train.cuda_graphs=true"]).train.cuda_graphs
+
+
 def test_unknown_preset_and_missing_file(tmp_path):
     with pytest.raises(UserError, match="tiny"):
         load_config(preset="tinny")

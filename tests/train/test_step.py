@@ -22,9 +22,9 @@ def gradients_after_clip(grad_clip: float) -> tuple[float, list[torch.Tensor], l
     optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2)
     stepper = Stepper(model, optimizer, "fp32", torch.device("cpu"), grad_clip=grad_clip)
     tokens = torch.randint(0, CFG.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
-    stepper.forward_backward([(tokens[:, :-1], tokens[:, 1:])], 0.0, 0)
+    norm = stepper.forward_backward([(tokens[:, :-1], tokens[:, 1:])], 0.0, 0).grad_norm
     before = [p.grad.clone() for p in model.parameters()]
-    norm = stepper.clip()
+    stepper.clip()
     return norm, before, [p.grad for p in model.parameters()]
 
 

@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="with --compile, on a GPU: replay each block as CUDA graphs")
     p.add_argument("--activation-checkpointing", nargs="?", const="full", default="none",
                    choices=["none", "full", "selective"],
                    help="recompute activations in the backward: full (the flag alone) or selective")
@@ -31,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="MTP depth (default 0, like the transformers peer; its FLOPs are not counted)")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="after timing, profile one step and print its top ROWS ops by device time (stderr)")
+    p.add_argument("--trace", default=None, metavar="PATH",
+                   help="with --profile: also write the profiled step's timeline as a Chrome trace (JSON)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -48,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name} must be positive, got {value}")
+    if args.trace and not args.profile:
+        raise UserError("--trace writes the profiled step's timeline: add --profile ROWS")
     cfg = BenchConfig(
         preset=preset,
         batch=args.batch or (8 if gpu else 4),
@@ -55,12 +61,14 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps,
         warmup=args.warmup,
         precision=args.precision,
-        compile=args.compile,
+        compile=args.compile or args.cuda_graphs,
+        cuda_graphs=args.cuda_graphs,
         activation_checkpointing=args.activation_checkpointing,
         dense=args.dense,
         layers=args.layers,
         mtp=args.mtp,
         profile=args.profile,
+        trace=args.trace,
     )
     result = run_bench(cfg)
     table = result.pop("profile", None)

@@ -61,11 +61,19 @@ def apply_activation_checkpointing(model: torch.nn.Module, mode: str = "full") -
         block.forward = checkpointed
 
 
-def apply_compile(model: torch.nn.Module, backend: str = "inductor") -> None:
+def apply_compile(model: torch.nn.Module, backend: str = "inductor", cuda_graphs: bool = False) -> None:
     """torch.compile each block and the cross-entropy in place (module.compile keeps parameter names).
-    `backend="aot_eager"` traces the same graphs without generating kernels (what tests need)."""
-    for block in [*blocks(model), model.cross_entropy]:
-        block.compile(backend=backend)
+    `backend="aot_eager"` traces the same graphs without generating kernels (what tests need).
+
+    `cuda_graphs`: each block's forward and backward are recorded once as CUDA graphs and replayed
+    (inductor's `reduce-overhead` mode), so the host no longer launches their kernels one by one: the
+    step stops waiting on Python. Inputs from outside the graphs are copied into static buffers, which is
+    why the cross-entropy (whose input is the whole logits tensor) stays a plain compiled function. On
+    CPU inductor skips the recording and runs the compiled code."""
+    mode = "reduce-overhead" if cuda_graphs else None
+    for block in blocks(model):
+        block.compile(backend=backend, mode=mode)
+    model.cross_entropy.compile(backend=backend)
 
 
 def apply_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -1,5 +1,9 @@
-"""One optimizer step, in three parts the trainer sequences: forward/backward over the micro-batches,
-unscale + clip (which yields the gradient norm the guard judges), then the optimizer step.
+"""One optimizer step, in three parts the trainer sequences: forward/backward over the micro-batches
+(ending with the gradient norm the guard judges), clip, then the optimizer step.
+
+The host reads the device once per step: the loss sums and the gradient norm, together, after the last
+backward. Everything else stays queued on the device (expert counts feed the bias update there; batches
+are copied from pinned memory), so the CPU prepares the next step while the optimizer runs.
 
 Precision: `fp32`; `bf16` autocast over fp32 master weights; `fp16` autocast with dynamic loss
 scaling (GradScaler: the scale backs off and the step is skipped on overflow, grows after a run of
@@ -32,9 +36,10 @@ class StepStats:
     loss: float  # main cross-entropy, mean over the global batch's targets
     mtp_loss: float  # MTP cross-entropy, mean over its targets (all depths)
     balance_loss: float  # sequence-wise balance loss, mean over micro-batches (of all ranks)
+    grad_norm: float  # global gradient norm before clipping (unscaled under fp16; inf/nan if bad)
     tokens: int  # main targets in the step (all ranks)
-    expert_counts: torch.Tensor  # (n_moe_layers, E) int64, summed over micro-batches and ranks
-    mtp_expert_counts: torch.Tensor  # (MTP MoE layers, E) int64, likewise
+    expert_counts: torch.Tensor  # (n_moe_layers, E) int64 on the device, summed over micro-batches and ranks
+    mtp_expert_counts: torch.Tensor  # (MTP MoE layers, E) int64 on the device, likewise
 
 
 class Stepper:
@@ -48,14 +53,17 @@ class Stepper:
         device: torch.device,
         grad_clip: float,
         world_size: int = 1,
+        cuda_graphs: bool = False,
     ):
         self.model = model  # the module to call: the model itself, or its DDP/FSDP2 form
+        self.cuda_graphs = cuda_graphs  # blocks replayed as CUDA graphs (see forward_backward)
         self.optimizer = optimizer
         self.device = device
         self.grad_clip = grad_clip
         self.world_size = world_size
         self.autocast_dtype = AUTOCAST_DTYPES[precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self._norm: tuple[torch.Tensor, float] | None = None  # the last gradient norm: on the device, read
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -65,15 +73,17 @@ class Stepper:
     def forward_backward(
         self, batches: list[tuple[torch.Tensor, torch.Tensor]], mtp_weight: float, mtp_depth: int
     ) -> StepStats:
-        """Accumulate the gradient of the global-batch loss over micro-batches (x, y) each (mb, T)."""
+        """Accumulate the gradient of the global-batch loss over micro-batches (x, y) each (mb, T), then
+        take its global norm (after unscaling under fp16)."""
         self.optimizer.zero_grad(set_to_none=True)
         n_main, n_mtp = self._all_reduce_counts(*target_counts([y for _, y in batches], mtp_depth))
         n_micro, ranks = len(batches) * self.world_size, self.world_size
         main = mtp = balance = torch.zeros((), device=self.device)
         counts = None
         for i, (x, y) in enumerate(batches):
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
+            if self.cuda_graphs:
+                self._start_graph_run(i)
+            x, y = self._to_device(x), self._to_device(y)
             with gradient_sync(self.model, enabled=i == len(batches) - 1):
                 with self.autocast():
                     out = self.model(x, y)
@@ -88,16 +98,40 @@ class Stepper:
         if ranks > 1:
             dist.all_reduce(sums)
             dist.all_reduce(counts)
+        self.scaler.unscale_(self.optimizer)  # fp16: the norm (and the clip) see the true gradients
+        norm = global_norm([p.grad for p in self._params_with_grad()])
+        main, mtp, balance, grad_norm = torch.cat([sums, norm.view(1)]).tolist()  # the step's one read
+        self._norm = (norm, grad_norm)
         n_main_rows = out.expert_counts.shape[0]
-        main, mtp, balance = sums.tolist()
         return StepStats(
             loss=main / max(n_main, 1),
             mtp_loss=mtp / n_mtp if n_mtp else 0.0,
             balance_loss=balance / n_micro,
+            grad_norm=grad_norm,
             tokens=n_main,
-            expert_counts=counts[:n_main_rows].cpu(),
-            mtp_expert_counts=counts[n_main_rows:].cpu(),
+            expert_counts=counts[:n_main_rows],
+            mtp_expert_counts=counts[n_main_rows:],
         )
+
+    def _start_graph_run(self, micro_batch: int) -> None:
+        """Before each micro-batch with CUDA-graphed blocks. The last run's graph outputs are consumed (its
+        sums were added into new tensors) except the gradients: autograd installs the first backward's
+        gradient outputs as `.grad` without a copy, and replaying the graphs would overwrite them in place
+        (pytorch/pytorch#169545: wrong sums, silently). So they are copied out once, after the first
+        micro-batch; later ones accumulate into those copies in place."""
+        if micro_batch == 1:
+            for p in self._params_with_grad():
+                p.grad = p.grad.clone()
+        torch.compiler.cudagraph_mark_step_begin()
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """A copy from pinned memory is asynchronous; from pageable memory it would wait for the device."""
+        if self.device.type == "cuda" and batch.device.type == "cpu":
+            batch = batch.contiguous().pin_memory()  # a strided view would be staged through pageable memory
+        return batch.to(self.device, non_blocking=True)
+
+    def _params_with_grad(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
 
     def _all_reduce_counts(self, n_main: int, n_mtp: int) -> tuple[int, int]:
         """Target counts over all ranks' micro-batches (the loss denominators)."""
@@ -107,17 +141,13 @@ class Stepper:
         dist.all_reduce(both)
         return int(both[0]), int(both[1])
 
-    def clip(self) -> float:
-        """Unscale (fp16) and clip to the global norm; return the norm before clipping (inf/nan if bad)."""
-        self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        norm = global_norm([p.grad for p in params])
-        value = norm.item()
-        # clip_grads_with_norm_ scales every gradient by min(1, max_norm / (norm + 1e-6)): a read and a
-        # write of all of them (2.3 ms of a 95 ms `small` step on an H200); skipped when the factor is 1.
+    def clip(self) -> None:
+        """Scale the last forward_backward's gradients by max_norm / (norm + 1e-6) when that is below 1.
+        Scaling is a read and a write of every gradient (2.3 ms of a 95 ms `small` step on an H200), so it
+        is skipped when not needed; the factor is computed from the norm still on the device."""
+        norm, value = self._norm
         if self.grad_clip > 0 and value + 1e-6 > self.grad_clip:
-            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
-        return value
+            torch.nn.utils.clip_grads_with_norm_(self._params_with_grad(), self.grad_clip, norm)
 
     def apply(self, lr: float) -> bool:
         """Optimizer step at learning rate `lr`; False when the scaler skipped it (fp16 overflow)."""

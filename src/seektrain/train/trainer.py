@@ -96,6 +96,8 @@ class Trainer:
                 f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                 f"train.micro_batch_size × ranks = {t.micro_batch_size} × {self.dist.world_size}"
             )
+        if t.cuda_graphs and self.dist.distributed:
+            raise UserError("train.cuda_graphs is single-process for now (not under torchrun)")
         from seektrain.data.loader import TokenLoader
 
         # The loader serves the global stream in units of one micro-batch per rank; a step takes as many
@@ -132,7 +134,7 @@ class Trainer:
         if t.activation_checkpointing != "none":
             parallelize.apply_activation_checkpointing(model, t.activation_checkpointing)
         if t.compile:
-            parallelize.apply_compile(model)
+            parallelize.apply_compile(model, cuda_graphs=t.cuda_graphs)
         wrapped = model
         if self.dist.distributed:
             p = self.cfg.parallel
@@ -143,7 +145,13 @@ class Trainer:
                 parallelize.apply_fsdp(model, mesh, t.precision)
         self.optimizer = build_optimizer(model, self.cfg.optim)  # after FSDP2: over the sharded parameters
         self.stepper = Stepper(
-            wrapped, self.optimizer, t.precision, self.device, t.grad_clip, self.dist.world_size
+            wrapped,
+            self.optimizer,
+            t.precision,
+            self.device,
+            t.grad_clip,
+            self.dist.world_size,
+            cuda_graphs=t.cuda_graphs,
         )
         self.guard = Guard(t.max_bad_steps, t.spike_zscore, t.spike_window)
         self.counters = Counters()
@@ -261,7 +269,8 @@ class Trainer:
             batches = [next(self.loader) for _ in range(n_units)]
             mtp_weight = mtp_weight_at(step, t.steps, t.mtp_weight_schedule, self.model_cfg.mtp_loss_weight)
             stats = self.stepper.forward_backward(batches, mtp_weight, self.model_cfg.num_mtp_layers)
-            grad_norm = self.stepper.clip()
+            grad_norm = stats.grad_norm
+            self.stepper.clip()
             lr = self.cfg.optim.lr * lr_factor(
                 step, t.steps, self.cfg.optim, lambda s: self._token_before[s - 1]
             )
