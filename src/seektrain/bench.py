@@ -88,11 +88,13 @@ def run_bench(cfg: BenchConfig, device: torch.device | None = None) -> dict:
         update_expert_bias(model.mtp_moe_layers(), stats.mtp_expert_counts, speed)
         return stats.loss
 
+    if device.type == "cuda":
+        # The peak covers the warm-up too (as the peer's does): CUDA graphs are recorded there, and their
+        # memory pool is reused by every replay without being allocated again.
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(cfg.warmup):
         step()
     _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(cfg.steps):
         loss = step()
