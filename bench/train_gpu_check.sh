@@ -15,5 +15,5 @@ timeout "${TRAIN_TIMEOUT:-240}" $PY -m seektrain train --preset small --set mode
   --set train.precision=bf16 --set train.compile=true --set train.cuda_graphs=true \
   --set train.global_batch_size=8 --set train.steps=20 --set train.log_every=10 --set train.eval_every=10 \
   --set train.eval_batches=2 --set log.progress=false --set log.tensorboard=false --run-dir "$RUN" 2>&1 \
-  | tail -n 6 | tee "$OUT/train_graphs.txt"
+  | tail -n 12 | tee "$OUT/train_graphs.txt"
 grep -E '"step": (10|20),' "$RUN/metrics.jsonl" | tee "$OUT/train_graphs.jsonl"
