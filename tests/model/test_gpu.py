@@ -16,6 +16,20 @@ pytestmark = [
 ]
 
 
+def twin_models(cfg: ModelConfig) -> tuple[Transformer, Transformer]:
+    """Two CUDA models with the same weights, after a fresh start of torch.compile's caches and counters."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Transformer(cfg)
+    torch._dynamo.reset()
+    counters.clear()
+    return model, copy.deepcopy(model)
+
+
 def test_grouped_mm_kernel_matches_per_expert_fallback_in_bf16(monkeypatch):
     torch.manual_seed(0)
     cfg = dataclasses.replace(ModelConfig.from_preset("small"), hidden_size=256, moe_intermediate_size=128)
@@ -70,19 +84,13 @@ def test_bf16_autocast_training_step_is_finite():
 def test_compiled_model_matches_eager_on_cuda_without_graph_breaks():
     """The GPU training configuration (bf16 autocast, blocks and cross-entropy compiled) runs in one graph
     per block and is as close to the fp32 model as eager bf16 is."""
-    import copy
 
     from torch._dynamo.utils import counters
 
     from seektrain.distributed.parallelize import apply_compile
 
-    torch.manual_seed(0)
     cfg = dataclasses.replace(ModelConfig.from_preset("tiny"), num_hidden_layers=2)
-    with torch.device("cuda"):
-        eager = Transformer(cfg)
-    compiled = copy.deepcopy(eager)
-    torch._dynamo.reset()
-    counters.clear()
+    eager, compiled = twin_models(cfg)
     apply_compile(compiled)
     tokens = torch.randint(0, cfg.vocab_size, (2, 129), device="cuda")
 
@@ -150,7 +158,6 @@ def test_cuda_graphs_replay_the_compiled_step():
     """Blocks compiled with CUDA graphs (recorded once, then replayed) train like the plain compiled blocks:
     the same kernels run, so the first loss is identical; later steps may differ by the order of atomic
     adds (e.g. the embedding's backward), hence rel 1e-4 there. Inductor recorded every graph."""
-    import copy
 
     from torch._dynamo.utils import counters
 
@@ -159,13 +166,8 @@ def test_cuda_graphs_replay_the_compiled_step():
     from seektrain.train.optim import build_optimizer
     from seektrain.train.step import Stepper
 
-    torch.manual_seed(0)
     cfg = dataclasses.replace(ModelConfig.from_preset("tiny"), num_hidden_layers=2, num_mtp_layers=1)
-    with torch.device("cuda"):
-        plain = Transformer(cfg)
-    graphed = copy.deepcopy(plain)
-    torch._dynamo.reset()
-    counters.clear()
+    plain, graphed = twin_models(cfg)
     apply_compile(plain)
     apply_compile(graphed, cuda_graphs=True)
     batches = [torch.randint(0, cfg.vocab_size, (2, 129)) for _ in range(4)]
