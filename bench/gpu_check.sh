@@ -25,6 +25,8 @@ echo "== seektrain small (MoE), compiled"
 bench 180 --preset "$PRESET" --compile
 echo "== seektrain small (MoE), compiled, CUDA graphs, with a profile of one step"
 bench 180 --preset "$PRESET" --cuda-graphs --profile 40 2> >(tail -n 55 > "$OUT/profile_small.txt")
+echo "== seektrain small (MoE), compiled, CUDA graphs, AdamW moments in bf16 (optim.state_dtype)"
+bench 180 --preset "$PRESET" --cuda-graphs --optimizer-states bf16
 echo "== transformers peer"
 timeout 150 $PY .gpu/peer_transformers.py ${PEER_ARGS:-} | tee "$OUT/peer.txt"
 echo "== seektrain dense (MoE off, 24 layers ~ the 375M Llama peer): compiled, then with CUDA graphs"
@@ -54,6 +56,7 @@ for name in ("bench.jsonl", "bench_baseline.jsonl"):
     for line in open(path) if path.exists() else []:
         r = json.loads(line)
         tag = " (baseline src)" if name != "bench.jsonl" else ""
+        tag += " (bf16 moments)" if r.get("optimizer_states") == "bf16" else ""
         print(f"seektrain {r['preset']}{tag} | {r['compile']} | {r.get('cuda_graphs')} (skips {r.get('cudagraph_skips')}) | {r.get('graph_breaks')}"
               f" | {r['tokens_per_s']}"
               f" | {r['tflops']} | {r['mfu']} | {r['peak_mem_gib']}")

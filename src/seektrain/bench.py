@@ -39,6 +39,7 @@ class BenchConfig:
     cuda_graphs: bool = False  # with compile: replay each block as CUDA graphs
     activation_checkpointing: str = "none"  # none, full or selective
     dense: bool = False  # every layer a dense SwiGLU MLP (MoE off), for the dense peer comparison
+    state_dtype: str = "fp32"  # AdamW's moments: fp32 or bf16 (optim.state_dtype)
     layers: int | None = None  # override the preset's layer count (e.g. a dense model of similar size)
     mtp: int = 0  # MTP depth; 0 like the transformers peer, which does not train MTP (and FLOPs omit it)
     profile: int = 0  # > 0: after timing, profile one step and return a table of its top `profile` kernels
@@ -73,7 +74,7 @@ def run_bench(cfg: BenchConfig, device: torch.device | None = None) -> dict:
         counters["graph_break"].clear()
         counters["inductor"].clear()
         apply_compile(model, cuda_graphs=cfg.cuda_graphs)
-    optimizer = build_optimizer(model, OptimConfig())
+    optimizer = build_optimizer(model, OptimConfig(state_dtype=cfg.state_dtype))
     stepper = Stepper(model, optimizer, precision, device, grad_clip=1.0, cuda_graphs=cfg.cuda_graphs)
     gen = torch.Generator().manual_seed(cfg.seed)
     tokens = torch.randint(0, model_cfg.vocab_size, (cfg.batch, cfg.seq + 1), generator=gen)
@@ -113,6 +114,7 @@ def run_bench(cfg: BenchConfig, device: torch.device | None = None) -> dict:
         "compile": cfg.compile,
         "cuda_graphs": cfg.cuda_graphs,
         "activation_checkpointing": cfg.activation_checkpointing,
+        "optimizer_states": cfg.state_dtype,
         "batch": cfg.batch,
         "seq": cfg.seq,
         "total_params_M": round(model_cfg.num_params() / 1e6, 1),

@@ -144,6 +144,11 @@ class OptimConfig:
     beta1: float = _opt(0.9, "first-moment decay")
     beta2: float = _opt(0.95, "second-moment decay")
     eps: float = _opt(1e-8, "denominator epsilon")
+    state_dtype: str = _opt(
+        "fp32",
+        "AdamW's moments in fp32, or bf16 (half their memory and traffic, as DeepSeek-V3; for β2 ≤ ~0.99)",
+        ("fp32", "bf16"),
+    )
     schedule: str = _opt(
         "cosine",
         "cosine, wsd (warmup-stable-decay), multistep (DeepSeek) or constant",
@@ -158,6 +163,8 @@ class OptimConfig:
 
     def validate(self) -> None:
         _positive(self, "lr")
+        if self.state_dtype != "fp32" and self.name != "adamw":
+            raise UserError(f"optim.state_dtype={self.state_dtype} is for adamw, not {self.name}")
         for name in ("weight_decay", "eps", "warmup_steps"):
             _non_negative(self, name)
         for name in ("beta1", "beta2", "min_lr_ratio", "decay_fraction"):

@@ -103,6 +103,23 @@ def test_fsdp_matches_one_process_and_its_checkpoint_resumes_on_one_rank(toy, re
         torch.testing.assert_close(sharded[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_fsdp_with_bf16_moments_matches_one_process_and_resumes_on_one_rank(toy, tmp_path):
+    """optim.state_dtype=bf16 on sharded parameters: each rank updates its shards of the bf16 moments,
+    which the sharded checkpoint stores and one process resumes. Against one process with bf16 moments, to
+    the same 1e-5 as in fp32 (it holds here; were a reduction-order difference to move a moment across a
+    bf16 rounding boundary, that step's update would shift by up to 2^-9 of it)."""
+    bf16 = [*toy, "optim.state_dtype=bf16"]
+    single = tmp_path / "single"
+    train_here(bf16, single)
+    run = tmp_path / "fsdp"
+    launch(worker(run, [*bf16, "parallel.dp_mode=fsdp"]))
+    assert_same_curve(run, single, range(1, 9))
+    resumed = tmp_path / "resumed-on-1"
+    trainer = train_here(bf16, resumed, resume=str(run / "checkpoints" / "step_00000004"))
+    assert {s["exp_avg"].dtype for s in trainer.optimizer.state.values()} == {torch.bfloat16}
+    assert_same_curve(resumed, single, range(5, 9))
+
+
 def test_one_process_checkpoint_resumes_on_two_ranks_with_the_cli(toy, reference, tmp_path):
     ref_run, _ = reference
     run = tmp_path / "resumed-on-2"

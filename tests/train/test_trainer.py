@@ -202,3 +202,24 @@ def test_mtp_expert_biases_are_balanced_too(make, tmp_path):
     steps = bias / 0.01  # each entry is a sum of three ±1 (or 0) moves
     torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-4)
     assert steps.abs().max() <= 3
+
+
+def test_bf16_moments_resume_exactly(make, tmp_path):
+    """optim.state_dtype=bf16: a run resumed from its step-2 checkpoint ends with the same weights and
+    moments as the uninterrupted run (the checkpoint holds the bf16 moments; loading keeps them bf16)."""
+    import shutil
+
+    overrides = ("optim.state_dtype=bf16", "train.steps=4", "checkpoint.every=2", "train.eval_every=0")
+    straight = make(tmp_path / "a", *overrides)
+    assert straight.fit() == 0
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_00000004")
+    resumed = make(tmp_path / "b", *overrides)
+    assert resumed.counters.step == 2
+    assert resumed.fit() == 0
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    states = list(zip(straight.optimizer.state.values(), resumed.optimizer.state.values(), strict=True))
+    assert {s["exp_avg_sq"].dtype for s, _ in states} == {torch.bfloat16}
+    for s, r in states:
+        assert torch.equal(s["exp_avg"], r["exp_avg"]) and torch.equal(s["exp_avg_sq"], r["exp_avg_sq"])

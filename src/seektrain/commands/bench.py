@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    choices=["none", "full", "selective"],
                    help="recompute activations in the backward: full (the flag alone) or selective")
     p.add_argument("--dense", action="store_true", help="MoE off: every layer a dense SwiGLU MLP")
+    p.add_argument("--optimizer-states", choices=["fp32", "bf16"], default="fp32",
+                   help="AdamW's moments in fp32 (default) or bf16 (optim.state_dtype)")
     p.add_argument("--layers", type=int, default=None, help="override the preset's number of layers")
     p.add_argument("--mtp", type=int, default=0,
                    help="MTP depth (default 0, like the transformers peer; its FLOPs are not counted)")
@@ -65,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         cuda_graphs=args.cuda_graphs,
         activation_checkpointing=args.activation_checkpointing,
         dense=args.dense,
+        state_dtype=args.optimizer_states,
         layers=args.layers,
         mtp=args.mtp,
         profile=args.profile,
