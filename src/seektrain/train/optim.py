@@ -61,32 +61,20 @@ class AdamWBf16Moments(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
+        loss = _run_closure(closure)
+        scalars: dict[tuple, torch.Tensor] = {}  # per group, step count and device
+        for group, p, state, step in _params_with_state(self, self.STATE_DTYPE):
             beta1, beta2 = group["betas"]
-            scalars: dict[tuple[float, torch.device], torch.Tensor] = {}  # per step count and device
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=self.STATE_DTYPE)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.STATE_DTYPE)
-                state["step"] += 1
-                step = state["step"].item()
-                device = _local(p).device
-                if (step, device) not in scalars:
-                    values = [group["lr"], group["weight_decay"], beta1, beta2, group["eps"]]
-                    values += [1 - beta1**step, 1 - beta2**step]
-                    scalars[step, device] = _to(torch.tensor([float(v) for v in values]), device)
-                tensors = [_local(x) for x in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
-                if all(x.is_contiguous() for x in tensors):  # one compiled graph serves every shape
-                    tensors = [x.view(-1) for x in tensors]
-                self._update(*tensors, scalars[step, device])
+            device = _local(p).device
+            key = (id(group), step, device)
+            if key not in scalars:
+                values = [group["lr"], group["weight_decay"], beta1, beta2, group["eps"]]
+                values += [1 - beta1**step, 1 - beta2**step]
+                scalars[key] = _to(torch.tensor([float(v) for v in values]), device)
+            tensors = [_local(x) for x in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+            if all(x.is_contiguous() for x in tensors):  # one compiled graph serves every shape
+                tensors = [x.view(-1) for x in tensors]
+            self._update(*tensors, scalars[key])
         return loss
 
     @staticmethod
@@ -148,29 +136,44 @@ class Lamb(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
+        loss = _run_closure(closure)
+        for group, p, state, t in _params_with_state(self):
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                t = state["step"].item()
-                m, v, g = state["exp_avg"], state["exp_avg_sq"], p.grad
-                m.mul_(beta1).add_(g, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                update = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + group["eps"])
-                if group["weight_decay"]:
-                    update.add_(p, alpha=group["weight_decay"])
-                p_norm, u_norm = p.norm(), update.norm()
-                ratio = torch.where((p_norm > 0) & (u_norm > 0), p_norm / u_norm, torch.ones_like(p_norm))
-                p.add_(update * ratio, alpha=-group["lr"])
+            m, v, g = state["exp_avg"], state["exp_avg_sq"], p.grad
+            m.mul_(beta1).add_(g, alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            update = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + group["eps"])
+            if group["weight_decay"]:
+                update.add_(p, alpha=group["weight_decay"])
+            p_norm, u_norm = p.norm(), update.norm()
+            ratio = torch.where((p_norm > 0) & (u_norm > 0), p_norm / u_norm, torch.ones_like(p_norm))
+            p.add_(update * ratio, alpha=-group["lr"])
         return loss
+
+
+def _run_closure(closure):
+    """The loss of an optimizer's closure (re-evaluated with gradients on), or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def _params_with_state(optimizer: torch.optim.Optimizer, moment_dtype: torch.dtype | None = None):
+    """(group, parameter, state, step) for every parameter with a gradient: Adam-style state (step and
+    two moments, of `moment_dtype` or the parameter's) created on first sight, the step count advanced."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = optimizer.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(
+                    p, dtype=moment_dtype, memory_format=torch.preserve_format
+                )
+                state["exp_avg_sq"] = torch.zeros_like(
+                    p, dtype=moment_dtype, memory_format=torch.preserve_format
+                )
+            state["step"] += 1
+            yield group, p, state, state["step"].item()
