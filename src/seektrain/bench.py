@@ -10,6 +10,7 @@ reported too (each one costs fusions and a trip back to Python).
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,6 +76,8 @@ def run_bench(cfg: BenchConfig, device: torch.device | None = None) -> dict:
         counters["inductor"].clear()
         apply_compile(model, cuda_graphs=cfg.cuda_graphs)
     optimizer = build_optimizer(model, OptimConfig(state_dtype=cfg.state_dtype))
+    if cfg.cuda_graphs and not cfg.compile:
+        raise ValueError("cuda_graphs replays the compiled blocks: set compile too")
     stepper = Stepper(model, optimizer, precision, device, grad_clip=1.0, cuda_graphs=cfg.cuda_graphs)
     gen = torch.Generator().manual_seed(cfg.seed)
     tokens = torch.randint(0, model_cfg.vocab_size, (cfg.batch, cfg.seq + 1), generator=gen)
@@ -84,9 +87,9 @@ def run_bench(cfg: BenchConfig, device: torch.device | None = None) -> dict:
     def step() -> float:
         stats = stepper.forward_backward(batch, model_cfg.mtp_loss_weight, model_cfg.num_mtp_layers)
         stepper.clip()
-        stepper.apply(1e-4)
-        update_expert_bias(model.moe_layers(), stats.expert_counts, speed)
-        update_expert_bias(model.mtp_moe_layers(), stats.mtp_expert_counts, speed)
+        if stepper.apply(1e-4):  # as the trainer: no bias update for a step the fp16 scaler skipped
+            update_expert_bias(model.moe_layers(), stats.expert_counts, speed)
+            update_expert_bias(model.mtp_moe_layers(), stats.mtp_expert_counts, speed)
         return stats.loss
 
     if device.type == "cuda":
@@ -147,15 +150,26 @@ def profile_table(
         _sync(device)
         wall_ms = (time.perf_counter() - start) * 1e3
     if trace:
-        prof.export_chrome_trace(trace)
+        partial = f"{trace}.partial"
+        prof.export_chrome_trace(partial)
+        os.replace(partial, trace)
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=90)
     if device.type != "cuda":
         return table
-    kernels = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type.name == "CUDA"]
-    busy_ms = busy_time(kernels) / 1e3
+    busy_ms = busy_time(device_intervals(prof.events())) / 1e3
     busy = f"device busy {busy_ms:.1f} ms ({busy_ms / wall_ms:.0%})"
     return f"one profiled step: {wall_ms:.1f} ms, {busy}\n{table}"
+
+
+def device_intervals(events) -> list[tuple[float, float]]:
+    """(start, end) of the profiler events that ran on the GPU: kernels and copies, not the annotation
+    ranges (e.g. inductor's `## Call CompiledFxGraph ##`) that span the gaps between them."""
+    return [
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.device_type.name == "CUDA" and not getattr(e, "is_user_annotation", False)
+    ]
 
 
 def busy_time(intervals: list[tuple[float, float]]) -> float:

@@ -1,11 +1,12 @@
 """`seektrain bench` end to end on CPU at toy size: it runs real steps and reports honest figures."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from seektrain import cli
-from seektrain.bench import BenchConfig, bench_model_config, busy_time
+from seektrain.bench import BenchConfig, bench_model_config, busy_time, device_intervals
 
 
 def test_bench_json_reports_a_training_step(capsys):
@@ -43,6 +44,28 @@ def test_busy_time_is_the_union_of_kernel_intervals():
     assert busy_time([]) == 0
 
 
+def test_device_intervals_are_kernels_and_copies_not_annotations():
+    """inductor's `## Call CompiledFxGraph ##` ranges are CUDA-side annotations spanning the gaps between
+    kernels: counting them would call an idle device busy."""
+
+    def event(kind, start, end, annotation=False):
+        device = SimpleNamespace(name=kind)
+        return SimpleNamespace(
+            device_type=device,
+            time_range=SimpleNamespace(start=start, end=end),
+            is_user_annotation=annotation,
+        )
+
+    events = [
+        event("CUDA", 0, 100, annotation=True),
+        event("CUDA", 10, 20),
+        event("CPU", 0, 90),
+        event("CUDA", 50, 60),
+    ]
+    assert device_intervals(events) == [(10, 20), (50, 60)]
+    assert busy_time(device_intervals(events)) == 20
+
+
 def test_dense_variant_has_no_moe_layers_and_keeps_the_layer_override():
     cfg = bench_model_config(BenchConfig(preset="tiny", dense=True, layers=6, seq=4096))
     assert cfg.num_hidden_layers == 6 and cfg.num_moe_layers == 0
@@ -50,7 +73,15 @@ def test_dense_variant_has_no_moe_layers_and_keeps_the_layer_override():
 
 
 @pytest.mark.parametrize(
-    "argv", [["--preset", "nope"], ["--steps", "0"], ["--layers", "-1"], ["--trace", "t.json"]]
+    "argv",
+    [
+        ["--preset", "nope"],
+        ["--steps", "0"],
+        ["--layers", "-1"],
+        ["--trace", "t.json"],
+        ["--profile", "3", "--trace", "/nonexistent/dir/t.json"],
+        ["--cuda-graphs", "--activation-checkpointing"],
+    ],
 )
 def test_bad_input_is_one_error_line(argv, capsys):
     assert cli.main(["bench", *argv]) == 2

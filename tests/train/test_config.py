@@ -92,6 +92,11 @@ def test_cuda_graphs_need_compile_and_no_activation_checkpointing():
     assert load_config(overrides=["train.compile=true", "train.cuda_graphs=true"]).train.cuda_graphs
 
 
+def test_bf16_moments_are_for_adamw():
+    with pytest.raises(UserError, match="optim.state_dtype=bf16 is for adamw, not lamb"):
+        load_config(overrides=["optim.name=lamb", "optim.state_dtype=bf16"])
+
+
 def test_unknown_preset_and_missing_file(tmp_path):
     with pytest.raises(UserError, match="tiny"):
         load_config(preset="tinny")

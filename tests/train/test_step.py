@@ -47,6 +47,37 @@ def test_gradients_below_the_clip_are_untouched(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
 
 
+def test_cuda_graph_bookkeeping_keeps_accumulation_exact():
+    """With cuda_graphs the step copies the blocks' first-micro-batch gradients out before the next one
+    (on a GPU the replay would overwrite them; on the CPU nothing is recorded, the copies run the same).
+    Accumulation over two micro-batches is unchanged, and only the blocks' gradients were replaced."""
+    tokens = torch.randint(0, CFG.vocab_size, (4, 33), generator=torch.Generator().manual_seed(2))
+    micro = [(tokens[:2, :-1], tokens[:2, 1:]), (tokens[2:, :-1], tokens[2:, 1:])]
+    results = []
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        model = Transformer(CFG)
+        optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2)
+        stepper = Stepper(model, optimizer, "fp32", torch.device("cpu"), grad_clip=0.0, cuda_graphs=graphs)
+        first = {}  # name -> the .grad tensor autograd installed at the first micro-batch
+
+        def remember(q, name, first=first):
+            if name not in first:
+                first[name] = q.grad
+
+        for name, p in model.named_parameters():
+            p.register_post_accumulate_grad_hook(lambda q, name=name, remember=remember: remember(q, name))
+        norm = stepper.forward_backward(micro, 0.0, 0).grad_norm
+        replaced = {name for name, p in model.named_parameters() if p.grad is not first[name]}
+        results.append((norm, [p.grad.clone() for p in model.parameters()], replaced))
+    (norm_plain, grads_plain, replaced_plain), (norm_graphs, grads_graphs, replaced_graphs) = results
+    assert norm_graphs == norm_plain
+    assert all(torch.equal(a, b) for a, b in zip(grads_graphs, grads_plain, strict=True))
+    assert not replaced_plain  # plain: the first .grad tensor accumulates the second micro-batch in place
+    assert replaced_graphs and all(name.startswith("layers.") for name in replaced_graphs)
+    assert "embed_tokens.weight" not in replaced_graphs
+
+
 def test_fused_norm_equals_the_fp64_sum_of_squares():
     """The CUDA path's multi-tensor kernels accumulate in fp64 like the per-tensor path: same fp32 norm.
     (Checked here on CPU, where `_foreach_norm` runs the same arithmetic per tensor.)"""

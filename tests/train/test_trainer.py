@@ -105,10 +105,15 @@ def test_nan_step_is_skipped_and_counted(make, tmp_path):
     assert all(torch.isfinite(p).all() for p in tr.model.parameters())
 
 
-def test_loss_spike_rolls_back_and_skips_the_data(make, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_loss_spike_rolls_back_and_skips_the_data(make, tmp_path, precision):
+    """fp16 too: the rolled-back step's unscaled gradients are discarded with the GradScaler's bookkeeping
+    (an overflow would be the scaler's to skip, so the spike is added to the loss, not to its gradient)."""
     run = tmp_path / "run"
     tr = make(
         run,
+        f"train.precision={precision}",
+        "train.device=cpu",
         "train.steps=10",
         "train.log_every=1",
         "checkpoint.every=4",
@@ -123,7 +128,7 @@ def test_loss_spike_rolls_back_and_skips_the_data(make, tmp_path):
         out = forward(x, y)
         if tr.model.training and tr.counters.step + 1 == 7 and len(fired) < 2:  # both micro-batches, once
             fired.append(1)
-            out.main_loss_sum = out.main_loss_sum * 100
+            out.main_loss_sum = out.main_loss_sum + 1000.0  # a spike in the loss, not in the gradients
         return out
 
     tr.model.forward = patched

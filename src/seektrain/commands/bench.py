@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from seektrain.errors import UserError
 
@@ -23,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
     p.add_argument("--cuda-graphs", action="store_true",
-                   help="with --compile, on a GPU: replay each block as CUDA graphs")
+                   help="compile each block (implies --compile) and, on a GPU, replay it as CUDA graphs")
     p.add_argument("--activation-checkpointing", nargs="?", const="full", default="none",
                    choices=["none", "full", "selective"],
                    help="recompute activations in the backward: full (the flag alone) or selective")
@@ -56,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--{name} must be positive, got {value}")
     if args.trace and not args.profile:
         raise UserError("--trace writes the profiled step's timeline: add --profile ROWS")
+    if args.trace and not Path(args.trace).resolve().parent.is_dir():
+        raise UserError(f"--trace {args.trace}: no such directory {Path(args.trace).resolve().parent}")
+    if args.cuda_graphs and args.activation_checkpointing != "none":
+        raise UserError("--cuda-graphs with activation checkpointing is not supported yet")
     cfg = BenchConfig(
         preset=preset,
         batch=args.batch or (8 if gpu else 4),

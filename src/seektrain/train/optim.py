@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from seektrain.config import OptimConfig
+from seektrain.train.step import to_device
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -48,7 +49,7 @@ class AdamWBf16Moments(torch.optim.Optimizer):
         self,
         params,
         lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
+        betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         compiled: bool = False,
@@ -70,7 +71,7 @@ class AdamWBf16Moments(torch.optim.Optimizer):
             if key not in scalars:
                 values = [group["lr"], group["weight_decay"], beta1, beta2, group["eps"]]
                 values += [1 - beta1**step, 1 - beta2**step]
-                scalars[key] = _to(torch.tensor([float(v) for v in values]), device)
+                scalars[key] = to_device(torch.tensor([float(v) for v in values]), device)
             tensors = [_local(x) for x in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
             if all(x.is_contiguous() for x in tensors):  # one compiled graph serves every shape
                 tensors = [x.view(-1) for x in tensors]
@@ -105,13 +106,6 @@ def _adamw_update(
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (FSDP2: elementwise updates need nothing else), or the tensor."""
     return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _to(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """CPU values onto `device`, from pinned memory on a GPU (no wait for the work queued there)."""
-    if device.type == "cuda":
-        return values.pin_memory().to(device, non_blocking=True)
-    return values.to(device)
 
 
 class Lamb(torch.optim.Optimizer):

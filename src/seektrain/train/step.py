@@ -1,8 +1,9 @@
 """One optimizer step, in three parts the trainer sequences: forward/backward over the micro-batches
 (ending with the gradient norm the guard judges), clip, then the optimizer step.
 
-The host reads the device once per step: the loss sums and the gradient norm, together, after the last
-backward. Everything else stays queued on the device (expert counts feed the bias update there; batches
+In one process with bf16 or fp32, the host reads the device once per step: the loss sums and the
+gradient norm, together, after the last backward (fp16's scaler and torchrun's count all-reduce add
+theirs). Everything else stays queued on the device (expert counts feed the bias update there; batches
 are copied from pinned memory), so the CPU prepares the next step while the optimizer runs.
 
 Precision: `fp32`; `bf16` autocast over fp32 master weights; `fp16` autocast with dynamic loss
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from seektrain.distributed.parallelize import gradient_sync
+from seektrain.distributed.parallelize import blocks, gradient_sync
 from seektrain.train.loss import micro_batch_loss, target_counts
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,14 +57,16 @@ class Stepper:
         cuda_graphs: bool = False,
     ):
         self.model = model  # the module to call: the model itself, or its DDP/FSDP2 form
-        self.cuda_graphs = cuda_graphs  # blocks replayed as CUDA graphs (see forward_backward)
+        self.cuda_graphs = cuda_graphs  # blocks replayed as CUDA graphs (see _start_graph_run)
+        # parameters whose gradients the graphs write (the blocks'; not the embedding, head or norms)
+        self._graphed = {p for b in blocks(model) for p in b.parameters()} if cuda_graphs else set()
         self.optimizer = optimizer
         self.device = device
         self.grad_clip = grad_clip
         self.world_size = world_size
         self.autocast_dtype = AUTOCAST_DTYPES[precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self._norm: tuple[torch.Tensor, float] | None = None  # the last gradient norm: on the device, read
+        self._norm: tuple[torch.Tensor, float] | None = None  # last gradient norm: device tensor, its value
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -74,7 +77,7 @@ class Stepper:
         self, batches: list[tuple[torch.Tensor, torch.Tensor]], mtp_weight: float, mtp_depth: int
     ) -> StepStats:
         """Accumulate the gradient of the global-batch loss over micro-batches (x, y) each (mb, T), then
-        take its global norm (after unscaling under fp16)."""
+        take its global norm (after unscaling under fp16). Every call ends in `apply()` or `discard()`."""
         self.optimizer.zero_grad(set_to_none=True)
         n_main, n_mtp = self._all_reduce_counts(*target_counts([y for _, y in batches], mtp_depth))
         n_micro, ranks = len(batches) * self.world_size, self.world_size
@@ -83,7 +86,7 @@ class Stepper:
         for i, (x, y) in enumerate(batches):
             if self.cuda_graphs:
                 self._start_graph_run(i)
-            x, y = self._to_device(x), self._to_device(y)
+            x, y = to_device(x, self.device), to_device(y, self.device)
             with gradient_sync(self.model, enabled=i == len(batches) - 1):
                 with self.autocast():
                     out = self.model(x, y)
@@ -117,18 +120,13 @@ class Stepper:
         """Before each micro-batch with CUDA-graphed blocks. The last run's graph outputs are consumed (its
         sums were added into new tensors) except the gradients: autograd installs the first backward's
         gradient outputs as `.grad` without a copy, and replaying the graphs would overwrite them in place
-        (pytorch/pytorch#169545: wrong sums, silently). So they are copied out once, after the first
-        micro-batch; later ones accumulate into those copies in place."""
+        (pytorch/pytorch#169545: wrong sums, silently). So the blocks' gradients are copied out once, after
+        the first micro-batch; later ones accumulate into those copies in place."""
         if micro_batch == 1:
             for p in self._params_with_grad():
-                p.grad = p.grad.clone()
+                if p in self._graphed:
+                    p.grad = p.grad.clone()
         torch.compiler.cudagraph_mark_step_begin()
-
-    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
-        """A copy from pinned memory is asynchronous; from pageable memory it would wait for the device."""
-        if self.device.type == "cuda" and batch.device.type == "cpu":
-            batch = batch.contiguous().pin_memory()  # a strided view would be staged through pageable memory
-        return batch.to(self.device, non_blocking=True)
 
     def _params_with_grad(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -187,3 +185,11 @@ def fused_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """`global_norm` for plain tensors through multi-tensor kernels accumulating in fp64 (the CUDA path)."""
     norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
     return torch.linalg.vector_norm(torch.stack(norms)).float()
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the work queued there: a copy to a GPU from pinned
+    memory is asynchronous, from pageable memory (or a strided view, staged through it) it would wait."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.contiguous().pin_memory()
+    return t.to(device, non_blocking=True)

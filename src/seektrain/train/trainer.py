@@ -280,6 +280,7 @@ class Trainer:
             else:
                 decision = self.guard.check(stats.loss if loss_ok else math.nan, grad_norm)
             if decision == ROLLBACK:
+                self.stepper.discard()  # every forward_backward ends in apply() or discard()
                 self._rollback(step, self.guard.last_reason)
                 continue
             c.step = step
@@ -383,9 +384,10 @@ class Trainer:
         for i, (x, y) in enumerate(val.epoch(drop_last=ranks > 1)):
             if limit is not None and i >= limit:
                 break
-            # With CUDA-graphed blocks: one graph generation per forward. Unmarked, every block call without
-            # a pending backward would start a new one and invalidate the previous block's output.
-            torch.compiler.cudagraph_mark_step_begin()
+            if self.stepper.cuda_graphs:
+                # One graph generation per forward. Unmarked, every block call without a pending backward
+                # would start a new one and invalidate the previous block's output.
+                torch.compiler.cudagraph_mark_step_begin()
             with self.stepper.autocast():
                 out = model(x.to(self.device), y.to(self.device))
             sums += torch.stack([out.main_loss_sum.double(), out.main_count.double()])
