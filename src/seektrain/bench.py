@@ -63,6 +63,8 @@ def bench_model_config(cfg: BenchConfig) -> ModelConfig:
 
 def run_bench(cfg: BenchConfig, device: torch.device | None = None) -> dict:
     """Build the model, warm up, time `cfg.steps` steps; return one flat dict of figures."""
+    if cfg.cuda_graphs and not cfg.compile:
+        raise ValueError("cuda_graphs replays the compiled blocks: set compile too")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
     model_cfg = bench_model_config(cfg)
@@ -76,8 +78,6 @@ def run_bench(cfg: BenchConfig, device: torch.device | None = None) -> dict:
         counters["inductor"].clear()
         apply_compile(model, cuda_graphs=cfg.cuda_graphs)
     optimizer = build_optimizer(model, OptimConfig(state_dtype=cfg.state_dtype))
-    if cfg.cuda_graphs and not cfg.compile:
-        raise ValueError("cuda_graphs replays the compiled blocks: set compile too")
     stepper = Stepper(model, optimizer, precision, device, grad_clip=1.0, cuda_graphs=cfg.cuda_graphs)
     gen = torch.Generator().manual_seed(cfg.seed)
     tokens = torch.randint(0, model_cfg.vocab_size, (cfg.batch, cfg.seq + 1), generator=gen)

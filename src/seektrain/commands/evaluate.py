@@ -26,7 +26,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     from seektrain.distributed.env import pick_device
     from seektrain.infer.evaluate import EvalConfig, evaluate_run
 

@@ -41,7 +41,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     from seektrain.data.tokenizer import load_tokenizer
     from seektrain.distributed.env import pick_device
     from seektrain.infer.generate import SamplingConfig, generate

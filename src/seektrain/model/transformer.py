@@ -120,12 +120,7 @@ class Transformer(nn.Module):
                 counts.append(c)
                 balances.append(bal)
         logits = self.lm_head(self.norm(h))  # (B, T, V)
-        E = self.cfg.n_routed_experts
-        if counts:
-            expert_counts = torch.stack(counts)  # (n_moe_layers, E)
-        else:
-            expert_counts = torch.zeros(0, E, dtype=torch.int64, device=tokens.device)
-        out = ModelOutput(logits=logits, expert_counts=expert_counts)
+        out = ModelOutput(logits=logits, expert_counts=self._stack_counts(counts, tokens.device))
         if targets is None:
             return out
 
@@ -143,7 +138,7 @@ class Transformer(nn.Module):
             loss_sum, count = self.cross_entropy(mtp_logits, shift_left(targets, k, fill=IGNORE_INDEX))
             out.mtp_loss_sum = out.mtp_loss_sum + loss_sum
             out.mtp_count = out.mtp_count + count
-        out.mtp_expert_counts = torch.stack(mtp_counts) if mtp_counts else expert_counts.new_zeros(0, E)
+        out.mtp_expert_counts = self._stack_counts(mtp_counts, tokens.device)
         out.balance_loss = torch.stack(balances).sum() if balances else torch.zeros((), device=logits.device)
         out.loss = (
             out.main_loss_sum / out.main_count.clamp(min=1)
@@ -151,6 +146,12 @@ class Transformer(nn.Module):
             + out.balance_loss
         )
         return out
+
+    def _stack_counts(self, counts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """Per-layer expert counts (E,) as one (layers, E) int64 tensor; (0, E) when no layer is MoE."""
+        if counts:
+            return torch.stack(counts)
+        return torch.zeros(0, self.cfg.n_routed_experts, dtype=torch.int64, device=device)
 
 
 class TokenCrossEntropy(nn.Module):
