@@ -36,9 +36,10 @@ from seektrain.train.metrics import flops_per_token, peak_flops
 
 
 def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace, hf: bool):
-    """One training step: forward with loss, backward, then (unless --no-optimizer) clipping and AdamW."""
+    """One training step: forward with loss, backward, then (unless --no-optimizer) clipping and AdamW
+    (torch's fused kernel on CUDA and CPU: what seektrain's trainer and transformers' Trainer both use)."""
     device = x.device
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
 
     def step() -> None:

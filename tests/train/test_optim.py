@@ -7,7 +7,7 @@ import math
 import torch
 
 from seektrain.config import OptimConfig
-from seektrain.train.optim import AdamWBf16Moments, Lamb, build_optimizer
+from seektrain.train.optim import AdamWBf16Moments, Lamb, build_optimizer, param_groups
 
 
 def test_lamb_two_steps_match_hand_computation():
@@ -167,3 +167,29 @@ def test_state_dtype_bf16_builds_the_bf16_optimizer_for_adamw_only():
     model = torch.nn.Linear(4, 4)
     assert isinstance(build_optimizer(model, OptimConfig(state_dtype="bf16")), AdamWBf16Moments)
     assert type(build_optimizer(model, OptimConfig())) is torch.optim.AdamW
+
+
+def test_adamw_on_cpu_is_torch_fused_kernel_and_steps_like_the_loop():
+    """The trainer's AdamW on CPU is torch's fused kernel; three steps agree with the per-tensor loop to
+    fp32 rounding (rtol 1e-5: the kernel may contract a*b+c into one FMA)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    reference = copy.deepcopy(model)
+    cfg = OptimConfig(weight_decay=0.1)
+    opt = build_optimizer(model, cfg)
+    assert opt.defaults["fused"] is True
+    ref_opt = torch.optim.AdamW(
+        param_groups(reference, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        foreach=False,
+    )
+    x = torch.randn(5, 8)
+    for _ in range(3):
+        for net, o in ((model, opt), (reference, ref_opt)):
+            net(x).square().sum().backward()
+            o.step()
+            o.zero_grad()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
