@@ -49,8 +49,10 @@ def test_mtp_expert_counts_cover_every_position(model):
 def test_loss_sums_and_counts_are_exact(model):
     tokens, targets = batch()
     out = model(tokens, targets)
-    logits = out.logits.flatten(0, 1).float()
+    assert out.logits is None  # the loss head never materializes them
+    logits = model(tokens).logits.flatten(0, 1).float()
     want = F.cross_entropy(logits, targets.flatten(), ignore_index=-100, reduction="sum")
+    # fp32, the head's GEMM and the log-sum-exp in slices vs whole: rounding-level differences.
     torch.testing.assert_close(out.main_loss_sum, want, rtol=1e-6, atol=0)
     assert out.main_count.dtype == torch.int64 and out.main_count.item() == 2 * 24 - 2
     assert out.mtp_count.item() == (targets[:, 1:] != -100).sum().item()

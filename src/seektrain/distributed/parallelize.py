@@ -62,14 +62,14 @@ def apply_activation_checkpointing(model: torch.nn.Module, mode: str = "full") -
 
 
 def apply_compile(model: torch.nn.Module, backend: str = "inductor", cuda_graphs: bool = False) -> None:
-    """torch.compile each block and the cross-entropy in place (module.compile keeps parameter names).
+    """torch.compile each block and the loss head in place (module.compile keeps parameter names).
     `backend="aot_eager"` traces the same graphs without generating kernels (what tests need).
 
     `cuda_graphs`: each block's forward and backward are recorded once as CUDA graphs and replayed
     (inductor's `reduce-overhead` mode), so the host no longer launches their kernels one by one: the
     step stops waiting on Python. Inputs from outside the graphs are copied into static buffers, which is
-    why the cross-entropy (whose input is the whole logits tensor) stays a plain compiled function. On
-    CPU inductor skips the recording and runs the compiled code."""
+    why the loss head (head GEMM + cross-entropy over all the final hidden states) stays a plain compiled
+    function. On CPU inductor skips the recording and runs the compiled code."""
     mode = "reduce-overhead" if cuda_graphs else None
     for block in blocks(model):
         block.compile(backend=backend, mode=mode)

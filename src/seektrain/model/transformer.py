@@ -10,16 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from seektrain.model.attention import MLA
 from seektrain.model.config import ModelConfig
+from seektrain.model.cross_entropy import IGNORE_INDEX, LinearCrossEntropy
 from seektrain.model.layers import MLP, RMSNorm, rope_cos_sin
 from seektrain.model.moe import GroupedExperts, MoE
 from seektrain.model.mtp import MTPModule, shift_left
-
-IGNORE_INDEX = -100
 
 
 class Block(nn.Module):
@@ -46,7 +44,7 @@ class Block(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor | None  # (B, T, V) without targets; None with them (the loss never makes them)
     loss: torch.Tensor | None = None  # main mean + λ·MTP mean + balance (None without targets)
     main_loss_sum: torch.Tensor | None = None  # fp32 sum of token CE over valid targets
     main_count: torch.Tensor | None = None  # int64 number of valid targets
@@ -73,7 +71,7 @@ class Transformer(nn.Module):
             if cfg.tie_word_embeddings:
                 self.lm_head.weight = self.embed_tokens.weight
             self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.num_mtp_layers))
-            self.cross_entropy = TokenCrossEntropy()
+            self.cross_entropy = LinearCrossEntropy()
         if device.type != "meta":
             self.to_empty(device=device)
             self.init_weights()
@@ -119,14 +117,15 @@ class Transformer(nn.Module):
             if c is not None:
                 counts.append(c)
                 balances.append(bal)
-        logits = self.lm_head(self.norm(h))  # (B, T, V)
-        out = ModelOutput(logits=logits, expert_counts=self._stack_counts(counts, tokens.device))
+        expert_counts = self._stack_counts(counts, tokens.device)
         if targets is None:
-            return out
+            return ModelOutput(logits=self.lm_head(self.norm(h)), expert_counts=expert_counts)  # (B, T, V)
 
-        out.main_loss_sum, out.main_count = self.cross_entropy(logits, targets)
-        out.mtp_loss_sum = torch.zeros((), device=logits.device)
-        out.mtp_count = torch.zeros((), dtype=torch.int64, device=logits.device)
+        out = ModelOutput(logits=None, expert_counts=expert_counts)
+        head = self.lm_head.weight
+        out.main_loss_sum, out.main_count = self.cross_entropy(self.norm(h), head, targets)
+        out.mtp_loss_sum = torch.zeros((), device=h.device)
+        out.mtp_count = torch.zeros((), dtype=torch.int64, device=h.device)
         mtp_counts = []
         for k, module in enumerate(self.mtp, start=1):
             emb = self.embed_tokens(shift_left(tokens, k, fill=0))  # Emb(t_{i+k}); padded tail has no target
@@ -134,12 +133,12 @@ class Transformer(nn.Module):
             if c is not None:
                 mtp_counts.append(c)
                 balances.append(bal)
-            mtp_logits = self.lm_head(module.norm(h))
-            loss_sum, count = self.cross_entropy(mtp_logits, shift_left(targets, k, fill=IGNORE_INDEX))
+            mtp_targets = shift_left(targets, k, fill=IGNORE_INDEX)
+            loss_sum, count = self.cross_entropy(module.norm(h), head, mtp_targets)
             out.mtp_loss_sum = out.mtp_loss_sum + loss_sum
             out.mtp_count = out.mtp_count + count
         out.mtp_expert_counts = self._stack_counts(mtp_counts, tokens.device)
-        out.balance_loss = torch.stack(balances).sum() if balances else torch.zeros((), device=logits.device)
+        out.balance_loss = torch.stack(balances).sum() if balances else torch.zeros((), device=h.device)
         out.loss = (
             out.main_loss_sum / out.main_count.clamp(min=1)
             + self.cfg.mtp_loss_weight * out.mtp_loss_sum / out.mtp_count.clamp(min=1)
@@ -152,53 +151,3 @@ class Transformer(nn.Module):
         if counts:
             return torch.stack(counts)
         return torch.zeros(0, self.cfg.n_routed_experts, dtype=torch.int64, device=device)
-
-
-class TokenCrossEntropy(nn.Module):
-    """Sum of fp32 token cross-entropies over targets != -100, and their count (int64).
-
-    A module without parameters so that `apply_compile` can compile it like a block: compiled, the fp32
-    upcast, log-softmax, target pick and their backward fuse into a couple of passes over the bf16 logits,
-    instead of eager's fp32 (N, V) copies (2 GiB each for `small` at B=8, T=2048). On CPU (eager) it is
-    `_CrossEntropySum`, which needs one such buffer."""
-
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, targets = logits.flatten(0, 1), targets.flatten()  # (N, V), (N,)
-        if logits.device.type == "cpu":
-            loss = _CrossEntropySum.apply(logits, targets)
-        else:
-            loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss, (targets != IGNORE_INDEX).sum()
-
-
-class _CrossEntropySum(torch.autograd.Function):
-    """F.cross_entropy(logits.float(), targets, reduction="sum") with ONE (N, V) fp32 temporary.
-
-    Used on CPU, where every fresh (N, V) buffer is paid for in page faults (`tiny`, N=1024: filling a
-    fresh 32 MB buffer takes ~15 ms, a reused one ~1.5 ms): the reference allocates three (log-probs, nll
-    gradient, log-softmax gradient; four from bf16 logits) and exponentiates twice. Here exp(x - max)
-    is kept from the forward and turned into the gradient in place, so a second backward through the
-    same graph fails loudly instead of reading a clobbered buffer.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        valid = (targets != IGNORE_INDEX)[:, None]  # (N, 1)
-        picked = targets.masked_fill(~valid[:, 0], 0)[:, None]  # (N, 1)
-        top = logits.amax(-1, keepdim=True).float()  # (N, 1)
-        # (N, V): one fp32 copy, then in place (`logits - top` would cast bf16 logits into a second buffer)
-        exp = logits.to(torch.float32, copy=True).sub_(top).exp_()
-        total = exp.sum(-1, keepdim=True)  # (N, 1)
-        nll = top + total.log() - logits.gather(1, picked).float()  # (N, 1) = logsumexp - x_target
-        ctx.save_for_backward(exp, total, picked, valid)
-        ctx.dtype = logits.dtype
-        return nll.masked_fill(~valid, 0).sum()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        exp, total, picked, valid = ctx.saved_tensors
-        scale = (grad / total).masked_fill_(~valid, 0)  # (N, 1)
-        dlogits = exp.mul_(scale)  # softmax * grad
-        dlogits.scatter_add_(1, picked, -grad * valid)  # minus grad at each valid target
-        return dlogits.to(ctx.dtype), None
