@@ -23,6 +23,7 @@ from seektrain.distributed.parallelize import apply_activation_checkpointing, ap
 from seektrain.model.config import ModelConfig
 from seektrain.model.transformer import Transformer
 from seektrain.train.balance import update_expert_bias
+from seektrain.train.host_memory import keep_freed_host_memory
 from seektrain.train.metrics import flops_per_token, memory_gib, peak_flops
 from seektrain.train.optim import build_optimizer
 from seektrain.train.step import Stepper
@@ -66,6 +67,8 @@ def run_bench(cfg: BenchConfig, device: torch.device | None = None) -> dict:
     if cfg.cuda_graphs and not cfg.compile:
         raise ValueError("cuda_graphs replays the compiled blocks: set compile too")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        keep_freed_host_memory()  # as the trainer does
     precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
     model_cfg = bench_model_config(cfg)
     torch.manual_seed(cfg.seed)

@@ -35,6 +35,7 @@ from seektrain.errors import UserError
 from seektrain.train import balance
 from seektrain.train.display import Display
 from seektrain.train.guard import OK, ROLLBACK, SKIP, Guard
+from seektrain.train.host_memory import keep_freed_host_memory
 from seektrain.train.metrics import METRICS_FILE, MetricsLog, flops_per_token, memory_gib, peak_flops
 from seektrain.train.optim import build_optimizer
 from seektrain.train.schedule import global_batch_at, lr_factor, mtp_weight_at
@@ -61,6 +62,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.dist = detect()
         self.device = pick_device(cfg.train.device, self.dist.local_rank)
+        if self.device.type == "cpu":
+            keep_freed_host_memory()
         if self.dist.distributed and cfg.parallel.dp_mode != "ddp" and cfg.train.precision == "fp16":
             raise UserError(
                 f"train.precision=fp16 with parallel.dp_mode={cfg.parallel.dp_mode} is not supported "
