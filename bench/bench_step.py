@@ -7,11 +7,15 @@ case with its MTP modules on.
 
 Run:  python bench/bench_step.py [--preset tiny] [--batch 4] [--seq 256] [--steps 5] [--rounds 3]
         [--precision fp32] [--threads N] [--mtp] [--no-optimizer] [--compile] [--profile]
-On a GPU it defaults to the `small` preset, B=8, T=2048, bf16. `--compile` compiles every decoder layer of
-every model in place; `--profile` prints a torch.profiler table of one step of each case after the timing.
+On a GPU it defaults to the `small` preset, B=8, T=2048, bf16. `--compile` adds compiled cases beside the
+eager ones: seektrain as `train.compile` compiles it (each block and the loss head), transformers' model
+compiled whole, as the peer script does. `--profile` prints a torch.profiler table of one step of each
+case after the timing.
 On CPU it runs one intra-op thread unless `--threads` says otherwise: on the shared 2-core box two OpenMP
 threads stall at every op's barrier whenever another process holds a core (steps ~3x slower, spreads >100%).
 With one thread the ratio is also given by thread CPU time, which other processes barely disturb.
+On CPU the process keeps freed memory for reuse, as seektrain's trainer does (`train/host_memory.py`); the
+setting is process-wide, so it speeds up every case; `--default-malloc` leaves glibc's default.
 Prints JSON lines, then a table.
 """
 
@@ -29,9 +33,11 @@ import transformers
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from seektrain.bench import profile_table
+from seektrain.distributed.parallelize import apply_compile
 from seektrain.model.config import ModelConfig
 from seektrain.model.hf import hf_config
 from seektrain.model.transformer import Transformer
+from seektrain.train.host_memory import keep_freed_host_memory
 from seektrain.train.metrics import flops_per_token, peak_flops
 
 
@@ -59,24 +65,31 @@ def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, args: ar
 def build_cases(
     args: argparse.Namespace, cfg: ModelConfig, x: torch.Tensor, y: torch.Tensor
 ) -> dict[str, Callable]:
-    """seektrain (with MTP too if asked) and transformers with grouped_mm / eager experts, each warmed up."""
+    """seektrain (with MTP too if asked) and transformers with grouped_mm / eager experts, each warmed up;
+    with --compile also seektrain as `train.compile` runs it and transformers compiled whole (as the peer
+    script does), beside the eager cases."""
     device = x.device
     models: dict[str, tuple[torch.nn.Module, bool]] = {}
-    for name, mtp in [("seektrain", 0)] + ([("seektrain_mtp", 1)] if args.mtp else []):
-        with torch.device(device):
-            models[name] = (Transformer(dataclasses.replace(cfg, num_mtp_layers=mtp)), False)
-    for impl in ("grouped_mm", "eager"):
-        hf_cfg = DeepseekV3Config(**hf_config(cfg, torch.float32))
-        hf_cfg._attn_implementation = "sdpa"
-        hf_cfg._experts_implementation = impl
-        with torch.device(device):
-            models[f"hf_{impl}"] = (DeepseekV3ForCausalLM(hf_cfg), True)
+    variants = [("", False)] + ([("_compiled", True)] if args.compile else [])
+    for suffix, compiled in variants:
+        for name, mtp in [("seektrain", 0)] + ([("seektrain_mtp", 1)] if args.mtp else []):
+            torch.manual_seed(0)
+            with torch.device(device):
+                model = Transformer(dataclasses.replace(cfg, num_mtp_layers=mtp))
+            if compiled:
+                apply_compile(model)
+            models[name + suffix] = (model, False)
+        for impl in ("grouped_mm", "eager") if not compiled else ("grouped_mm",):
+            hf_cfg = DeepseekV3Config(**hf_config(cfg, torch.float32))
+            hf_cfg._attn_implementation = "sdpa"
+            hf_cfg._experts_implementation = impl
+            torch.manual_seed(0)
+            with torch.device(device):
+                model = DeepseekV3ForCausalLM(hf_cfg)
+            models[f"hf_{impl}{suffix}"] = (torch.compile(model) if compiled else model, True)
 
     cases = {}
     for name, (model, hf) in models.items():
-        if args.compile:
-            for layer in model.model.layers if hf else model.layers:
-                layer.compile()
         step = make_step(model, x, y, args, hf)
         try:
             step()  # warm-up: optimizer state, compilation (a second call settles recompiles)
@@ -118,12 +131,16 @@ def main() -> None:
     )
     p.add_argument("--mtp", action="store_true", help="also time seektrain with one MTP module")
     p.add_argument("--no-optimizer", action="store_true", help="time forward+backward only")
-    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer, in every model")
+    p.add_argument("--compile", action="store_true", help="also time compiled seektrain and transformers")
     p.add_argument("--profile", action="store_true", help="profile one step of each case after timing")
+    p.add_argument(
+        "--default-malloc", action="store_true", help="on CPU, do not keep freed memory (see above)"
+    )
     args = p.parse_args()
     device = torch.device("cuda" if gpu else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = not gpu and not args.default_malloc and keep_freed_host_memory()
 
     cfg = dataclasses.replace(
         ModelConfig.from_preset(args.preset), num_mtp_layers=0, max_position_embeddings=max(args.seq, 4096)
@@ -168,6 +185,7 @@ def main() -> None:
         precision=args.precision,
         optimizer=not args.no_optimizer,
         compile=args.compile,
+        keep_freed_memory=kept,
     )
     print(json.dumps(header))
     for r in rows:
@@ -175,14 +193,16 @@ def main() -> None:
     print("case | step ms | tokens/s | TFLOP/s | MFU | spread | thread CPU ms")
     for r in rows:
         print(" | ".join(str(value) for value in r.values()))
-    ours = next((r for r in rows if r["case"] == "seektrain"), None)
+    ours = [r for r in rows if r["case"] in ("seektrain", "seektrain_compiled")]
     peers = [r for r in rows if r["case"].startswith("hf_")]
     if ours and peers:
-        best = max(peers, key=lambda r: r["tokens_per_s"])
-        print(f"seektrain / best peer ({best['case']}): {ours['tokens_per_s'] / best['tokens_per_s']:.2f}x")
+        mine, best = (max(group, key=lambda r: r["tokens_per_s"]) for group in (ours, peers))
+        ratio = mine["tokens_per_s"] / best["tokens_per_s"]
+        print(f"best seektrain ({mine['case']}) / best peer ({best['case']}): {ratio:.2f}x")
         if not gpu and args.threads == 1:
-            best_cpu = min(peers, key=lambda r: r["cpu_ms"])
-            print(f"by thread CPU time ({best_cpu['case']}): {best_cpu['cpu_ms'] / ours['cpu_ms']:.2f}x")
+            mine, best = (min(group, key=lambda r: r["cpu_ms"]) for group in (ours, peers))
+            ratio = best["cpu_ms"] / mine["cpu_ms"]
+            print(f"by thread CPU time ({mine['case']} / {best['case']}): {ratio:.2f}x")
     if args.profile:
         for name, step in cases.items():
             print(f"== profile: {name}")

@@ -27,6 +27,8 @@ echo "== seektrain small (MoE), compiled, CUDA graphs, with a profile of one ste
 bench 180 --preset "$PRESET" --cuda-graphs --profile 40 2> >(tail -n 55 > "$OUT/profile_small.txt")
 echo "== seektrain small (MoE), compiled, CUDA graphs, AdamW moments in bf16 (optim.state_dtype)"
 bench 180 --preset "$PRESET" --cuda-graphs --optimizer-states bf16
+echo "== seektrain small (MoE), eager (train.compile's default; the loss head runs in slices)"
+bench 180 --preset "$PRESET"
 echo "== transformers peer"
 timeout 150 $PY .gpu/peer_transformers.py ${PEER_ARGS:-} | tee "$OUT/peer.txt"
 echo "== seektrain dense (MoE off, 24 layers ~ the 375M Llama peer): compiled, then with CUDA graphs"
