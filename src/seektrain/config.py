@@ -63,7 +63,7 @@ class TrainConfig:
     eval_every: int = _opt(100, "evaluate val_loss every N steps and at the end (0 = only at the end)")
     eval_batches: int = _opt(20, "micro-batches of the validation split per evaluation (0 = all)")
     log_every: int = _opt(10, "write a metrics line every N steps")
-    compile: bool = _opt(False, "torch.compile each transformer block and the cross-entropy")
+    compile: bool = _opt(False, "torch.compile each transformer block and the loss head")
     cuda_graphs: bool = _opt(
         False, "with compile, on a GPU: replay each block's kernels as CUDA graphs (less host overhead)"
     )
