@@ -74,9 +74,9 @@ CPU_PLAIN_ATTENTION_MAX_LEN = 256
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T · scale, causal) v with the (T, T) scores materialized; the softmax in fp32."""
+    """softmax(q k^T · scale, causal) v with the (T, T) scores materialized; scaled and normalized in fp32."""
     T = q.shape[-2]
-    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, T)
+    scores = (q @ k.transpose(-2, -1)).float() * scale  # (B, H, T, T)
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    probs = scores.float().masked_fill(future, float("-inf")).softmax(-1).to(v.dtype)
+    probs = scores.masked_fill_(future, float("-inf")).softmax(-1).to(v.dtype)
     return probs @ v

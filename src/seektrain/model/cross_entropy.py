@@ -4,10 +4,14 @@ The (N, V) logits never exist whole, in fp32 or otherwise (`small` at B=8, T=204
 per fp32 copy, and eager F.cross_entropy makes several). Each slice of rows is multiplied by the head,
 upcast to fp32 for the log-sum-exp and turned at once into its rows of the logits' gradient
 softmax - onehot, stored in the compute dtype; the backward is then the head's two GEMMs on that
-buffer. On CPU this is also the fastest form (`tiny`, bf16, one thread: 83 ms for head + loss forward
-and backward against 99 ms for head, then cross-entropy): slices stay in cache and no fresh (N, V) fp32
-buffer is paid for in page faults. Under torch.compile the plain formulation is traced instead, and
-inductor fuses it.
+buffer. The main model's rows and every MTP depth's rows go through one call, so the head weight is cast
+to the compute dtype once. On CPU this is also the fastest form (`tiny`, bf16, one thread: 83 ms for head
++ loss forward and backward against 99 ms for head, then cross-entropy): slices stay in cache and no
+fresh (N, V) fp32 buffer is paid for in page faults.
+
+Two cases take the plain formulation (F.linear, then F.cross_entropy in fp32) instead: under torch.compile,
+where inductor fuses it, and under fp16 autocast, where the gradient must be multiplied by the loss scale
+before it is rounded to fp16 (stored unscaled, small probabilities would flush to zero).
 """
 
 from __future__ import annotations
@@ -25,32 +29,36 @@ _DEFAULT_SLICE_ELEMENTS = 1 << 26
 
 
 class LinearCrossEntropy(nn.Module):
-    """Sum of fp32 token cross-entropies of h W^T over targets != -100, and their count (int64).
+    """Sums of fp32 token cross-entropies of h W^T over targets != -100, and their counts (int64), for
+    several (h, targets) groups that share the head W (the main model and each MTP depth).
 
     A module without parameters (the head's weight is passed in) so that `apply_compile` can compile it
     like a block."""
 
     def forward(
-        self, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+        self, hs: list[torch.Tensor], weight: torch.Tensor, targets: list[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """h (..., D), weight (V, D), targets (...) int64 -> (loss sum fp32, valid target count)."""
-        h, targets = h.flatten(0, -2), targets.flatten()
-        count = (targets != IGNORE_INDEX).sum()
-        if torch.compiler.is_compiling():
-            logits = F.linear(h, weight)
-            return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"), count
+        """hs[i] (..., D), weight (V, D), targets[i] (...) int64 -> (sums (G,) fp32, counts (G,) int64)."""
+        h = torch.cat([x.flatten(0, -2) for x in hs])  # (N, D)
+        flat = [t.flatten() for t in targets]
+        target = torch.cat(flat)  # (N,)
+        counts = torch.stack([(t != IGNORE_INDEX).sum() for t in flat])
         device = h.device.type
-        if torch.is_autocast_enabled(device):
-            dtype = torch.get_autocast_dtype(device)
+        autocast = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else torch.promote_types(h.dtype, weight.dtype)
+        if torch.compiler.is_compiling() or dtype == torch.float16:
+            logits = F.linear(h, weight).float()
+            nll = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="none")
         else:
-            dtype = torch.promote_types(h.dtype, weight.dtype)
-        with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-        return _LinearCrossEntropySum.apply(h, weight, targets, dtype, with_grad), count
+            with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+            nll = _LinearCrossEntropy.apply(h, weight, target, dtype, with_grad)
+        sums = torch.stack([part.sum() for part in nll.split([t.numel() for t in flat])])
+        return sums, counts
 
 
-class _LinearCrossEntropySum(torch.autograd.Function):
-    """Σ over valid rows of logsumexp(h_i W^T) - h_i·W_{t_i}, computed slice by slice; with `with_grad`
-    the forward also leaves d(loss)/d(logits) in one (N, V) buffer of the compute dtype."""
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Per row: logsumexp(h_i W^T) - h_i·W_{t_i} (0 where t_i is ignored), computed slice by slice; with
+    `with_grad` the forward also leaves d(nll_i)/d(logits_i) in one (N, V) buffer of the compute dtype."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, dtype: torch.dtype, with_grad: bool) -> torch.Tensor:
@@ -58,8 +66,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         n, vocab = x.shape[0], w.shape[0]
         valid = (targets != IGNORE_INDEX)[:, None]  # (N, 1)
         picked = targets.masked_fill(~valid[:, 0], 0)[:, None]  # (N, 1)
-        rows = min(n, max(1, _SLICE_ELEMENTS.get(x.device.type, _DEFAULT_SLICE_ELEMENTS) // vocab))
-        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        rows = max(1, min(n, _SLICE_ELEMENTS.get(x.device.type, _DEFAULT_SLICE_ELEMENTS) // vocab))
+        nll = torch.empty(n, dtype=torch.float32, device=x.device)
         # Each slice's logits are written where its gradient will go (or to one scratch slice), and
         # upcast into one reused fp32 slice: no fresh buffer per slice.
         dlogits = torch.empty(n, vocab, dtype=dtype, device=x.device) if with_grad else None
@@ -75,21 +83,26 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 z_target = z.gather(1, picked[a:b])  # before z is overwritten
                 top = z.amax(-1, keepdim=True)
                 total = z.sub_(top).exp_().sum(-1, keepdim=True)  # z is now exp(z - top)
-                nll = top + total.log() - z_target  # logsumexp - z_target
-                loss += torch.where(keep, nll, 0.0).sum()
+                nll[a:b] = torch.where(keep, top + total.log() - z_target, 0.0)[:, 0]  # logsumexp - z_t
                 if with_grad:
                     # softmax - onehot on valid rows, 0 on ignored ones
                     z.mul_(keep / total).scatter_add_(1, picked[a:b], -keep.float())
                     logits.copy_(z)
         ctx.save_for_backward(x, w, dlogits)
         ctx.dtypes = h.dtype, weight.dtype
-        return loss
+        return nll
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
+        """grad (N,): each row's incoming gradient, applied in fp32 (rows of dh after their GEMM, rows of
+        x before dW's, which sums over rows), so each result is rounded once."""
         x, w, dlogits = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
-        dh = torch.mm(dlogits, w).to(h_dtype) * grad if ctx.needs_input_grad[0] else None
-        dw = torch.mm(dlogits.t(), x).to(w_dtype) * grad if ctx.needs_input_grad[1] else None
+        g = grad.float()[:, None]  # (N, 1)
+        dh = dw = None
+        if ctx.needs_input_grad[0]:
+            dh = torch.mm(dlogits, w).float().mul_(g).to(h_dtype)
+        if ctx.needs_input_grad[1]:
+            dw = torch.mm(dlogits.t(), (x.float() * g).to(x.dtype)).to(w_dtype)
         return dh, dw, None, None, None

@@ -123,13 +123,17 @@ class GroupedExperts(nn.Module):
         """x (S, D) sorted by expert, counts (E,) rows per expert -> (S, D). `scale` (S, 1), if given,
         multiplies each row's output: applied to the (S, I) SwiGLU activations before the linear down
         projection, which is the same product on I instead of D values per row (D/I = 4 for `tiny`,
-        2 for `small`, 3.5 for V3), forward and backward."""
+        2 for `small`, 3.5 for V3), forward and backward. In bf16 that adds one rounding (of w·act) to
+        the output's; in fp16 the output is scaled instead, as w·act could underflow there."""
         offsets = counts.cumsum(0).to(torch.int32)
         gate, up = grouped_mm(x, self.gate_up_proj.transpose(-2, -1), offsets, counts).chunk(2, dim=-1)
         act = F.silu(gate) * up
-        if scale is not None:
-            act = act * scale  # an fp32 scale gives an fp32 product, rounded once by grouped_mm's cast
-        return grouped_mm(act, self.down_proj.transpose(-2, -1), offsets, counts)
+        down = self.down_proj.transpose(-2, -1)
+        if scale is None:
+            return grouped_mm(act, down, offsets, counts)
+        if act.dtype == torch.float16:  # w·act may fall below fp16's normal range: scale the output in fp32
+            return grouped_mm(act, down, offsets, counts) * scale
+        return grouped_mm(act * scale, down, offsets, counts)  # fp32 product, rounded to bf16 by the cast
 
 
 class MoE(nn.Module):

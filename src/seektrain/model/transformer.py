@@ -122,21 +122,19 @@ class Transformer(nn.Module):
             return ModelOutput(logits=self.lm_head(self.norm(h)), expert_counts=expert_counts)  # (B, T, V)
 
         out = ModelOutput(logits=None, expert_counts=expert_counts)
-        head = self.lm_head.weight
-        out.main_loss_sum, out.main_count = self.cross_entropy(self.norm(h), head, targets)
-        out.mtp_loss_sum = torch.zeros((), device=h.device)
-        out.mtp_count = torch.zeros((), dtype=torch.int64, device=h.device)
-        mtp_counts = []
+        hs, all_targets, mtp_counts = [self.norm(h)], [targets], []
         for k, module in enumerate(self.mtp, start=1):
             emb = self.embed_tokens(shift_left(tokens, k, fill=0))  # Emb(t_{i+k}); padded tail has no target
             h, c, bal = module(h, emb, cos, sin)
             if c is not None:
                 mtp_counts.append(c)
                 balances.append(bal)
-            mtp_targets = shift_left(targets, k, fill=IGNORE_INDEX)
-            loss_sum, count = self.cross_entropy(module.norm(h), head, mtp_targets)
-            out.mtp_loss_sum = out.mtp_loss_sum + loss_sum
-            out.mtp_count = out.mtp_count + count
+            hs.append(module.norm(h))
+            all_targets.append(shift_left(targets, k, fill=IGNORE_INDEX))
+        # One call for the main model and every MTP depth: the shared head is cast once.
+        sums, target_counts = self.cross_entropy(hs, self.lm_head.weight, all_targets)
+        out.main_loss_sum, out.main_count = sums[0], target_counts[0]
+        out.mtp_loss_sum, out.mtp_count = sums[1:].sum(), target_counts[1:].sum()
         out.mtp_expert_counts = self._stack_counts(mtp_counts, tokens.device)
         out.balance_loss = torch.stack(balances).sum() if balances else torch.zeros((), device=h.device)
         out.loss = (

@@ -14,17 +14,21 @@ import ctypes
 import sys
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
-_KEEP_BYTES = 1 << 30  # blocks below 1 GiB come from the heap; a free heap top below 2 GiB is kept
+# Blocks below 1 GiB come from the heap (some glibc versions accept at most 32 MiB: the fallback), and a free
+# heap top below 2 GiB is kept.
+_MMAP_THRESHOLDS = (1 << 30, 32 << 20)
+_TRIM_THRESHOLD = (2 << 30) - 1
 
 
 def keep_freed_host_memory() -> bool:
-    """Tell glibc's malloc to keep freed memory; False where that is not glibc (nothing changes)."""
+    """Tell glibc's malloc to keep freed memory, for the rest of the process; False where that is not
+    glibc or it refused (nothing changes then)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # musl and others: no libc.so.6 or no mallopt
         return False
-    mmap_ok = mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)
-    return bool(mmap_ok and mallopt(_M_TRIM_THRESHOLD, 2 * _KEEP_BYTES - 1))
+    if not any(mallopt(_M_MMAP_THRESHOLD, threshold) for threshold in _MMAP_THRESHOLDS):
+        return False
+    return bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))

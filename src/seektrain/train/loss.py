@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from seektrain.model.cross_entropy import IGNORE_INDEX
 
 
 def target_counts(targets: list[torch.Tensor], mtp_depth: int) -> tuple[int, int]:
