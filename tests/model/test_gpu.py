@@ -1,4 +1,5 @@
-"""CUDA-only checks: grouped GEMM, CUDA vs CPU, bf16 and compiled training steps, host syncs, CUDA graphs."""
+"""CUDA-only checks: grouped GEMM, CUDA vs CPU, bf16 and compiled training steps, host syncs, CUDA graphs,
+the sliced loss head."""
 
 import dataclasses
 
@@ -216,3 +217,42 @@ def test_bf16_moments_fused_on_cuda_match_the_unfused_update():
     assert sum(counters["graph_break"].values()) == 0
     for a, b in zip(fused_model.parameters(), plain_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_sliced_loss_head_on_cuda_matches_plain_and_holds_less_memory():
+    """The eager loss head on CUDA (bf16 autocast, 32k vocabulary, several slices) against F.linear then
+    F.cross_entropy: the loss to 1e-4 (bf16 logits, fp32 sums; cuBLAS may block a slice's GEMM unlike the
+    whole one, moving a logit by one bf16 step here and there: ~3e-6 expected) and the gradients to one
+    bf16 step of their largest entry (both round the logits' gradient to bf16 once). Peak memory of
+    forward + backward stays below the plain form's, which holds fp32 (N, V) copies."""
+    import torch.nn.functional as F
+
+    from seektrain.model.cross_entropy import LinearCrossEntropy
+
+    torch.manual_seed(0)
+    n, dim, vocab = 8192, 1024, 32768
+    h = torch.randn(n, dim, device="cuda", requires_grad=True)
+    weight = (torch.randn(vocab, dim, device="cuda") * 0.02).requires_grad_()
+    targets = torch.randint(0, vocab, (n,), device="cuda")
+
+    def sliced():
+        return LinearCrossEntropy()([h], weight, [targets])[0][0]
+
+    def plain():
+        return F.cross_entropy(F.linear(h, weight).float(), targets, reduction="sum")
+
+    results = {}
+    for name, fn in (("sliced", sliced), ("plain", plain)):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fn()
+        grads = torch.autograd.grad(loss / n, [h, weight])
+        torch.cuda.synchronize()
+        results[name] = (loss, grads, torch.cuda.max_memory_allocated() - base)
+    (loss_s, grads_s, peak_s), (loss_p, grads_p, peak_p) = results["sliced"], results["plain"]
+    torch.testing.assert_close(loss_s, loss_p, rtol=1e-4, atol=0)
+    for a, b in zip(grads_s, grads_p, strict=True):
+        assert (a - b).abs().max() <= 2**-7 * b.abs().max()
+    assert peak_s < peak_p, (peak_s, peak_p)
