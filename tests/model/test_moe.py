@@ -149,3 +149,33 @@ def test_router_runs_in_fp32_under_autocast(monkeypatch):
         moe(x)
     assert seen["logits"].dtype == torch.float32
     torch.testing.assert_close(seen["logits"], x.reshape(-1, 32) @ moe.gate.weight.T, rtol=1e-6, atol=1e-6)
+
+
+def test_per_expert_fallback_compiles_as_one_graph(monkeypatch):
+    """The per-expert fallback (no grouped kernel: fp32 under torch.compile on CPU) is a custom op, so the
+    MoE compiles as one graph instead of breaking it at the host read of the counts (plain torch.compile,
+    as `train.compile` calls it; fullgraph=True would trace the read instead), and gives eager's values
+    and gradients (fp32, same GEMMs: rounding-level)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(moe_mod, "_has_grouped_mm_kernel", lambda x, w: False)
+    torch.manual_seed(5)
+    moe = MoE(dataclasses.replace(TINY, hidden_size=32))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 16, 32, requires_grad=True)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(moe, backend="aot_eager")
+
+    def run(module):
+        y, counts, _ = module(x)
+        return y, counts, torch.autograd.grad(y.square().sum(), [x, *moe.parameters()])
+
+    y, counts, grads = run(moe)
+    y_c, counts_c, grads_c = run(compiled)
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(counts, counts_c)
+    torch.testing.assert_close(y_c, y, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads_c, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

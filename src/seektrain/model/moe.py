@@ -82,9 +82,47 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: 
     if _has_grouped_mm_kernel(x, w):
         fn = F.grouped_mm if hasattr(F, "grouped_mm") else torch._grouped_mm
         return fn(x, w, offs=offsets)
-    # Fallback: one GEMM per expert (never per token); `tolist` is the only host sync.
+    return per_expert_mm(x, w, counts)
+
+
+# Fallback: one GEMM per expert (never per token); reading the counts is its only host sync. A custom op,
+# so that torch.compile keeps it whole instead of breaking the graph at that read (CPU fp32 compiled).
+@torch.library.custom_op("seektrain::per_expert_mm", mutates_args=())
+def per_expert_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x (S, K), sorted by expert, times their expert's w[e] (E, K, N) -> (S, N)."""
     pieces = x.split(counts.tolist())
     return torch.cat([piece @ w[e] for e, piece in enumerate(pieces)])
+
+
+@torch.library.custom_op("seektrain::per_expert_weight_grad", mutates_args=())
+def per_expert_weight_grad(x: torch.Tensor, grad: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """d(loss)/d(w) of `per_expert_mm`: x_e^T grad_e for each expert e -> (E, K, N)."""
+    split = counts.tolist()
+    return torch.stack([a.t() @ g for a, g in zip(x.split(split), grad.split(split), strict=True)])
+
+
+@per_expert_mm.register_fake
+def _(x, w, counts):
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@per_expert_weight_grad.register_fake
+def _(x, grad, counts):
+    return x.new_empty(counts.shape[0], x.shape[1], grad.shape[1])
+
+
+def _per_expert_mm_backward(ctx, grad):
+    x, w, counts = ctx.saved_tensors
+    dx = per_expert_mm(grad, w.transpose(-2, -1), counts) if ctx.needs_input_grad[0] else None
+    dw = per_expert_weight_grad(x, grad, counts) if ctx.needs_input_grad[1] else None
+    return dx, dw, None
+
+
+def _per_expert_mm_save(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+per_expert_mm.register_autograd(_per_expert_mm_backward, setup_context=_per_expert_mm_save)
 
 
 class PairRows(torch.autograd.Function):
