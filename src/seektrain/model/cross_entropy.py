@@ -39,9 +39,10 @@ class LinearCrossEntropy(nn.Module):
         self, hs: list[torch.Tensor], weight: torch.Tensor, targets: list[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """hs[i] (..., D), weight (V, D), targets[i] (...) int64 -> (sums (G,) fp32, counts (G,) int64)."""
-        h = torch.cat([x.flatten(0, -2) for x in hs])  # (N, D)
+        rows = [x.flatten(0, -2) for x in hs]
         flat = [t.flatten() for t in targets]
-        target = torch.cat(flat)  # (N,)
+        # (N, D) and (N,); one group (no MTP) needs no copy
+        h, target = (rows[0], flat[0]) if len(rows) == 1 else (torch.cat(rows), torch.cat(flat))
         counts = torch.stack([(t != IGNORE_INDEX).sum() for t in flat])
         device = h.device.type
         autocast = torch.is_autocast_enabled(device)
