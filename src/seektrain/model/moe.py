@@ -85,8 +85,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: 
     return per_expert_mm(x, w, counts)
 
 
-# Fallback: one GEMM per expert (never per token); reading the counts is its only host sync. A custom op,
-# so that torch.compile keeps it whole instead of breaking the graph at that read (CPU fp32 compiled).
+# Fallback: one GEMM per expert (never per token); reading the counts (once forward, once backward) is its
+# only host sync. A custom op, so that torch.compile keeps it whole instead of breaking the graph at that
+# read (CPU fp32 compiled).
 @torch.library.custom_op("seektrain::per_expert_mm", mutates_args=())
 def per_expert_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x (S, K), sorted by expert, times their expert's w[e] (E, K, N) -> (S, N)."""
@@ -94,11 +95,17 @@ def per_expert_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> tor
     return torch.cat([piece @ w[e] for e, piece in enumerate(pieces)])
 
 
-@torch.library.custom_op("seektrain::per_expert_weight_grad", mutates_args=())
-def per_expert_weight_grad(x: torch.Tensor, grad: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """d(loss)/d(w) of `per_expert_mm`: x_e^T grad_e for each expert e -> (E, K, N)."""
+@torch.library.custom_op("seektrain::per_expert_mm_backward", mutates_args=())
+def per_expert_mm_backward(
+    x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `per_expert_mm` from one read of the counts: grad_e w[e]^T rows (S, K) and x_e^T grad_e
+    per expert (E, K, N)."""
     split = counts.tolist()
-    return torch.stack([a.t() @ g for a, g in zip(x.split(split), grad.split(split), strict=True)])
+    pairs = list(zip(x.split(split), grad.split(split), strict=True))
+    dx = torch.cat([g @ w[e].t() for e, (_, g) in enumerate(pairs)])
+    dw = torch.stack([a.t() @ g for a, g in pairs])
+    return dx, dw
 
 
 @per_expert_mm.register_fake
@@ -106,15 +113,14 @@ def _(x, w, counts):
     return x.new_empty(x.shape[0], w.shape[-1])
 
 
-@per_expert_weight_grad.register_fake
-def _(x, grad, counts):
-    return x.new_empty(counts.shape[0], x.shape[1], grad.shape[1])
+@per_expert_mm_backward.register_fake
+def _(x, w, grad, counts):
+    return x.new_empty(x.shape), x.new_empty(counts.shape[0], x.shape[1], grad.shape[1])
 
 
 def _per_expert_mm_backward(ctx, grad):
     x, w, counts = ctx.saved_tensors
-    dx = per_expert_mm(grad, w.transpose(-2, -1), counts) if ctx.needs_input_grad[0] else None
-    dw = per_expert_weight_grad(x, grad, counts) if ctx.needs_input_grad[1] else None
+    dx, dw = per_expert_mm_backward(x, w, grad, counts)
     return dx, dw, None
 
 
