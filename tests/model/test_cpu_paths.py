@@ -30,3 +30,57 @@ def test_moe_cpu_combine_matches_the_gpu_formulation(monkeypatch):
     torch.testing.assert_close(y_cpu, y_gpu, rtol=1e-6, atol=1e-6)
     for a, b in zip(g_cpu, g_gpu, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_pad_groups_places_every_pair_in_its_experts_padded_group():
+    counts = torch.tensor([3, 0, 5, 1])
+    expert = torch.repeat_interleave(torch.arange(4), counts)
+    token = torch.tensor([7, 2, 4, 9, 1, 3, 8, 0, 6])
+    scale = torch.arange(1.0, 10.0)[:, None]
+    padded_token, padded_scale, padded = moe_mod.pad_groups(token, scale, expert, counts, multiple=4)
+    # groups [4, 0, 8, x]; 9 + 4*3 = 21 rows -> 24, so the last group takes 24 - 12 = 12 rows
+    assert padded.tolist() == [4, 0, 8, 12]
+    assert padded_token.shape == (24,) and padded_scale.shape == (24, 1)
+    starts = [0, 4, 4, 12]
+    for e, (start, n) in enumerate(zip(starts, counts.tolist(), strict=True)):
+        rows = slice(start, start + n)
+        assert padded_token[rows].tolist() == token[expert == e].tolist()
+        assert padded_scale[rows, 0].tolist() == scale[expert == e, 0].tolist()
+    real = torch.zeros(24, dtype=torch.bool)
+    for start, n in zip(starts, counts.tolist(), strict=True):
+        real[start : start + n] = True
+    assert (padded_scale[~real] == 0).all() and (padded_token[~real] == 0).all()
+
+
+def test_padded_expert_groups_compute_the_same_moe(monkeypatch):
+    """The padded groups (CPU, low-precision experts) give the unpadded MoE's output and gradients: the
+    padding rows add zeros. Run in fp32 with padding forced, so the comparison is at rounding level."""
+    torch.manual_seed(6)
+    moe = MoE(dataclasses.replace(ModelConfig.from_preset("tiny"), hidden_size=32))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 40, 32, requires_grad=True)
+    grad = torch.randn(2, 40, 32)
+    seen = []
+    experts_forward = moe.experts.forward
+
+    def spy(x, counts, scale=None):
+        seen.append(counts)
+        return experts_forward(x, counts, scale=scale)
+
+    monkeypatch.setattr(moe.experts, "forward", spy)
+
+    def run():
+        y, counts, _ = moe(x)
+        return y, counts, torch.autograd.grad(y, [x, *moe.parameters()], grad)
+
+    y, counts, grads = run()
+    assert torch.equal(seen[-1], counts)  # fp32: the experts see the real groups
+    monkeypatch.setattr(moe_mod, "_expert_dtype", lambda x: torch.bfloat16)
+    y_pad, counts_pad, grads_pad = run()
+    assert (seen[-1] % moe_mod.CPU_GROUP_ROWS == 0).all() and (seen[-1] >= counts).all()
+    assert torch.equal(counts_pad, counts)  # the real counts still go to the balance update
+    # fp32, same GEMMs on longer groups: ~1e-7
+    torch.testing.assert_close(y_pad, y, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads_pad, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -66,6 +66,36 @@ def _has_grouped_mm_kernel(x: torch.Tensor, w: torch.Tensor) -> bool:
     return False
 
 
+# On CPU, low-precision GEMMs run through oneDNN, which builds (JIT-compiles) a kernel for every new shape
+# and caches 1024 of them: ~0.6 ms and ~650 KB per new row count. Each expert's row count changes every
+# step, so its GEMMs would keep building kernels; rounded up to a multiple of this, they reuse a few.
+CPU_GROUP_ROWS = 32
+
+
+def _expert_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the expert GEMMs run in for input x: autocast's where it is on."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def pad_groups(
+    token: torch.Tensor, scale: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor, multiple: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Spread the sorted pairs so that every expert's group of rows is a multiple of `multiple` long.
+    token (S,) and scale (S, 1) per sorted pair, expert (S,) its expert id, counts (E,) -> the same for
+    the padded rows, whose number depends on S and E only (the last group takes the slack; no host sync).
+    Padding rows read token 0 with scale 0: they add exact zeros to the output and to every gradient."""
+    S, E = token.shape[0], counts.shape[0]
+    padded = (counts + multiple - 1) // multiple * multiple
+    total = (S + E * (multiple - 1) + multiple - 1) // multiple * multiple  # >= padded.sum(), a multiple
+    padded[-1] += total - padded.sum()
+    shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # (E,) each group's move
+    position = torch.arange(S, device=token.device) + shift[expert.long()]
+    padded_token = token.new_zeros(total).index_copy_(0, position, token)
+    padded_scale = scale.new_zeros(total, 1).index_copy(0, position, scale)
+    return padded_token, padded_scale, padded
+
+
 def _index_add_is_deterministic(device: torch.device) -> bool:
     """index_add_ (and index_select's backward) accumulate serially on CPU; on GPU they use atomics."""
     return device.type == "cpu"
@@ -215,7 +245,11 @@ class MoE(nn.Module):
             # and deterministic where index_add_ (also the gather's backward) accumulates serially.
             token = order // k  # (S,) token row of each sorted pair
             w_sorted = weights.reshape(-1)[order, None]  # (S, 1) fp32 combine weights
-            y_sorted = self.experts(flat.index_select(0, token), counts, scale=w_sorted)  # (S, D) = w·y
+            group_counts = counts
+            if _expert_dtype(x) != torch.float32:
+                padded = pad_groups(token, w_sorted, expert_sorted, counts, CPU_GROUP_ROWS)
+                token, w_sorted, group_counts = padded
+            y_sorted = self.experts(flat.index_select(0, token), group_counts, scale=w_sorted)  # w·y
             routed = flat.new_zeros(B * T, D, dtype=torch.float32).index_add_(0, token, y_sorted.float())
         else:
             # Gathers both ways (see `PairRows`): deterministic on GPU, no atomic scatter-add, no zero fill.
