@@ -179,3 +179,21 @@ def test_per_expert_fallback_compiles_as_one_graph(monkeypatch):
     torch.testing.assert_close(y_c, y, rtol=1e-6, atol=1e-6)
     for a, b in zip(grads_c, grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_per_expert_fallback_with_an_expert_without_rows():
+    """An expert that got no tokens contributes no rows and a zero weight gradient (its output buffers
+    are written in place, so nothing may be left unwritten)."""
+    torch.manual_seed(6)
+    x = torch.randn(10, 8, requires_grad=True)
+    w = torch.randn(3, 8, 5, requires_grad=True)
+    counts = torch.tensor([4, 0, 6])
+    y = moe_mod.per_expert_mm(x, w, counts)
+    want = torch.cat([x[:4] @ w[0], x[4:] @ w[2]])
+    torch.testing.assert_close(y, want, rtol=0, atol=0)  # the same GEMMs
+    grad = torch.randn_like(y)
+    dx, dw = torch.autograd.grad(y, [x, w], grad)
+    dx_ref, dw_ref = torch.autograd.grad(want, [x, w], grad)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dw, dw_ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(dw[1], torch.zeros(8, 5))

@@ -121,8 +121,10 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: 
 @torch.library.custom_op("seektrain::per_expert_mm", mutates_args=())
 def per_expert_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x (S, K), sorted by expert, times their expert's w[e] (E, K, N) -> (S, N)."""
-    pieces = x.split(counts.tolist())
-    return torch.cat([piece @ w[e] for e, piece in enumerate(pieces)])
+    out = x.new_empty(x.shape[0], w.shape[-1])
+    for e, (piece, rows) in enumerate(zip(x.split(split := counts.tolist()), out.split(split), strict=True)):
+        torch.mm(piece, w[e], out=rows)  # written in place: no concatenation copy
+    return out
 
 
 @torch.library.custom_op("seektrain::per_expert_mm_backward", mutates_args=())
@@ -132,9 +134,10 @@ def per_expert_mm_backward(
     """Gradients of `per_expert_mm` from one read of the counts: grad_e w[e]^T rows (S, K) and x_e^T grad_e
     per expert (E, K, N)."""
     split = counts.tolist()
-    pairs = list(zip(x.split(split), grad.split(split), strict=True))
-    dx = torch.cat([g @ w[e].t() for e, (_, g) in enumerate(pairs)])
-    dw = torch.stack([a.t() @ g for a, g in pairs])
+    dx, dw = torch.empty_like(x), x.new_empty(counts.shape[0], x.shape[1], grad.shape[1])
+    for e, (a, g, rows) in enumerate(zip(x.split(split), grad.split(split), dx.split(split), strict=True)):
+        torch.mm(g, w[e].t(), out=rows)
+        torch.mm(a.t(), g, out=dw[e])
     return dx, dw
 
 
