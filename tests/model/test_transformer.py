@@ -66,6 +66,21 @@ def test_loss_sums_and_counts_are_exact(model):
     assert out.balance_loss.item() == 0.0  # α = 0 in the preset
 
 
+def test_main_loss_alone_without_mtp(model, monkeypatch):
+    """`mtp=False` (evaluation) scores the main model only: its loss sum as with MTP, the MTP modules never
+    called, their terms zero."""
+    tokens, targets = batch()
+    full = model(tokens, targets)
+    monkeypatch.setattr(type(model.mtp[0]), "forward", lambda *a, **kw: pytest.fail("MTP ran"))
+    out = model(tokens, targets, mtp=False)
+    # fp32; the main rows are sliced alone instead of beside the MTP rows: rounding-level differences.
+    torch.testing.assert_close(out.main_loss_sum, full.main_loss_sum, rtol=1e-6, atol=0)
+    assert torch.equal(out.main_count, full.main_count) and out.logits is None
+    assert out.mtp_loss_sum.item() == 0 and out.mtp_count.item() == 0
+    assert out.mtp_expert_counts.shape == (0, CFG.n_routed_experts)
+    torch.testing.assert_close(out.loss, out.main_loss_sum / out.main_count, rtol=0, atol=0)
+
+
 def test_mtp_predicts_the_token_two_ahead_from_the_token_one_ahead(model):
     """Recompute depth 1 by hand: input Emb(t_{i+1}) with h_i, target t_{i+2} (= targets shifted by 1)."""
     tokens, targets = batch()

@@ -88,8 +88,8 @@ def test_nan_step_is_skipped_and_counted(make, tmp_path):
     tr = make(run, "train.steps=6", "train.log_every=1")
     forward = tr.model.forward
 
-    def patched(x, y=None):  # a NaN loss in step 3
-        out = forward(x, y)
+    def patched(x, y=None, **kw):  # a NaN loss in step 3
+        out = forward(x, y, **kw)
         if tr.model.training and tr.counters.step + 1 == 3:
             out.main_loss_sum = out.main_loss_sum * math.nan
         return out
@@ -124,8 +124,8 @@ def test_loss_spike_rolls_back_and_skips_the_data(make, tmp_path, precision):
     fired = []
     forward = tr.model.forward
 
-    def patched(x, y=None):
-        out = forward(x, y)
+    def patched(x, y=None, **kw):
+        out = forward(x, y, **kw)
         if tr.model.training and tr.counters.step + 1 == 7 and len(fired) < 2:  # both micro-batches, once
             fired.append(1)
             out.main_loss_sum = out.main_loss_sum + 1000.0  # a spike in the loss, not in the gradients

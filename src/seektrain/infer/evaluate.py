@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from seektrain.errors import UserError
 from seektrain.model.transformer import Transformer
@@ -84,9 +83,9 @@ def evaluate_model(
     for i, (x, y) in enumerate(loader.epoch()):
         if cfg.max_batches and i >= cfg.max_batches:
             break
-        logits = model(x.to(device)).logits  # (B, T, V); no targets, so the MTP modules do not run
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum")
-        nats += float(loss.double())
+        # The loss head scores slices of rows: the (B, T, V) logits are never materialized.
+        out = model(x.to(device), y.to(device), mtp=False)
+        nats += float(out.main_loss_sum.double())
         tokens += y.numel()
         nbytes += int(byte_lengths[y.numpy()].sum())
     loss = nats / tokens

@@ -104,8 +104,11 @@ class Transformer(nn.Module):
             elif isinstance(module, MoE):
                 module.e_score_correction_bias.zero_()
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
-        """tokens (B, T) int64; targets (B, T) int64 with -100 = ignore. MTP runs only with targets."""
+    def forward(
+        self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *, mtp: bool = True
+    ) -> ModelOutput:
+        """tokens (B, T) int64; targets (B, T) int64 with -100 = ignore. MTP runs only with targets, and
+        only with `mtp` (evaluation scores the main model alone: `mtp=False`, whose MTP terms are 0)."""
         if tokens.dim() != 2 or tokens.is_floating_point():
             raise ValueError(f"tokens must be (B, T) integer ids, got {tuple(tokens.shape)} {tokens.dtype}")
         B, T = tokens.shape
@@ -123,7 +126,7 @@ class Transformer(nn.Module):
 
         out = ModelOutput(logits=None, expert_counts=expert_counts)
         hs, all_targets, mtp_counts = [self.norm(h)], [targets], []
-        for k, module in enumerate(self.mtp, start=1):
+        for k, module in enumerate(self.mtp if mtp else [], start=1):
             emb = self.embed_tokens(shift_left(tokens, k, fill=0))  # Emb(t_{i+k}); padded tail has no target
             h, c, bal = module(h, emb, cos, sin)
             if c is not None:

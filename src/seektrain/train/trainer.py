@@ -392,7 +392,7 @@ class Trainer:
                 # would start a new one and invalidate the previous block's output.
                 torch.compiler.cudagraph_mark_step_begin()
             with self.stepper.autocast():
-                out = model(x.to(self.device), y.to(self.device))
+                out = model(x.to(self.device), y.to(self.device), mtp=False)
             sums += torch.stack([out.main_loss_sum.double(), out.main_count.double()])
         model.train()
         if ranks > 1:
