@@ -6,7 +6,7 @@ off in both (transformers does not train it), so the work is the same function; 
 case with its MTP modules on.
 
 Run:  python bench/bench_step.py [--preset tiny] [--batch 4] [--seq 256] [--steps 5] [--rounds 3]
-        [--precision fp32] [--threads N] [--mtp] [--no-optimizer] [--compile] [--profile]
+        [--warmup 10] [--precision fp32] [--threads N] [--mtp] [--no-optimizer] [--compile] [--profile]
 On a GPU it defaults to the `small` preset, B=8, T=2048, bf16. `--compile` adds compiled cases beside the
 eager ones: seektrain as `train.compile` compiles it (each block and the loss head), transformers' model
 compiled whole, as the peer script does. `--profile` prints a torch.profiler table of one step of each
@@ -92,8 +92,8 @@ def build_cases(
     for name, (model, hf) in models.items():
         step = make_step(model, x, y, args, hf)
         try:
-            step()  # warm-up: optimizer state, compilation (a second call settles recompiles)
-            step()
+            for _ in range(args.warmup):  # optimizer state, compilation, recompiles, the allocator's heap
+                step()
         except Exception as e:  # a peer variant this build cannot run is reported, not fatal
             print(json.dumps({"case": name, "error": repr(e)[:200]}))
             continue
@@ -122,6 +122,13 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=2048 if gpu else 256)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=3 if gpu else 10,
+        help="untimed steps per case first (default 3 on GPU; 10 on CPU, where the heap and oneDNN's "
+        "kernel cache take several steps to settle)",
+    )
     p.add_argument("--precision", default="bf16" if gpu else "fp32", choices=["fp32", "bf16"])
     p.add_argument(
         "--threads",
@@ -184,6 +191,7 @@ def main() -> None:
         seq=args.seq,
         precision=args.precision,
         optimizer=not args.no_optimizer,
+        warmup=args.warmup,
         compile=args.compile,
         keep_freed_memory=kept,
     )
