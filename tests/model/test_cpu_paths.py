@@ -9,22 +9,27 @@ from seektrain.model.config import ModelConfig
 from seektrain.model.moe import MoE
 
 
-def test_moe_cpu_combine_matches_the_gpu_formulation(monkeypatch):
-    """gather + index_add_ (CPU) and gathers through the inverse permutation (GPU) compute the same MoE."""
-    torch.manual_seed(4)
+def random_moe(seed: int, tokens: int) -> tuple[MoE, torch.Tensor, torch.Tensor]:
+    """A small MoE with large random weights, an input (2, tokens, 32) and an output gradient."""
+    torch.manual_seed(seed)
     moe = MoE(dataclasses.replace(ModelConfig.from_preset("tiny"), hidden_size=32))
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    x = torch.randn(2, 24, 32, requires_grad=True)
-    grad = torch.randn(2, 24, 32)
+    return moe, torch.randn(2, tokens, 32, requires_grad=True), torch.randn(2, tokens, 32)
 
-    def run():
-        y, counts, _ = moe(x)
-        return y, counts, torch.autograd.grad(y, [x, *moe.parameters()], grad)
 
-    y_cpu, counts_cpu, g_cpu = run()
+def run_moe(moe: MoE, x: torch.Tensor, grad: torch.Tensor):
+    """Output, expert counts and the gradients of x and every parameter."""
+    y, counts, _ = moe(x)
+    return y, counts, torch.autograd.grad(y, [x, *moe.parameters()], grad)
+
+
+def test_moe_cpu_combine_matches_the_gpu_formulation(monkeypatch):
+    """gather + index_add_ (CPU) and gathers through the inverse permutation (GPU) compute the same MoE."""
+    moe, x, grad = random_moe(4, tokens=24)
+    y_cpu, counts_cpu, g_cpu = run_moe(moe, x, grad)
     monkeypatch.setattr(moe_mod, "_index_add_is_deterministic", lambda device: False)
-    y_gpu, counts_gpu, g_gpu = run()
+    y_gpu, counts_gpu, g_gpu = run_moe(moe, x, grad)
     assert torch.equal(counts_cpu, counts_gpu)
     # fp32; only the order of the k-term sums differs: ~1e-7.
     torch.testing.assert_close(y_cpu, y_gpu, rtol=1e-6, atol=1e-6)
@@ -55,12 +60,7 @@ def test_pad_groups_places_every_pair_in_its_experts_padded_group():
 def test_padded_expert_groups_compute_the_same_moe(monkeypatch):
     """The padded groups (CPU, low-precision experts) give the unpadded MoE's output and gradients: the
     padding rows add zeros. Run in fp32 with padding forced, so the comparison is at rounding level."""
-    torch.manual_seed(6)
-    moe = MoE(dataclasses.replace(ModelConfig.from_preset("tiny"), hidden_size=32))
-    for p in moe.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    x = torch.randn(2, 40, 32, requires_grad=True)
-    grad = torch.randn(2, 40, 32)
+    moe, x, grad = random_moe(6, tokens=40)
     seen = []
     experts_forward = moe.experts.forward
 
@@ -69,15 +69,10 @@ def test_padded_expert_groups_compute_the_same_moe(monkeypatch):
         return experts_forward(x, counts, scale=scale)
 
     monkeypatch.setattr(moe.experts, "forward", spy)
-
-    def run():
-        y, counts, _ = moe(x)
-        return y, counts, torch.autograd.grad(y, [x, *moe.parameters()], grad)
-
-    y, counts, grads = run()
+    y, counts, grads = run_moe(moe, x, grad)
     assert torch.equal(seen[-1], counts)  # fp32: the experts see the real groups
     monkeypatch.setattr(moe_mod, "_expert_dtype", lambda x: torch.bfloat16)
-    y_pad, counts_pad, grads_pad = run()
+    y_pad, counts_pad, grads_pad = run_moe(moe, x, grad)
     assert (seen[-1] % moe_mod.CPU_GROUP_ROWS == 0).all() and (seen[-1] >= counts).all()
     assert torch.equal(counts_pad, counts)  # the real counts still go to the balance update
     # fp32, same GEMMs on longer groups: ~1e-7
