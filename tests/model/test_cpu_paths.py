@@ -42,7 +42,7 @@ def test_pad_groups_places_every_pair_in_its_experts_padded_group():
     expert = torch.repeat_interleave(torch.arange(4), counts)
     token = torch.tensor([7, 2, 4, 9, 1, 3, 8, 0, 6])
     scale = torch.arange(1.0, 10.0)[:, None]
-    padded_token, padded_scale, padded = moe_mod.pad_groups(token, scale, expert, counts, multiple=4)
+    padded_token, padded_scale, padded, real = moe_mod.pad_groups(token, scale, expert, counts, multiple=4)
     # groups [4, 0, 8, x]; 9 + 4*3 = 21 rows -> 24, so the last group takes 24 - 12 = 12 rows
     assert padded.tolist() == [4, 0, 8, 12]
     assert padded_token.shape == (24,) and padded_scale.shape == (24, 1)
@@ -51,10 +51,22 @@ def test_pad_groups_places_every_pair_in_its_experts_padded_group():
         rows = slice(start, start + n)
         assert padded_token[rows].tolist() == token[expert == e].tolist()
         assert padded_scale[rows, 0].tolist() == scale[expert == e, 0].tolist()
-    real = torch.zeros(24, dtype=torch.bool)
+    want_real = torch.zeros(24, dtype=torch.bool)
     for start, n in zip(starts, counts.tolist(), strict=True):
-        real[start : start + n] = True
+        want_real[start : start + n] = True
+    assert torch.equal(real, want_real)
     assert (padded_scale[~real] == 0).all() and (padded_token[~real] == 0).all()
+
+
+def test_groups_are_padded_only_for_low_precision_and_enough_rows():
+    x = torch.zeros(1)
+    enough = moe_mod.PAD_MIN_GROUPS_PER_EXPERT * 16 * moe_mod.CPU_GROUP_ROWS
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert moe_mod._pads_groups(x, enough, 16)
+        assert not moe_mod._pads_groups(x, enough - 1, 16)
+        assert not moe_mod._pads_groups(x, 6, 16)  # decoding one token: padding would multiply the work
+    assert moe_mod._pads_groups(x.half(), enough, 16)
+    assert not moe_mod._pads_groups(x, enough, 16)  # fp32 GEMMs (MKL) build no kernels
 
 
 def test_padded_expert_groups_compute_the_same_moe(monkeypatch):
@@ -71,7 +83,7 @@ def test_padded_expert_groups_compute_the_same_moe(monkeypatch):
     monkeypatch.setattr(moe.experts, "forward", spy)
     y, counts, grads = run_moe(moe, x, grad)
     assert torch.equal(seen[-1], counts)  # fp32: the experts see the real groups
-    monkeypatch.setattr(moe_mod, "_expert_dtype", lambda x: torch.bfloat16)
+    monkeypatch.setattr(moe_mod, "_pads_groups", lambda x, pairs, n_experts: True)
     y_pad, counts_pad, grads_pad = run_moe(moe, x, grad)
     assert (seen[-1] % moe_mod.CPU_GROUP_ROWS == 0).all() and (seen[-1] >= counts).all()
     assert torch.equal(counts_pad, counts)  # the real counts still go to the balance update
@@ -79,3 +91,33 @@ def test_padded_expert_groups_compute_the_same_moe(monkeypatch):
     torch.testing.assert_close(y_pad, y, rtol=1e-6, atol=1e-6)
     for a, b in zip(grads_pad, grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_padding_rows_stay_zero_when_an_unused_expert_overflows_in_fp16(monkeypatch):
+    """Padding rows get a zero input, so even an expert that overflows fp16 on real tokens (here one no
+    token is routed to, with huge weights) adds nothing to them: token 0's output and every gradient
+    stay finite, as without padding."""
+    moe, x, grad = random_moe(7, tokens=40)
+    with torch.no_grad():
+        moe.e_score_correction_bias[-1] = -100.0  # nothing routes to the last expert
+        moe.experts.gate_up_proj[-1] *= 2000.0  # its product with any real row overflows fp16
+    monkeypatch.setattr(moe_mod, "_pads_groups", lambda x, pairs, n_experts: True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        y, counts, grads = run_moe(moe, x, grad)
+    assert counts[-1] == 0
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_padded_groups_in_bf16_match_unpadded(monkeypatch):
+    """A real bf16 run, padded and not: the same products per row, from GEMMs of other lengths. bf16
+    outputs and gradients may differ by a rounding (2^-8 relative) where oneDNN blocks them otherwise."""
+    moe, x, grad = random_moe(8, tokens=40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        monkeypatch.setattr(moe_mod, "_pads_groups", lambda x, pairs, n_experts: False)
+        y, counts, grads = run_moe(moe, x, grad)
+        monkeypatch.setattr(moe_mod, "_pads_groups", lambda x, pairs, n_experts: True)
+        y_pad, counts_pad, grads_pad = run_moe(moe, x, grad)
+    assert torch.equal(counts, counts_pad)
+    torch.testing.assert_close(y_pad, y, rtol=1e-2, atol=1e-2)
+    for a, b in zip(grads_pad, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)

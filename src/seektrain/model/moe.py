@@ -11,7 +11,8 @@ Routed experts are stacked `[E, …]` weights; tokens are sorted by expert (stab
 one grouped GEMM per projection (`F.grouped_mm` where the build has a kernel, else one matmul per
 EXPERT from a single host sync). No token is dropped. Results are combined back per token with
 index_add_ on CPU (cheapest, and serial there) and with gathers through the inverse permutation on GPU
-(no atomics: deterministic forward and backward).
+(no atomics: deterministic forward and backward). On CPU in bf16/fp16 each expert's rows are padded to a
+multiple of 32 with zero rows, so oneDNN does not build a new GEMM kernel for every new row count.
 """
 
 from __future__ import annotations
@@ -69,22 +70,31 @@ def _has_grouped_mm_kernel(x: torch.Tensor, w: torch.Tensor) -> bool:
 # On CPU, low-precision GEMMs run through oneDNN, which builds (JIT-compiles) a kernel for every new shape
 # and caches 1024 of them: ~0.6 ms and ~650 KB per new row count. Each expert's row count changes every
 # step, so its GEMMs would keep building kernels; rounded up to a multiple of this, they reuse a few.
+# Padding adds at most E·(CPU_GROUP_ROWS - 1) + CPU_GROUP_ROWS rows, so it runs only where the pairs
+# number at least PAD_MIN_GROUPS_PER_EXPERT·E·CPU_GROUP_ROWS (≤ 1/4 more rows; never in decoding).
 CPU_GROUP_ROWS = 32
+PAD_MIN_GROUPS_PER_EXPERT = 4
 
 
-def _expert_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the expert GEMMs run in for input x: autocast's where it is on."""
+def _pads_groups(x: torch.Tensor, pairs: int, n_experts: int) -> bool:
+    """Whether the CPU path pads the expert groups of these `pairs` rows (see CPU_GROUP_ROWS)."""
     device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    return (
+        dtype != torch.float32
+        and CPU_GROUP_ROWS > 1
+        and pairs >= PAD_MIN_GROUPS_PER_EXPERT * n_experts * CPU_GROUP_ROWS
+    )
 
 
 def pad_groups(
     token: torch.Tensor, scale: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor, multiple: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Spread the sorted pairs so that every expert's group of rows is a multiple of `multiple` long.
     token (S,) and scale (S, 1) per sorted pair, expert (S,) its expert id, counts (E,) -> the same for
-    the padded rows, whose number depends on S and E only (the last group takes the slack; no host sync).
-    Padding rows read token 0 with scale 0: they add exact zeros to the output and to every gradient."""
+    the padded rows, whose number depends on S and E only (the last group takes the slack; no host sync),
+    and `real` (S_padded,) bool, False on padding rows. Padding rows point at token 0 with scale 0; the
+    caller zeroes their input, so that they add exact zeros to the output and to every gradient."""
     S, E = token.shape[0], counts.shape[0]
     padded = (counts + multiple - 1) // multiple * multiple
     total = (S + E * (multiple - 1) + multiple - 1) // multiple * multiple  # >= padded.sum(), a multiple
@@ -93,7 +103,8 @@ def pad_groups(
     position = torch.arange(S, device=token.device) + shift[expert.long()]
     padded_token = token.new_zeros(total).index_copy_(0, position, token)
     padded_scale = scale.new_zeros(total, 1).index_copy(0, position, scale)
-    return padded_token, padded_scale, padded
+    real = torch.zeros(total, dtype=torch.bool, device=token.device).index_fill_(0, position, True)
+    return padded_token, padded_scale, padded, real
 
 
 def _index_add_is_deterministic(device: torch.device) -> bool:
@@ -134,7 +145,7 @@ def per_expert_mm_backward(
     """Gradients of `per_expert_mm` from one read of the counts: grad_e w[e]^T rows (S, K) and x_e^T grad_e
     per expert (E, K, N)."""
     split = counts.tolist()
-    dx, dw = torch.empty_like(x), x.new_empty(counts.shape[0], x.shape[1], grad.shape[1])
+    dx, dw = x.new_empty(x.shape), x.new_empty(counts.shape[0], x.shape[1], grad.shape[1])
     for e, (a, g, rows) in enumerate(zip(x.split(split), grad.split(split), dx.split(split), strict=True)):
         torch.mm(g, w[e].t(), out=rows)
         torch.mm(a.t(), g, out=dw[e])
@@ -248,11 +259,14 @@ class MoE(nn.Module):
             # and deterministic where index_add_ (also the gather's backward) accumulates serially.
             token = order // k  # (S,) token row of each sorted pair
             w_sorted = weights.reshape(-1)[order, None]  # (S, 1) fp32 combine weights
-            group_counts = counts
-            if _expert_dtype(x) != torch.float32:
+            if _pads_groups(x, token.shape[0], E):
                 padded = pad_groups(token, w_sorted, expert_sorted, counts, CPU_GROUP_ROWS)
-                token, w_sorted, group_counts = padded
-            y_sorted = self.experts(flat.index_select(0, token), group_counts, scale=w_sorted)  # w·y
+                token, w_sorted, group_counts, real = padded
+                # zero input on padding rows: 0 out of every expert (token 0's row might overflow one)
+                x_sorted = flat.index_select(0, token).masked_fill_(~real[:, None], 0)
+            else:
+                x_sorted, group_counts = flat.index_select(0, token), counts
+            y_sorted = self.experts(x_sorted, group_counts, scale=w_sorted)  # (S, D) = w·y
             routed = flat.new_zeros(B * T, D, dtype=torch.float32).index_add_(0, token, y_sorted.float())
         else:
             # Gathers both ways (see `PairRows`): deterministic on GPU, no atomic scatter-add, no zero fill.
