@@ -59,14 +59,16 @@ def test_pad_groups_places_every_pair_in_its_experts_padded_group():
 
 
 def test_groups_are_padded_only_for_low_precision_and_enough_rows():
-    x = torch.zeros(1)
+    x, w = torch.zeros(1), torch.zeros(1)
     enough = moe_mod.PAD_MIN_GROUPS_PER_EXPERT * 16 * moe_mod.CPU_GROUP_ROWS
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert moe_mod._pads_groups(x, enough, 16)
-        assert not moe_mod._pads_groups(x, enough - 1, 16)
-        assert not moe_mod._pads_groups(x, 6, 16)  # decoding one token: padding would multiply the work
-    assert moe_mod._pads_groups(x.half(), enough, 16)
-    assert not moe_mod._pads_groups(x, enough, 16)  # fp32 GEMMs (MKL) build no kernels
+        dtype = moe_mod.gemm_dtype(x, w)
+        assert moe_mod._pads_groups(dtype, enough, 16)
+        assert not moe_mod._pads_groups(dtype, enough - 1, 16)
+        assert not moe_mod._pads_groups(dtype, 6, 16)  # decoding one token: padding would multiply the work
+    assert moe_mod._pads_groups(moe_mod.gemm_dtype(x, w.half()), enough, 16)
+    # fp32 GEMMs (MKL) build no kernels
+    assert not moe_mod._pads_groups(moe_mod.gemm_dtype(x, w), enough, 16)
 
 
 def test_padded_expert_groups_compute_the_same_moe(monkeypatch):
@@ -83,7 +85,7 @@ def test_padded_expert_groups_compute_the_same_moe(monkeypatch):
     monkeypatch.setattr(moe.experts, "forward", spy)
     y, counts, grads = run_moe(moe, x, grad)
     assert torch.equal(seen[-1], counts)  # fp32: the experts see the real groups
-    monkeypatch.setattr(moe_mod, "_pads_groups", lambda x, pairs, n_experts: True)
+    monkeypatch.setattr(moe_mod, "_pads_groups", lambda dtype, pairs, n_experts: True)
     y_pad, counts_pad, grads_pad = run_moe(moe, x, grad)
     assert (seen[-1] % moe_mod.CPU_GROUP_ROWS == 0).all() and (seen[-1] >= counts).all()
     assert torch.equal(counts_pad, counts)  # the real counts still go to the balance update
@@ -101,7 +103,7 @@ def test_padding_rows_stay_zero_when_an_unused_expert_overflows_in_fp16(monkeypa
     with torch.no_grad():
         moe.e_score_correction_bias[-1] = -100.0  # nothing routes to the last expert
         moe.experts.gate_up_proj[-1] *= 2000.0  # its product with any real row overflows fp16
-    monkeypatch.setattr(moe_mod, "_pads_groups", lambda x, pairs, n_experts: True)
+    monkeypatch.setattr(moe_mod, "_pads_groups", lambda dtype, pairs, n_experts: True)
     with torch.autocast("cpu", dtype=torch.float16):
         y, counts, grads = run_moe(moe, x, grad)
     assert counts[-1] == 0
@@ -113,9 +115,9 @@ def test_padded_groups_in_bf16_match_unpadded(monkeypatch):
     outputs and gradients may differ by a rounding (2^-8 relative) where oneDNN blocks them otherwise."""
     moe, x, grad = random_moe(8, tokens=40)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        monkeypatch.setattr(moe_mod, "_pads_groups", lambda x, pairs, n_experts: False)
+        monkeypatch.setattr(moe_mod, "_pads_groups", lambda dtype, pairs, n_experts: False)
         y, counts, grads = run_moe(moe, x, grad)
-        monkeypatch.setattr(moe_mod, "_pads_groups", lambda x, pairs, n_experts: True)
+        monkeypatch.setattr(moe_mod, "_pads_groups", lambda dtype, pairs, n_experts: True)
         y_pad, counts_pad, grads_pad = run_moe(moe, x, grad)
     assert torch.equal(counts, counts_pad)
     torch.testing.assert_close(y_pad, y, rtol=1e-2, atol=1e-2)

@@ -76,10 +76,9 @@ CPU_GROUP_ROWS = 32
 PAD_MIN_GROUPS_PER_EXPERT = 4
 
 
-def _pads_groups(x: torch.Tensor, pairs: int, n_experts: int) -> bool:
-    """Whether the CPU path pads the expert groups of these `pairs` rows (see CPU_GROUP_ROWS)."""
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+def _pads_groups(dtype: torch.dtype, pairs: int, n_experts: int) -> bool:
+    """Whether the CPU path pads the expert groups of these `pairs` rows, multiplied in `dtype` (see
+    CPU_GROUP_ROWS)."""
     return (
         dtype != torch.float32
         and CPU_GROUP_ROWS > 1
@@ -112,14 +111,17 @@ def _index_add_is_deterministic(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def gemm_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+    """The dtype `grouped_mm` multiplies x by w in: autocast's where it is on, else the weights'."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else w.dtype
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x (S, K), sorted by expert, times their expert's w[e] (E, K, N) -> (S, N).
     `offsets` (E,) int32 are the cumulative row counts, `counts` (E,) the per-expert counts."""
-    if torch.is_autocast_enabled(x.device.type):  # the grouped kernels are not autocast-aware
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, w = x.to(dtype), w.to(dtype)
-    else:
-        x = x.to(w.dtype)
+    dtype = gemm_dtype(x, w)  # the grouped kernels are not autocast-aware
+    x, w = x.to(dtype), w.to(dtype)
     if _has_grouped_mm_kernel(x, w):
         fn = F.grouped_mm if hasattr(F, "grouped_mm") else torch._grouped_mm
         return fn(x, w, offs=offsets)
@@ -254,12 +256,12 @@ class MoE(nn.Module):
         experts = torch.arange(E, device=x.device, dtype=torch.int32)
         ends = torch.searchsorted(expert_sorted, experts, right=True)  # (E,) int64
         counts = torch.diff(ends, prepend=ends.new_zeros(1))  # (E,) int64, no host sync
+        w_sorted = weights.reshape(-1)[order, None]  # (S, 1) fp32 combine weights
         if _index_add_is_deterministic(x.device):
             # Gather each pair's token row, scatter-add the weighted results back: the cheapest form,
             # and deterministic where index_add_ (also the gather's backward) accumulates serially.
             token = order // k  # (S,) token row of each sorted pair
-            w_sorted = weights.reshape(-1)[order, None]  # (S, 1) fp32 combine weights
-            if _pads_groups(x, token.shape[0], E):
+            if _pads_groups(gemm_dtype(x, self.experts.down_proj), token.shape[0], E):
                 padded = pad_groups(token, w_sorted, expert_sorted, counts, CPU_GROUP_ROWS)
                 token, w_sorted, group_counts, real = padded
                 # zero input on padding rows: 0 out of every expert (token 0's row might overflow one)
@@ -272,7 +274,6 @@ class MoE(nn.Module):
             # Gathers both ways (see `PairRows`): deterministic on GPU, no atomic scatter-add, no zero fill.
             inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
             x_sorted = PairRows.apply(flat, order, inverse, k)  # (S, D): row i = token order[i] // k
-            w_sorted = weights.reshape(-1)[order, None]  # (S, 1) fp32 combine weights
             y_sorted = self.experts(x_sorted, counts, scale=w_sorted)  # (S, D) = w·y
             y_pairs = PairRows.apply(y_sorted, inverse, order, 1).view(B * T, k, D)  # back to pair order
             routed = y_pairs.sum(1, dtype=torch.float32)  # (N, D) fp32: Σ_k w_k y_k
