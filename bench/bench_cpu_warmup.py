@@ -26,6 +26,7 @@ def run_case(group_rows: int, steps: int, precision: str, compile: bool) -> dict
     import dataclasses
 
     import torch
+    from bench_step import make_step  # the same training step as the peer comparison
 
     import seektrain.model.moe as moe
     from seektrain.distributed.parallelize import apply_compile
@@ -43,18 +44,12 @@ def run_case(group_rows: int, steps: int, precision: str, compile: bool) -> dict
     model = Transformer(cfg)
     if compile:
         apply_compile(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    dtype = torch.bfloat16 if precision == "bf16" else None
+    step = make_step(model, x, y, argparse.Namespace(precision=precision, no_optimizer=False), hf=False)
     times, faults = [], []
     for _ in range(steps):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            loss = model(x, y).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        step()
         times.append((time.perf_counter() - start) * 1e3)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     resident = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
