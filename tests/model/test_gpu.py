@@ -193,26 +193,29 @@ def test_cuda_graphs_replay_the_compiled_step():
         assert a == pytest.approx(b, rel=1e-4)
 
 
-def test_bf16_moments_fused_on_cuda_match_the_unfused_update():
-    """optim.state_dtype=bf16 on a GPU runs its update through torch.compile (one kernel per parameter,
-    every shape through one graph): the same result as the unfused update, with lr changing every step
-    (fullgraph: a recompile past the limit would raise). Tolerance rel 1e-6: the fused kernel may contract
-    a multiply-add."""
+@pytest.mark.parametrize("moment_dtype", [torch.float32, torch.bfloat16])
+def test_one_pass_adamw_compiled_on_cuda_matches_the_eager_update(moment_dtype):
+    """AdamW on a GPU runs its update through torch.compile (one kernel per parameter, every shape through
+    one graph, the clip factor folded in): the same result as the eager update, with lr and the factor
+    changing every step (fullgraph: a recompile past the limit would raise). Tolerance rel 1e-6: the
+    compiled kernel may contract a multiply-add."""
     from torch._dynamo.utils import counters
 
-    from seektrain.train.optim import AdamWBf16Moments
+    from seektrain.train.optim import OnePassAdamW
 
     torch.manual_seed(0)
     cfg = dataclasses.replace(ModelConfig.from_preset("tiny"), num_hidden_layers=2)
     fused_model, plain_model = twin_models(cfg)
-    fused = AdamWBf16Moments(fused_model.parameters(), lr=1e-3, weight_decay=0.1, compiled=True)
-    plain = AdamWBf16Moments(plain_model.parameters(), lr=1e-3, weight_decay=0.1)
-    for step, lr in enumerate((1e-3, 5e-4, 2e-4)):
+    hyper = dict(lr=1e-3, weight_decay=0.1, moment_dtype=moment_dtype)
+    fused = OnePassAdamW(fused_model.parameters(), **hyper, compiled=True)
+    plain = OnePassAdamW(plain_model.parameters(), **hyper)
+    for step, (lr, factor) in enumerate(((1e-3, 0.5), (5e-4, None), (2e-4, 0.1))):
         for model, opt in ((fused_model, fused), (plain_model, plain)):
             opt.param_groups[0]["lr"] = lr
             gen = torch.Generator("cuda").manual_seed(step)
             for p in model.parameters():
                 p.grad = torch.randn(p.shape, device="cuda", generator=gen)
+            opt.scale_gradients(None if factor is None else torch.tensor(factor, device="cuda"))
             opt.step()
     assert sum(counters["graph_break"].values()) == 0
     for a, b in zip(fused_model.parameters(), plain_model.parameters(), strict=True):

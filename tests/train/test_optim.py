@@ -1,13 +1,16 @@
-"""LAMB and AdamW with bf16 moments against their formulas computed by hand; weight decay only on
-matrices."""
+"""LAMB and the one-pass AdamW (bf16 or fp32 moments, the clip folded in) against their formulas computed
+by hand or torch's AdamW; weight decay only on matrices."""
 
 import copy
 import math
 
+import pytest
 import torch
 
 from seektrain.config import OptimConfig
-from seektrain.train.optim import AdamWBf16Moments, Lamb, build_optimizer, param_groups
+from seektrain.train.optim import Lamb, OnePassAdamW, build_optimizer, param_groups
+
+BF16 = torch.bfloat16
 
 
 def test_lamb_two_steps_match_hand_computation():
@@ -72,7 +75,7 @@ def test_adamw_bf16_moments_match_hand_computation():
     grads = [torch.randn(5, 3, generator=g) * 10 ** (-i) for i in range(3)]
     lr, b1, b2, eps, wd = 0.01, 0.9, 0.95, 1e-8, 0.1
     p = torch.nn.Parameter(p0.clone())
-    opt = AdamWBf16Moments([p], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    opt = OnePassAdamW([p], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, moment_dtype=BF16)
 
     w, m, v = p0.clone(), torch.zeros(5, 3), torch.zeros(5, 3)
     f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731 — the optimizer's fp32 scalars
@@ -102,7 +105,7 @@ def test_adamw_bf16_moments_follow_fp32_adamw():
     initial = [p.detach().clone() for p in model.parameters()]
     lr = 1e-2
     cfg = dict(lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    ours = AdamWBf16Moments(model.parameters(), **cfg)
+    ours = OnePassAdamW(model.parameters(), **cfg, moment_dtype=BF16)
     ref = torch.optim.AdamW(twin.parameters(), **cfg, foreach=False)
     x, y = torch.randn(64, 8), torch.randn(64, 1)
     for _ in range(30):
@@ -126,7 +129,9 @@ def test_adamw_bf16_moments_state_dict_round_trip_continues_exactly():
     def run(steps, optimizer=None, model=None):
         torch.manual_seed(1)
         model = model or torch.nn.Linear(6, 4)
-        optimizer = optimizer or AdamWBf16Moments(model.parameters(), lr=0.05, betas=(0.9, 0.95))
+        optimizer = optimizer or OnePassAdamW(
+            model.parameters(), lr=0.05, betas=(0.9, 0.95), moment_dtype=BF16
+        )
         for _ in range(steps):
             optimizer.zero_grad()
             model(x).square().mean().backward()
@@ -136,7 +141,7 @@ def test_adamw_bf16_moments_state_dict_round_trip_continues_exactly():
     straight, _ = run(6)
     model, opt = run(3)
     saved = copy.deepcopy(opt.state_dict())
-    fresh = AdamWBf16Moments(model.parameters(), lr=0.05, betas=(0.9, 0.95))
+    fresh = OnePassAdamW(model.parameters(), lr=0.05, betas=(0.9, 0.95), moment_dtype=BF16)
     fresh.load_state_dict(saved)
     assert {s["exp_avg"].dtype for s in fresh.state.values()} == {torch.bfloat16}
     resumed, _ = run(3, fresh, model)
@@ -144,28 +149,82 @@ def test_adamw_bf16_moments_state_dict_round_trip_continues_exactly():
         assert torch.equal(a, b)
 
 
-def test_adamw_bf16_moments_compiled_equals_eager():
-    """The fused path (torch.compile, what runs on a GPU) computes the same update; here on CPU through
-    inductor's C++ kernels, which may contract a multiply-add: rel 1e-6."""
+@pytest.mark.parametrize("moment_dtype", [torch.float32, BF16])
+def test_one_pass_adamw_compiled_equals_eager(moment_dtype):
+    """The compiled path (what runs on a GPU) computes the same update, clip factor included; here on CPU
+    through inductor's C++ kernels, which may contract a multiply-add: rel 1e-6."""
     torch.manual_seed(2)
     a = torch.nn.Linear(16, 8)
     b = copy.deepcopy(a)
-    opt_a = AdamWBf16Moments(a.parameters(), lr=0.01, weight_decay=0.1)
-    opt_b = AdamWBf16Moments(b.parameters(), lr=0.01, weight_decay=0.1, compiled=True)
+    opt_a = OnePassAdamW(a.parameters(), lr=0.01, weight_decay=0.1, moment_dtype=moment_dtype)
+    opt_b = OnePassAdamW(b.parameters(), lr=0.01, weight_decay=0.1, compiled=True, moment_dtype=moment_dtype)
     x = torch.randn(4, 16)
-    for lr in (0.01, 0.005, 0.002):  # lr changes every step: no recompile, as the scalars are a tensor
+    # lr and the factor change every step: no recompile, as the scalars and the factor are tensors
+    for lr, factor in ((0.01, 0.5), (0.005, None), (0.002, 0.25)):
         for net, opt in ((a, opt_a), (b, opt_b)):
             opt.param_groups[0]["lr"] = lr
             opt.zero_grad()
             net(x).square().sum().backward()
+            opt.scale_gradients(None if factor is None else torch.tensor(factor))
             opt.step()
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
-def test_state_dtype_bf16_builds_the_bf16_optimizer_for_adamw_only():
+def test_one_pass_adamw_with_fp32_moments_steps_like_torch_adamw():
+    """Four steps with changing lr, two parameter groups (decay and none), against torch's AdamW loop.
+    Same formula, operations grouped differently (torch lerps m and adds the step with addcdiv): a few fp32
+    roundings per step, rtol 1e-6."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    twin = copy.deepcopy(model)
+    hyper = dict(lr=0.01, betas=(0.9, 0.95), eps=1e-8)
+    ours = OnePassAdamW(param_groups(model, 0.1), **hyper)
+    ref = torch.optim.AdamW(param_groups(twin, 0.1), **hyper, foreach=False)
+    x = torch.randn(32, 8)
+    for lr in (0.01, 0.02, 0.005, 0.01):
+        for net, opt in ((model, ours), (twin, ref)):
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    assert ours.state[next(model.parameters())]["exp_avg"].dtype == torch.float32
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_scale_gradients_scales_one_step_and_leaves_the_gradients_alone():
+    """A factor given to `scale_gradients` acts like gradients multiplied by it beforehand (the same fp32
+    product: bit for bit), is used by the next step only, and is dropped by zero_grad (a step the trainer
+    discarded after clipping). The stored gradients are never written."""
+    torch.manual_seed(0)
+    grads = [torch.randn(6, 4) for _ in range(3)]
+    factor = torch.tensor(0.3)
+
+    def run(scaled_by_hand: bool):
+        p = torch.nn.Parameter(torch.ones(6, 4))
+        opt = OnePassAdamW([p], lr=0.1, weight_decay=0.1)
+        for i, g in enumerate(grads):
+            p.grad = g * factor if scaled_by_hand and i == 0 else g.clone()
+            if not scaled_by_hand and i == 0:
+                opt.scale_gradients(factor)
+            if i == 1:  # a discarded step: its factor must not reach the next one
+                opt.scale_gradients(torch.tensor(0.0))
+                opt.zero_grad()
+                p.grad = g.clone()
+            opt.step()
+            if not scaled_by_hand:
+                assert torch.equal(p.grad, g)
+        return p.detach()
+
+    assert torch.equal(run(scaled_by_hand=False), run(scaled_by_hand=True))
+
+
+def test_state_dtype_bf16_builds_the_one_pass_optimizer_for_adamw_only():
     model = torch.nn.Linear(4, 4)
-    assert isinstance(build_optimizer(model, OptimConfig(state_dtype="bf16")), AdamWBf16Moments)
+    bf16 = build_optimizer(model, OptimConfig(state_dtype="bf16"))
+    assert isinstance(bf16, OnePassAdamW) and bf16.moment_dtype == BF16
     assert type(build_optimizer(model, OptimConfig())) is torch.optim.AdamW
 
 

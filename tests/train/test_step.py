@@ -1,5 +1,5 @@
 """Stepper.clip: gradients are scaled to the clip norm when above it, and left untouched (no pass over
-them) when below."""
+them) when below; with the one-pass AdamW the factor goes into its update instead."""
 
 import dataclasses
 
@@ -7,7 +7,7 @@ import torch
 
 from seektrain.model.config import ModelConfig
 from seektrain.model.transformer import Transformer
-from seektrain.train.optim import param_groups
+from seektrain.train.optim import OnePassAdamW, param_groups
 from seektrain.train.step import Stepper, fused_norm, global_norm
 
 CFG = dataclasses.replace(
@@ -45,6 +45,35 @@ def test_gradients_below_the_clip_are_untouched(monkeypatch):
     norm, before, after = gradients_after_clip(1e6)
     assert norm < 1e6 and norm == global_norm(before).item()
     assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+def test_clip_folds_into_the_one_pass_adamw():
+    """With OnePassAdamW the clip is no pass of its own: the gradients stay as they are (two steps, both
+    clipped) and the update scales them. The first step equals torch's AdamW after clip_grads_with_norm_
+    to fp32 rounding (rtol 1e-6: the same formula, grouped differently), weights and first moments (the
+    moments carry the gradient's scale, which a first Adam step all but cancels); later steps are not
+    compared, as their gradients inherit those roundings and m/√v magnifies them where v is tiny."""
+    tokens = torch.randint(0, CFG.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
+    batch = [(tokens[:, :-1], tokens[:, 1:])]
+    first_step = {}
+    for folded in (True, False):
+        torch.manual_seed(0)
+        model = Transformer(CFG)
+        optimizer_class = OnePassAdamW if folded else torch.optim.AdamW
+        optimizer = optimizer_class(param_groups(model, 0.1), lr=1e-2, betas=(0.9, 0.95))
+        stepper = Stepper(model, optimizer, "fp32", torch.device("cpu"), grad_clip=0.05)
+        for step in range(2):
+            assert stepper.forward_backward(batch, 0.0, 0).grad_norm > 0.05
+            before = [p.grad.clone() for p in model.parameters()]
+            stepper.clip()
+            unchanged = all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before, strict=True))
+            assert unchanged is folded
+            stepper.apply(1e-2)
+            if step == 0:
+                moments = [optimizer.state[p]["exp_avg"].clone() for p in model.parameters()]
+                first_step[folded] = [p.detach().clone() for p in model.parameters()] + moments
+    for a, b in zip(first_step[True], first_step[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_cuda_graph_bookkeeping_keeps_accumulation_exact():

@@ -1,5 +1,5 @@
-"""Optimizers: AdamW (torch's fused kernel on CUDA and CPU), AdamW with bf16 moments, and LAMB; weight
-decay on matrices only.
+"""Optimizers: AdamW (on a GPU or with bf16 moments a compiled pass per parameter with the clip folded in;
+else torch's fused kernel), and LAMB; weight decay on matrices only.
 
 Parameters with two or more dimensions (linear weights, embeddings, stacked expert weights) decay;
 norms and biases do not. The MoE correction bias is a buffer, so no optimizer ever sees it.
@@ -27,25 +27,34 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     if cfg.name == "lamb":
         return Lamb(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
     device = next(model.parameters()).device
-    if cfg.state_dtype == "bf16":
-        return AdamWBf16Moments(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, compiled=device.type == "cuda")
-    # The fused kernel is one pass per parameter on CUDA and CPU (`tiny` on one CPU thread: 4.6 ms a step
+    moment_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.state_dtype]
+    if device.type == "cuda" or moment_dtype != torch.float32:
+        # on a GPU, compiled: the clip folded into the update (bench/bench_optimizer.py measures it)
+        compiled = device.type == "cuda"
+        return OnePassAdamW(
+            groups, lr=cfg.lr, betas=betas, eps=cfg.eps, moment_dtype=moment_dtype, compiled=compiled
+        )
+    # On the CPU, torch's fused kernel is one pass per parameter (`tiny` on one CPU thread: 4.6 ms a step
     # against 16.3 for the per-tensor loop); transformers' Trainer defaults to it as well.
-    fused = device.type in ("cuda", "cpu")
+    fused = device.type == "cpu"
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused)
 
 
-class AdamWBf16Moments(torch.optim.Optimizer):
-    """AdamW (torch's formula, decoupled weight decay) whose two moments are stored in bf16, as DeepSeek-V3
-    trains (§3.3.3): 4 bytes per parameter instead of 8, and 20 instead of 28 bytes of memory traffic per
-    parameter and step. Each update is computed in fp32 from the stored moments, which are then rounded
-    once. `compiled` (on a GPU): one fused kernel per parameter through torch.compile.
+class OnePassAdamW(torch.optim.Optimizer):
+    """AdamW (torch's formula, decoupled weight decay) as one elementwise pass over each parameter, with
+    the gradient clip folded in and the moments stored in fp32 or bf16.
 
-    Rounding keeps about 3 significant digits of each moment, so β2 much closer to 1 than DeepSeek's 0.95
-    (0.999: each step changes v by 0.1%, under half a bf16 step) would let v stall; hence it is an option.
+    - Clip: `scale_gradients(factor)` (a device tensor) multiplies the next step's gradients by `factor`
+      inside the update, instead of a separate read and write of every gradient (2.75 ms of a 90 ms
+      `small` step on an H200). torch's fused kernel takes such a factor too (`grad_scale`), but writes
+      the scaled gradients back: the pass it saves, it spends again (0.6% measured).
+    - bf16 moments, as DeepSeek-V3 trains (§3.3.3): 4 bytes per parameter instead of 8, and 20 instead of
+      28 bytes of traffic per parameter and step. Each update is computed in fp32 from the stored moments,
+      which are then rounded once. Rounding keeps about 3 significant digits of each moment, so β2 much
+      closer to 1 than DeepSeek's 0.95 (0.999: each step changes v by 0.1%, under half a bf16 step) would
+      let v stall; hence bf16 is an option.
+    - `compiled` (on a GPU): one kernel per parameter through torch.compile; every shape shares one graph.
     """
-
-    STATE_DTYPE = torch.bfloat16
 
     def __init__(
         self,
@@ -54,19 +63,32 @@ class AdamWBf16Moments(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        moment_dtype: torch.dtype = torch.float32,
         compiled: bool = False,
     ):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.moment_dtype = moment_dtype
         self._update = (
             torch.compile(_adamw_update, dynamic=True, fullgraph=True) if compiled else _adamw_update
         )
-        self.register_load_state_dict_post_hook(AdamWBf16Moments._moments_to_state_dtype)
+        self._grad_factor: torch.Tensor | None = None  # the clip factor of the next step
+        self._ones: dict[torch.device, torch.Tensor] = {}  # the factor when nothing is clipped
+        self.register_load_state_dict_post_hook(OnePassAdamW._restore_state_types)
+
+    def scale_gradients(self, factor: torch.Tensor | None) -> None:
+        """Multiply the gradients of the next `step` by `factor` (a 0-dim fp32 tensor; None: by 1)."""
+        self._grad_factor = factor
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._grad_factor = None  # a step dropped after clip() must not scale the next one
+        super().zero_grad(set_to_none)
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = _run_closure(closure)
+        factor, self._grad_factor = self._grad_factor, None
         scalars: dict[tuple, torch.Tensor] = {}  # per group, step count and device
-        for group, p, state, step in _params_with_state(self, self.STATE_DTYPE):
+        for group, p, state, step in _params_with_state(self, self.moment_dtype):
             beta1, beta2 = group["betas"]
             device = _local(p).device
             key = (id(group), step, device)
@@ -77,28 +99,46 @@ class AdamWBf16Moments(torch.optim.Optimizer):
             tensors = [_local(x) for x in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
             if all(x.is_contiguous() for x in tensors):  # one compiled graph serves every shape
                 tensors = [x.view(-1) for x in tensors]
-            self._update(*tensors, scalars[key])
+            self._update(*tensors, scalars[key], self._factor_on(device, factor))
         return loss
 
+    def _factor_on(self, device: torch.device, factor: torch.Tensor | None) -> torch.Tensor:
+        if factor is None:
+            if device not in self._ones:
+                self._ones[device] = torch.ones((), device=device)
+            return self._ones[device]
+        return factor if factor.device == device else factor.to(device)
+
     @staticmethod
-    def _moments_to_state_dtype(optimizer: AdamWBf16Moments) -> None:
-        """`Optimizer.load_state_dict` casts floating-point state to its parameter's dtype (fp32): undo it."""
+    def _restore_state_types(optimizer: OnePassAdamW) -> None:
+        """`Optimizer.load_state_dict` casts floating-point state to its parameter's dtype (fp32): moments
+        go back to their dtype. A step count saved by torch's fused AdamW lives on the device: it comes to
+        the host, where reading it costs no synchronization."""
         for state in optimizer.state.values():
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:
-                    state[key] = state[key].to(optimizer.STATE_DTYPE)
+                    state[key] = state[key].to(optimizer.moment_dtype)
+            if "step" in state:
+                state["step"] = state["step"].to("cpu", torch.float32)
 
 
 def _adamw_update(
-    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, scalars: torch.Tensor
+    p: torch.Tensor,
+    g: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    scalars: torch.Tensor,
+    grad_factor: torch.Tensor,
 ) -> None:
-    """p ← p·(1 − lr·wd) − lr/(1 − β1^t) · m / (sqrt(v)/sqrt(1 − β2^t) + eps), m and v updated first; all
-    in fp32, m and v stored back in their own dtype. scalars = (lr, wd, β1, β2, eps, 1 − β1^t, 1 − β2^t)."""
+    """p ← p·(1 − lr·wd) − lr/(1 − β1^t) · m / (sqrt(v)/sqrt(1 − β2^t) + eps), m and v updated first from
+    the gradient times `grad_factor`; all in fp32, m and v stored back in their own dtype.
+    scalars = (lr, wd, β1, β2, eps, 1 − β1^t, 1 − β2^t)."""
     lr, wd, beta1, beta2, eps, bias1, bias2 = scalars.unbind()
-    g = g.float()
-    # In place where possible: eager (CPU) would otherwise allocate a dozen parameter-sized temporaries.
-    m32 = m.float().mul_(beta1).add_(g * (1 - beta1))
-    v32 = v.float().mul_(beta2).add_(g.square().mul_(1 - beta2))
+    g = g.float() * grad_factor
+    # fp32 copies of the moments (copy=True: fp32 moments too, as the steps below work in place on them;
+    # eager, on the CPU, would otherwise allocate a dozen parameter-sized temporaries).
+    m32 = m.to(torch.float32, copy=True).mul_(beta1).add_(g * (1 - beta1))
+    v32 = v.to(torch.float32, copy=True).mul_(beta2).add_(g.square().mul_(1 - beta2))
     m.copy_(m32)
     v.copy_(v32)
     denom = v32.sqrt_().div_(bias2.sqrt()).add_(eps)

@@ -140,11 +140,17 @@ class Stepper:
         return int(both[0]), int(both[1])
 
     def clip(self) -> None:
-        """Scale the last forward_backward's gradients by max_norm / (norm + 1e-6) when that is below 1.
-        Scaling is a read and a write of every gradient (2.3 ms of a 95 ms `small` step on an H200), so it
-        is skipped when not needed; the factor is computed from the norm still on the device."""
+        """Scale the last forward_backward's gradients by max_norm / (norm + 1e-6) when that is below 1,
+        the factor computed from the norm still on the device. An optimizer that takes the factor into its
+        update (`OnePassAdamW.scale_gradients`) gets it; otherwise scaling is a read and a write of every
+        gradient (2.75 ms of a 90 ms `small` step on an H200), so it is skipped when not needed."""
         norm, value = self._norm
-        if self.grad_clip > 0 and value + 1e-6 > self.grad_clip:
+        if self.grad_clip <= 0 or value + 1e-6 <= self.grad_clip:
+            return
+        if hasattr(self.optimizer, "scale_gradients"):
+            # the same factor as clip_grads_with_norm_
+            self.optimizer.scale_gradients((self.grad_clip / (norm + 1e-6)).clamp(max=1.0))
+        else:
             torch.nn.utils.clip_grads_with_norm_(self._params_with_grad(), self.grad_clip, norm)
 
     def apply(self, lr: float) -> bool:
