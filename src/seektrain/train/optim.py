@@ -53,7 +53,8 @@ class OnePassAdamW(torch.optim.Optimizer):
       which are then rounded once. Rounding keeps about 3 significant digits of each moment, so β2 much
       closer to 1 than DeepSeek's 0.95 (0.999: each step changes v by 0.1%, under half a bf16 step) would
       let v stall; hence bf16 is an option.
-    - `compiled` (on a GPU): one kernel per parameter through torch.compile; every shape shares one graph.
+    - `compiled` (on a GPU): one kernel per parameter through torch.compile, all of a group's launched
+      by one call.
     """
 
     def __init__(
@@ -68,8 +69,11 @@ class OnePassAdamW(torch.optim.Optimizer):
     ):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.moment_dtype = moment_dtype
+        # Compiled: one call per group and step, its kernels launched from inductor's wrapper. A call per
+        # parameter cost ~100 µs of host time each (guards, dispatch): 243 calls kept the GPU waiting
+        # ~50 ms per step of the 24-layer dense model (bench/results/2026-11-26-h200-d).
         self._update = (
-            torch.compile(_adamw_update, dynamic=True, fullgraph=True) if compiled else _adamw_update
+            torch.compile(_adamw_update_all, dynamic=True, fullgraph=True) if compiled else _adamw_update_all
         )
         self._grad_factor: torch.Tensor | None = None  # the clip factor of the next step
         self._ones: dict[torch.device, torch.Tensor] = {}  # the factor when nothing is clipped
@@ -87,19 +91,24 @@ class OnePassAdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = _run_closure(closure)
         factor, self._grad_factor = self._grad_factor, None
-        scalars: dict[tuple, torch.Tensor] = {}  # per group, step count and device
+        calls: dict[tuple, list[list[torch.Tensor]]] = {}  # per group, step count and device: p, g, m, v
+        scalars: dict[tuple, torch.Tensor] = {}
         for group, p, state, step in _params_with_state(self, self.moment_dtype):
             beta1, beta2 = group["betas"]
             device = _local(p).device
             key = (id(group), step, device)
-            if key not in scalars:
+            if key not in calls:
                 values = [group["lr"], group["weight_decay"], beta1, beta2, group["eps"]]
                 values += [1 - beta1**step, 1 - beta2**step]
                 scalars[key] = to_device(torch.tensor([float(v) for v in values]), device)
+                calls[key] = [[], [], [], []]
             tensors = [_local(x) for x in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
-            if all(x.is_contiguous() for x in tensors):  # one compiled graph serves every shape
+            if all(x.is_contiguous() for x in tensors):  # flat: every tensor through the same kernel
                 tensors = [x.view(-1) for x in tensors]
-            self._update(*tensors, scalars[key], self._factor_on(device, factor))
+            for bucket, x in zip(calls[key], tensors, strict=True):
+                bucket.append(x)
+        for key, (ps, gs, ms, vs) in calls.items():
+            self._update(ps, gs, ms, vs, scalars[key], self._factor_on(key[2], factor))
         return loss
 
     def _factor_on(self, device: torch.device, factor: torch.Tensor | None) -> torch.Tensor:
@@ -120,6 +129,19 @@ class OnePassAdamW(torch.optim.Optimizer):
                     state[key] = state[key].to(optimizer.moment_dtype)
             if "step" in state:
                 state["step"] = state["step"].to("cpu", torch.float32)
+
+
+def _adamw_update_all(
+    ps: list[torch.Tensor],
+    gs: list[torch.Tensor],
+    ms: list[torch.Tensor],
+    vs: list[torch.Tensor],
+    scalars: torch.Tensor,
+    grad_factor: torch.Tensor,
+) -> None:
+    """`_adamw_update` over lists of parameters, gradients and moments sharing the scalars."""
+    for p, g, m, v in zip(ps, gs, ms, vs, strict=True):
+        _adamw_update(p, g, m, v, scalars, grad_factor)
 
 
 def _adamw_update(
