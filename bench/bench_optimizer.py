@@ -3,15 +3,20 @@ parameter set, for each way seektrain can run it.
 
 Cases, interleaved over rounds on the same device (medians of per-step times):
 - `torch fused + clip pass`: torch's fused AdamW after `clip_grads_with_norm_` (a read and a write of
-  every gradient), what the trainer ran on a GPU before the one-pass optimizer;
+  every gradient), what the trainer runs with fp32 moments;
 - `one pass, fp32 moments` and `one pass, bf16 moments`: `OnePassAdamW` with the clip factor folded into
-  its update (compiled on a GPU, as `build_optimizer` builds it there).
+  its update (compiled on a GPU, as `build_optimizer` builds it there for `optim.state_dtype = "bf16"`).
+Each step is timed to its end on the device, so host time (launches, guards) counts. It counts for more
+in a training step, where the host would otherwise queue the next forward while the device runs the
+update: judge a change by `seektrain bench` too (on an H200 the one-pass fp32 case won here, 1.05×, and
+lost the whole step, bench/RESULTS.md).
 Gradients are random and far above the clip norm, so every step clips. Only the parameter shapes of the
 model are used (built on the meta device); each case owns its weights and moments. After timing, the
 fp32 cases' weights are compared: same start, same gradients, same factors, so they differ by rounding.
 
 Run:  python bench/bench_optimizer.py [--preset small] [--steps 5] [--rounds 3] [--compile-update]
-On a GPU it defaults to `small` (1.26 B parameters: ~50 GiB for all cases); on CPU to `tiny`.
+On a GPU it defaults to `small` (1.37 B parameters with its MTP module: ~50 GiB for all cases); on CPU
+to `tiny`. Compiling the two one-pass cases takes minutes on a fresh GPU machine.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Optimizers: AdamW (on a GPU or with bf16 moments a compiled pass per parameter with the clip folded in;
-else torch's fused kernel), and LAMB; weight decay on matrices only.
+"""Optimizers: AdamW (torch's fused kernel; with bf16 moments our one-pass update, the clip folded in), and
+LAMB; weight decay on matrices only.
 
 Parameters with two or more dimensions (linear weights, embeddings, stacked expert weights) decay;
 norms and biases do not. The MoE correction bias is a buffer, so no optimizer ever sees it.
@@ -27,34 +27,39 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     if cfg.name == "lamb":
         return Lamb(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
     device = next(model.parameters()).device
-    moment_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.state_dtype]
-    if device.type == "cuda" or moment_dtype != torch.float32:
-        # on a GPU, compiled: the clip folded into the update (bench/bench_optimizer.py measures it)
-        compiled = device.type == "cuda"
+    if cfg.state_dtype == "bf16":
         return OnePassAdamW(
-            groups, lr=cfg.lr, betas=betas, eps=cfg.eps, moment_dtype=moment_dtype, compiled=compiled
+            groups,
+            lr=cfg.lr,
+            betas=betas,
+            eps=cfg.eps,
+            moment_dtype=torch.bfloat16,
+            compiled=device.type == "cuda",
         )
-    # On the CPU, torch's fused kernel is one pass per parameter (`tiny` on one CPU thread: 4.6 ms a step
-    # against 16.3 for the per-tensor loop); transformers' Trainer defaults to it as well.
-    fused = device.type == "cpu"
+    # torch's fused kernel: one pass per parameter on CUDA and CPU (`tiny` on one CPU thread: 4.6 ms a step
+    # against 16.3 for the per-tensor loop); transformers' Trainer defaults to it as well. On an H200 it
+    # also beat OnePassAdamW with fp32 moments and the clip folded in (bench/RESULTS.md): the one-pass
+    # update saves the clip's pass on the device but costs more host time than the GPU work it saves.
+    fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused)
 
 
 class OnePassAdamW(torch.optim.Optimizer):
     """AdamW (torch's formula, decoupled weight decay) as one elementwise pass over each parameter, with
-    the gradient clip folded in and the moments stored in fp32 or bf16.
+    the gradient clip folded in and the moments stored in fp32 or bf16; `optim.state_dtype = "bf16"`.
 
-    - Clip: `scale_gradients(factor)` (a device tensor) multiplies the next step's gradients by `factor`
-      inside the update, instead of a separate read and write of every gradient (2.75 ms of a 90 ms
-      `small` step on an H200). torch's fused kernel takes such a factor too (`grad_scale`), but writes
-      the scaled gradients back: the pass it saves, it spends again (0.6% measured).
     - bf16 moments, as DeepSeek-V3 trains (§3.3.3): 4 bytes per parameter instead of 8, and 20 instead of
       28 bytes of traffic per parameter and step. Each update is computed in fp32 from the stored moments,
       which are then rounded once. Rounding keeps about 3 significant digits of each moment, so β2 much
       closer to 1 than DeepSeek's 0.95 (0.999: each step changes v by 0.1%, under half a bf16 step) would
       let v stall; hence bf16 is an option.
+    - Clip: `scale_gradients(factor)` (a device tensor) multiplies the next step's gradients by `factor`
+      inside the update, instead of a separate read and write of every gradient (2.75 ms of a 90 ms
+      `small` step on an H200). torch's fused kernel takes such a factor too (`grad_scale`), but writes
+      the scaled gradients back: the pass it saves, it spends again (0.6% measured).
     - `compiled` (on a GPU): one kernel per parameter through torch.compile, all of a group's launched
-      by one call.
+      by one call. With fp32 moments this still lost to torch's fused AdamW + the clip pass on an H200
+      (more host time than the device time it saves), so it serves bf16 moments only.
     """
 
     def __init__(
@@ -70,8 +75,8 @@ class OnePassAdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.moment_dtype = moment_dtype
         # Compiled: one call per group and step, its kernels launched from inductor's wrapper. A call per
-        # parameter cost ~100 µs of host time each (guards, dispatch): 243 calls kept the GPU waiting
-        # ~50 ms per step of the 24-layer dense model (bench/results/2026-11-26-h200-d).
+        # parameter cost ~200 µs of host time each (guards, dispatch): 243 calls kept the GPU waiting
+        # ~50 ms per step of the 24-layer dense model (bench/RESULTS.md, fourth GPU pass).
         self._update = (
             torch.compile(_adamw_update_all, dynamic=True, fullgraph=True) if compiled else _adamw_update_all
         )
