@@ -4,6 +4,7 @@
 # Needs the peer script copied to .gpu/peer_transformers.py (git-ignored, carried).
 # Usage: bash bench/gpu_check.sh   (writes logs to $OUT if set, else ./gpu_out); ~8 minutes on an H200.
 #   FULL=1                                also small compiled without CUDA graphs, and eager (~3 min)
+#   OPTIMIZER=1                           also bench/bench_optimizer.py (the update alone; ~3 min, compiles)
 #   EXTRA='bash bench/dist_gpu_check.sh'  also runs the one-GPU FSDP2 check (issue 5) after the benchmarks;
 #   CHECKPOINTING=1                        also activation checkpointing's trade-off (none / full / selective,
 #                                         bench/bench_checkpointing.py, ~3 min: each mode compiles)
@@ -20,25 +21,31 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'transform
 # In order of what matters most, so that a run cut short by the device's time limit keeps the essentials.
 echo "== correctness"
 timeout 120 $PY bench/gpu_check.py | tee "$OUT/check.jsonl"
-echo "== optimizer: torch fused + clip pass against the one-pass AdamW (clip folded; fp32, bf16 moments)"
-timeout 150 $PY bench/bench_optimizer.py | tee "$OUT/optimizer.txt"
 
 bench() { timeout "${1}" $PY -m seektrain bench --json --batch "$B" --seq "$T" --steps "$STEPS" "${@:2}" | tee -a "$OUT/bench.jsonl"; }
 echo "== seektrain small (MoE), compiled, CUDA graphs, with a profile of one step"
-bench 180 --preset "$PRESET" --cuda-graphs --profile 40 2> >(tail -n 55 > "$OUT/profile_small.txt")
+# (both profiles go to one file: a call brings back at most 8 files from $OUT)
+echo "== small" > "$OUT/profiles.txt"
+bench 180 --preset "$PRESET" --cuda-graphs --profile 40 2> >(tail -n 55 >> "$OUT/profiles.txt")
 echo "== seektrain small (MoE), compiled, CUDA graphs, AdamW moments in bf16 (optim.state_dtype)"
 bench 150 --preset "$PRESET" --cuda-graphs --optimizer-states bf16
 echo "== transformers peer"
 timeout 150 $PY .gpu/peer_transformers.py ${PEER_ARGS:-} | tee "$OUT/peer.txt"
 echo "== seektrain dense (MoE off, 24 layers ~ the 375M Llama peer), compiled, CUDA graphs, with a profile"
+echo "== dense" >> "$OUT/profiles.txt"
 bench 150 --preset "$PRESET" --dense --layers "${DENSE_LAYERS:-24}" --cuda-graphs --profile 30 \
-  2> >(tail -n 45 > "$OUT/profile_dense.txt")
+  2> >(tail -n 45 >> "$OUT/profiles.txt")
 echo "== GPU tests"
-timeout 150 $PY -m pytest -q -p no:cacheprovider tests/model/test_gpu.py 2>&1 | tail -n 15 | tee "$OUT/pytest_gpu.txt"
+timeout 150 $PY -m pytest -q -p no:cacheprovider -p no:warnings --tb=short tests/model/test_gpu.py 2>&1 | tail -n 40 \
+  | tee "$OUT/pytest_gpu.txt"
 if [ -n "${BASELINE_SRC:-}" ]; then
   echo "== baseline source tree ($BASELINE_SRC): small, compiled, CUDA graphs"
   PYTHONPATH="$BASELINE_SRC" timeout 150 $PY -m seektrain bench --json --batch "$B" --seq "$T" --steps "$STEPS" \
     --preset "$PRESET" --cuda-graphs | tee "$OUT/bench_baseline.jsonl"
+fi
+if [ -n "${OPTIMIZER:-}" ]; then  # compiling its two one-pass cases took over 2 minutes on a fresh H200
+  echo "== optimizer: torch fused + clip pass against the one-pass AdamW (clip folded; fp32, bf16 moments)"
+  timeout 240 $PY bench/bench_optimizer.py | tee "$OUT/optimizer.txt"
 fi
 if [ -n "${FULL:-}" ]; then
   echo "== seektrain small: compiled without CUDA graphs, and eager (train.compile's default)"
