@@ -16,16 +16,20 @@ def run(mla: MLA, x: torch.Tensor, cos, sin, autocast: bool):
     return y.float(), grads
 
 
+@pytest.mark.parametrize("T", [40, 81], ids=["one block", "halves, odd length"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
-def test_plain_attention_matches_sdpa_flash(autocast, monkeypatch):
+def test_plain_attention_matches_sdpa_flash(autocast, T, monkeypatch):
+    """The plain formulation (whole, or its first half of the queries on its own) against SDPA's flash
+    kernel, output and every gradient."""
     cfg = ModelConfig.from_preset("tiny")
     torch.manual_seed(0)
     mla = MLA(cfg)
     for p in mla.parameters():
         torch.nn.init.normal_(p, std=0.1)
-    x = torch.randn(2, 40, cfg.hidden_size, requires_grad=True)
-    cos, sin = rope_cos_sin(cfg, 40, x.device)
-    assert attention_mod.CPU_PLAIN_ATTENTION_MAX_LEN >= 40
+    x = torch.randn(2, T, cfg.hidden_size, requires_grad=True)
+    cos, sin = rope_cos_sin(cfg, T, x.device)
+    assert attention_mod.CPU_PLAIN_ATTENTION_MAX_LEN >= T
+    assert (T >= 2 * attention_mod.CAUSAL_SPLIT_MIN_ROWS) == (T == 81)
     plain = run(mla, x, cos, sin, autocast)
     monkeypatch.setattr(attention_mod, "CPU_PLAIN_ATTENTION_MAX_LEN", 0)
     flash = run(mla, x, cos, sin, autocast)

@@ -13,7 +13,7 @@ N_ROWS, DIM, VOCAB = 2 * 37, 24, 300
 @pytest.fixture
 def small_slices(monkeypatch):
     """32 rows per slice: the 74 rows run as 3 slices, the last one ragged."""
-    monkeypatch.setitem(ce_mod._SLICE_ELEMENTS, "cpu", 32 * VOCAB)
+    monkeypatch.setattr(ce_mod, "_slice_elements", lambda device, dtype: 32 * VOCAB)
 
 
 def inputs(scale: float = 1.0):

@@ -71,12 +71,31 @@ class MLA(nn.Module):
 # is faster. `tiny`'s heads, B=4, bf16, forward + backward per layer on one thread: T=256 plain 9.0 ms
 # compiled / 12.2 eager against flash 13.1; T=512 plain 18.5 / 21.8 against flash 17.3 / 18.0.
 CPU_PLAIN_ATTENTION_MAX_LEN = 256
+# causal_attention computes the first half of the queries on its own from this many rows per half
+CAUSAL_SPLIT_MIN_ROWS = 32
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T · scale, causal) v with the (T, T) scores materialized; scaled and normalized in fp32."""
+    """softmax(q k^T · scale, causal) v with the scores materialized; scaled and normalized in fp32.
+
+    The first half of the queries sees only the first half of the keys, so it is computed on its own: a
+    quarter fewer scores, softmax and GEMM work than the whole (T, T) block, the same result (the masked
+    scores are exact zeros after the softmax either way). `tiny`'s heads, B=4, T=256, forward + backward
+    on one thread: fp32 10.1 against 14.2 ms, bf16 7.9 against 8.9 ms (best of 30)."""
     T = q.shape[-2]
-    scores = (q @ k.transpose(-2, -1)).float() * scale  # (B, H, T, T)
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    if T < 2 * CAUSAL_SPLIT_MIN_ROWS:
+        return _causal_block(q, k, v, scale, 0)
+    h = T // 2
+    first = _causal_block(q[..., :h, :], k[..., :h, :], v[..., :h, :], scale, 0)
+    second = _causal_block(q[..., h:, :], k, v, scale, h)
+    return torch.cat([first, second], dim=-2)
+
+
+def _causal_block(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, offset: int
+) -> torch.Tensor:
+    """Queries at positions offset + i (i < len(q)) against keys 0..len(k)-1, causal."""
+    scores = (q @ k.transpose(-2, -1)).float() * scale  # (B, H, Tq, Tk)
+    future = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).triu(1 + offset)
     probs = scores.masked_fill_(future, float("-inf")).softmax(-1).to(v.dtype)
     return probs @ v
