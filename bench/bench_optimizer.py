@@ -14,7 +14,7 @@ Gradients are random and far above the clip norm, so every step clips. Only the 
 model are used (built on the meta device); each case owns its weights and moments. After timing, the
 fp32 cases' weights are compared: same start, same gradients, same factors, so they differ by rounding.
 
-Run:  python bench/bench_optimizer.py [--preset small] [--steps 5] [--rounds 3] [--compile-update]
+Run:  python bench/bench_optimizer.py [--preset small] [--steps 5] [--rounds 3] [--[no-]compile-update]
 On a GPU it defaults to `small` (1.37 B parameters with its MTP module: ~50 GiB for all cases); on CPU
 to `tiny`. Compiling the two one-pass cases takes minutes on a fresh GPU machine.
 """
@@ -103,7 +103,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument(
-        "--compile-update", action="store_true", default=on_gpu, help="compile the one-pass update"
+        "--compile-update",
+        action=argparse.BooleanOptionalAction,
+        default=on_gpu,
+        help="compile the one-pass update (default: on a GPU)",
     )
     p.add_argument(
         "--threads", type=int, default=1 if not on_gpu else 0, help="CPU intra-op threads (0: torch's)"

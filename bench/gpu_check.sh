@@ -8,7 +8,7 @@
 #   EXTRA='bash bench/dist_gpu_check.sh'  also runs the one-GPU FSDP2 check (issue 5) after the benchmarks;
 #   CHECKPOINTING=1                        also activation checkpointing's trade-off (none / full / selective,
 #                                         bench/bench_checkpointing.py, ~3 min: each mode compiles)
-#   BASELINE_SRC=.gpu/base/src            last, times the same compiled step with an older source tree
+#   BASELINE_SRC=.gpu/base/src            after the tests, times the same graphed step with an older source tree
 #                                         (e.g. `git archive <rev> src | tar -x -C .gpu/base`) for an A/B.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"

@@ -152,7 +152,9 @@ def test_adamw_bf16_moments_state_dict_round_trip_continues_exactly():
 @pytest.mark.parametrize("moment_dtype", [torch.float32, BF16])
 def test_one_pass_adamw_compiled_equals_eager(moment_dtype):
     """The compiled path (what runs on a GPU) computes the same update, clip factor included; here on CPU
-    through inductor's C++ kernels, which may contract a multiply-add: rel 1e-6."""
+    through inductor's C++ kernels, which may contract a multiply-add: rel 1e-6. With bf16 moments such
+    a rounding may flip a stored moment's bf16 rounding, which the later steps' updates inherit: bounded
+    by Σ lr · 2^-6 (derived in tests/model/test_gpu.py, where it happened)."""
     torch.manual_seed(2)
     a = torch.nn.Linear(16, 8)
     b = copy.deepcopy(a)
@@ -167,8 +169,9 @@ def test_one_pass_adamw_compiled_equals_eager(moment_dtype):
             net(x).square().sum().backward()
             opt.scale_gradients(None if factor is None else torch.tensor(factor))
             opt.step()
+    atol = 1e-7 if moment_dtype == torch.float32 else (0.01 + 0.005 + 0.002) * 2**-6
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=atol)
 
 
 def test_one_pass_adamw_with_fp32_moments_steps_like_torch_adamw():
@@ -196,8 +199,8 @@ def test_one_pass_adamw_with_fp32_moments_steps_like_torch_adamw():
 
 def test_scale_gradients_scales_one_step_and_leaves_the_gradients_alone():
     """A factor given to `scale_gradients` acts like gradients multiplied by it beforehand (the same fp32
-    product: bit for bit), is used by the next step only, and is dropped by zero_grad (a step the trainer
-    discarded after clipping). The stored gradients are never written."""
+    product: bit for bit), is used by the next step only (the step after it is unscaled), and is dropped
+    by zero_grad (a step the trainer discarded after clipping). The stored gradients are never written."""
     torch.manual_seed(0)
     grads = [torch.randn(6, 4) for _ in range(3)]
     factor = torch.tensor(0.3)
@@ -206,13 +209,12 @@ def test_scale_gradients_scales_one_step_and_leaves_the_gradients_alone():
         p = torch.nn.Parameter(torch.ones(6, 4))
         opt = OnePassAdamW([p], lr=0.1, weight_decay=0.1)
         for i, g in enumerate(grads):
+            if i == 2:  # a discarded step: its factor must not reach the next one
+                opt.scale_gradients(torch.tensor(0.0))
+                opt.zero_grad()
             p.grad = g * factor if scaled_by_hand and i == 0 else g.clone()
             if not scaled_by_hand and i == 0:
                 opt.scale_gradients(factor)
-            if i == 1:  # a discarded step: its factor must not reach the next one
-                opt.scale_gradients(torch.tensor(0.0))
-                opt.zero_grad()
-                p.grad = g.clone()
             opt.step()
             if not scaled_by_hand:
                 assert torch.equal(p.grad, g)

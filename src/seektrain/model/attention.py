@@ -69,7 +69,8 @@ class MLA(nn.Module):
 
 # On CPU torch's flash kernel has a large fixed cost per call, so up to this length the plain formulation
 # is faster. `tiny`'s heads, B=4, bf16, forward + backward per layer on one thread: T=256 plain 9.0 ms
-# compiled / 12.2 eager against flash 13.1; T=512 plain 18.5 / 21.8 against flash 17.3 / 18.0.
+# compiled / 12.2 eager against flash 13.1; T=512 plain 18.5 / 21.8 against flash 17.3 / 18.0 (timed
+# before the plain form split its queries in halves, which may move the crossing up).
 CPU_PLAIN_ATTENTION_MAX_LEN = 256
 # causal_attention computes the first half of the queries on its own from this many rows per half
 CAUSAL_SPLIT_MIN_ROWS = 32
@@ -79,9 +80,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     """softmax(q k^T · scale, causal) v with the scores materialized; scaled and normalized in fp32.
 
     The first half of the queries sees only the first half of the keys, so it is computed on its own: a
-    quarter fewer scores, softmax and GEMM work than the whole (T, T) block, the same result (the masked
-    scores are exact zeros after the softmax either way). `tiny`'s heads, B=4, T=256, forward + backward
-    on one thread: fp32 10.1 against 14.2 ms, bf16 7.9 against 8.9 ms (best of 30)."""
+    quarter fewer scores, softmax and GEMM work than the whole (T, T) block, and the same values to
+    rounding (the masked scores are exact zeros after the softmax either way; the sums run over fewer
+    terms). `tiny`'s heads, B=4, T=256, forward + backward on one thread: fp32 10.1 against 14.2 ms
+    (medians), bf16 7.9 against 8.9 ms (best of 30)."""
     T = q.shape[-2]
     if T < 2 * CAUSAL_SPLIT_MIN_ROWS:
         return _causal_block(q, k, v, scale, 0)

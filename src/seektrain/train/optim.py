@@ -76,10 +76,10 @@ class OnePassAdamW(torch.optim.Optimizer):
         self.moment_dtype = moment_dtype
         # Compiled: one call per group and step, its kernels launched from inductor's wrapper. A call per
         # parameter cost ~200 µs of host time each (guards, dispatch): 243 calls kept the GPU waiting
-        # ~50 ms per step of the 24-layer dense model (bench/RESULTS.md, fourth GPU pass).
-        self._update = (
-            torch.compile(_adamw_update_all, dynamic=True, fullgraph=True) if compiled else _adamw_update_all
-        )
+        # ~50 ms per step of the 24-layer dense model (bench/RESULTS.md, fourth GPU pass). Each list length
+        # is a graph of its own; not fullgraph, so that past dynamo's recompile limit (parameters whose
+        # gradient comes and goes, many optimizers in one process) the update runs eager instead of failing.
+        self._update = torch.compile(_adamw_update_all, dynamic=True) if compiled else _adamw_update_all
         self._grad_factor: torch.Tensor | None = None  # the clip factor of the next step
         self._ones: dict[torch.device, torch.Tensor] = {}  # the factor when nothing is clipped
         self.register_load_state_dict_post_hook(OnePassAdamW._restore_state_types)
