@@ -55,7 +55,7 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, d_qk)
         k = torch.cat([k_nope, k_rope.expand(B, H, T, self.rope)], dim=-1)  # (B, H, T, d_qk)
-        if x.device.type == "cpu" and T <= CPU_PLAIN_ATTENTION_MAX_LEN:
+        if x.device.type == "cpu" and q.dtype != torch.float32 and T <= CPU_PLAIN_ATTENTION_MAX_LEN:
             y = causal_attention(q, k, v, self.scale)
         else:
             if self.v_dim < q.shape[-1]:
@@ -67,10 +67,11 @@ class MLA(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
 
-# On CPU torch's flash kernel has a large fixed cost per call, so up to this length the plain formulation
-# is faster. `tiny`'s heads, B=4, bf16, forward + backward per layer on one thread: T=256 plain 9.0 ms
-# compiled / 12.2 eager against flash 13.1; T=512 plain 18.5 / 21.8 against flash 17.3 / 18.0 (timed
-# before the plain form split its queries in halves, which may move the crossing up).
+# On CPU in bf16/fp16 torch's flash kernel has a large fixed cost per call, so up to this length the plain
+# formulation is faster. A `tiny` MLA layer, B=4, forward + backward on one thread (medians): bf16 T=256
+# plain 12.9 ms compiled / 17.7 eager against flash 20.3 / 20.0; T=512 eager 50.3 against 52.9, T=1024
+# 209 against 122. In fp32 flash is as fast or faster at every length (T=256: 19.8 vs 19.3 compiled,
+# 21.7 vs 24.2 eager; T=64-128 equal), so fp32 always takes it.
 CPU_PLAIN_ATTENTION_MAX_LEN = 256
 # causal_attention computes the first half of the queries on its own from this many rows per half
 CAUSAL_SPLIT_MIN_ROWS = 32
