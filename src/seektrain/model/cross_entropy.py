@@ -79,8 +79,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # worked on in place (fp32) or upcast into one reused fp32 slice: no fresh buffer per slice.
         dlogits = torch.empty(n, vocab, dtype=dtype, device=x.device) if with_grad else None
         scratch = None if with_grad else torch.empty(rows, vocab, dtype=dtype, device=x.device)
-        fp32 = dict(dtype=torch.float32, device=x.device)
-        work = None if dtype == torch.float32 else torch.empty(rows, vocab, **fp32)
+        work = None
+        if dtype != torch.float32:
+            work = torch.empty(rows, vocab, dtype=torch.float32, device=x.device)
         with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit here
             for a in range(0, n, rows):
                 b = min(a + rows, n)
