@@ -81,6 +81,7 @@ def test_dense_variant_has_no_moe_layers_and_keeps_the_layer_override():
         ["--trace", "t.json"],
         ["--profile", "3", "--trace", "/nonexistent/dir/t.json"],
         ["--cuda-graphs", "--activation-checkpointing"],
+        ["--cuda-graphs", "--no-compile"],
     ],
 )
 def test_bad_input_is_one_error_line(argv, capsys):
