@@ -15,6 +15,7 @@ from torch import nn
 from seektrain.model.attention import MLA
 from seektrain.model.config import ModelConfig
 from seektrain.model.cross_entropy import IGNORE_INDEX, LinearCrossEntropy
+from seektrain.model.init import base_seed, normal_rows_
 from seektrain.model.layers import MLP, RMSNorm, rope_cos_sin
 from seektrain.model.moe import GroupedExperts, MoE
 from seektrain.model.mtp import MTPModule, shift_left
@@ -87,20 +88,23 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """The one place weights are initialized (also after `to_empty` from the meta device):
-        every Linear, the embedding and the stacked experts ~ N(0, initializer_range²), as transformers
-        does; RMSNorm gains = 1; the routers' correction biases = 0. Also re-ties a tied head."""
+        """The one place weights are initialized (also after `to_empty` from the meta device, and after
+        FSDP2 sharding): every Linear, the embedding and the stacked experts ~ N(0, initializer_range²),
+        as transformers does; RMSNorm gains = 1; the routers' correction biases = 0. Values depend on
+        torch's global seed and each parameter's name and shape, not on how it is sharded
+        (`model/init.py`). Also re-ties a tied head."""
         if self.cfg.tie_word_embeddings and self.lm_head.weight is not self.embed_tokens.weight:
             self.lm_head.weight = self.embed_tokens.weight  # `to_empty` unties shared parameters
         std = self.cfg.initializer_range
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, GroupedExperts):
-                nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
-                nn.init.normal_(module.down_proj, mean=0.0, std=std)
+        seed = base_seed()
+        for prefix, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding, GroupedExperts)):
+                for name, param in module.named_parameters(recurse=False):
+                    if module is self.lm_head and self.cfg.tie_word_embeddings:
+                        continue  # the embedding's, initialized under its own name
+                    normal_rows_(param, std, seed, f"{prefix}.{name}")
             elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+                _local(module.weight).fill_(1.0)
             elif isinstance(module, MoE):
                 module.e_score_correction_bias.zero_()
 
@@ -152,3 +156,8 @@ class Transformer(nn.Module):
         if counts:
             return torch.stack(counts)
         return torch.zeros(0, self.cfg.n_routed_experts, dtype=torch.int64, device=device)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (elementwise fills need nothing else), or the tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t

@@ -131,21 +131,26 @@ class Trainer:
             from seektrain.model.transformer import Transformer
 
             model = Transformer(self.model_cfg)
-        model.to_empty(device=self.device)
-        model.init_weights()  # the same weights on every rank (same seed); FSDP2 then keeps each its shard
         self.model = model  # the model itself; `self.stepper.model` is what a step calls
         if t.activation_checkpointing != "none":
             parallelize.apply_activation_checkpointing(model, t.activation_checkpointing)
         if t.compile:
             parallelize.apply_compile(model, cuda_graphs=t.cuda_graphs)
+        p = self.cfg.parallel
+        fsdp = self.dist.distributed and p.dp_mode != "ddp"
+        mesh = build_mesh(self.dist, self.device, p.dp_mode, p.dp_shard) if fsdp else None
+        # FSDP2 shards the empty model first, so each rank allocates and initializes only its shards (a
+        # tied head is re-tied by init_weights, which FSDP2 would not follow: that model is sharded after).
+        shard_first = fsdp and not self.model_cfg.tie_word_embeddings
+        if shard_first:
+            parallelize.apply_fsdp(model, mesh, t.precision)
+        model.to_empty(device=self.device)
+        model.init_weights()  # the same weights on every rank and for every sharding (model/init.py)
         wrapped = model
-        if self.dist.distributed:
-            p = self.cfg.parallel
-            if p.dp_mode == "ddp":
-                wrapped = parallelize.apply_ddp(model, self.device)
-            else:
-                mesh = build_mesh(self.dist, self.device, p.dp_mode, p.dp_shard)
-                parallelize.apply_fsdp(model, mesh, t.precision)
+        if fsdp and not shard_first:
+            parallelize.apply_fsdp(model, mesh, t.precision)
+        elif self.dist.distributed and not fsdp:
+            wrapped = parallelize.apply_ddp(model, self.device)
         self.optimizer = build_optimizer(model, self.cfg.optim)  # after FSDP2: over the sharded parameters
         self.stepper = Stepper(
             wrapped,

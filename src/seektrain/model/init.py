@@ -1,0 +1,64 @@
+"""Weight initialization that does not depend on how a parameter is sharded.
+
+Each parameter's rows (its first dimension) are drawn in fixed chunks, each from a generator seeded by
+(base seed, parameter name, chunk index). A rank holding rows [a, b) of a parameter draws only the chunks
+that overlap them, so an FSDP2 model initialized after sharding holds exactly the weights one process
+would (on the same device type: CPU and CUDA generators differ), and no rank ever materializes more than
+its shards and one chunk.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+CHUNK_ELEMENTS = 1 << 20  # values drawn per generator: rows per chunk = this // one row's values
+
+
+def base_seed() -> int:
+    """A base seed drawn from torch's global generator: `torch.manual_seed` decides the weights."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def normal_rows_(param: torch.Tensor, std: float, seed: int, name: str) -> None:
+    """Fill `param` (a tensor, or a DTensor sharded on dim 0 or replicated) with N(0, std²) values that
+    depend only on (seed, name, the parameter's global shape)."""
+    local = param.to_local() if hasattr(param, "to_local") else param
+    rows, start = _global_rows_and_offset(param, local)
+    if local.numel() == 0:
+        return
+    row_numel = local[0].numel()
+    per_chunk = max(1, CHUNK_ELEMENTS // max(row_numel, 1))
+    stop = start + local.shape[0]
+    key = zlib.crc32(name.encode())
+    for chunk in range(start // per_chunk, (stop - 1) // per_chunk + 1):
+        first = chunk * per_chunk
+        count = min(per_chunk, rows - first)
+        gen = torch.Generator(local.device).manual_seed((seed ^ (key << 20)) + chunk)
+        lo, hi = max(first, start), min(first + count, stop)
+        if (lo, hi) == (first, first + count):  # the whole chunk is here: drawn in place
+            local[lo - start : hi - start].normal_(0.0, std, generator=gen)
+        else:  # the same draw (same op, same shape), then this shard's rows of it
+            values = local.new_empty((count, *local.shape[1:])).normal_(0.0, std, generator=gen)
+            local[lo - start : hi - start].copy_(values[lo - first : hi - first])
+
+
+def _global_rows_and_offset(param: torch.Tensor, local: torch.Tensor) -> tuple[int, int]:
+    """The parameter's global number of rows and the first global row of `local`. A DTensor sharded on
+    dim 0 (FSDP2's Shard(0), also on one dim of a 2-D mesh) holds torch.chunk's share of the rows."""
+    if not hasattr(param, "placements"):
+        return local.shape[0], 0
+    rows, start = param.shape[0], 0
+    size = rows
+    for mesh_dim, placement in enumerate(param.placements):
+        if placement.is_shard():
+            if placement.dim != 0:
+                raise ValueError(f"cannot initialize a parameter sharded on dim {placement.dim}")
+            chunk = -(-size // param.device_mesh.size(mesh_dim))
+            offset = chunk * param.device_mesh.get_local_rank(mesh_dim)
+            start += min(offset, size)
+            size = max(0, min(chunk, size - offset))
+    if size != local.shape[0]:
+        raise ValueError(f"local shard of {size} rows expected, got {local.shape[0]}")
+    return rows, start
