@@ -84,3 +84,30 @@ def test_a_shard_that_does_not_match_its_placement_is_refused():
     local = torch.empty(3, 4)  # rank 0 of 2 over 10 rows holds 5
     with pytest.raises(ValueError, match="5 rows expected"):
         normal_rows_(FakeShard((10, 4), (Shard(0),), FakeMesh((2,), (0,)), local), 1.0, 0, "w")
+
+
+def test_every_bit_of_the_seed_and_name_counts_on_cpu():
+    """The CPU generator keeps 32 bits of its seed: (seed, name, chunk) are hashed into them, so seeds that
+    differ only above bit 32, or names that differ anywhere, still draw differently."""
+    a, b = torch.empty(8, 8), torch.empty(8, 8)
+    normal_rows_(a, 1.0, seed=5, name="w")
+    normal_rows_(b, 1.0, seed=5 + 2**40, name="w")
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("preset", ["small", "v2-lite"])
+def test_no_two_chunks_of_a_preset_share_a_cpu_seed(preset):
+    """Every chunk that `init_weights` draws for the preset gets its own 32-bit CPU seed (with a hash,
+    collisions among n chunks come with probability ≈ n²/2^33: ~2e-4 for `small`'s ~1,400)."""
+    from seektrain.model.config import ModelConfig
+    from seektrain.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(ModelConfig.from_preset(preset))
+    seeds = []
+    for name, p in model.named_parameters():
+        if p.ndim >= 2:
+            per_chunk = max(1, init_mod.CHUNK_ELEMENTS // p[0].numel())
+            n_chunks = -(-p.shape[0] // per_chunk)
+            seeds += [init_mod.chunk_seed(7, name, c, torch.device("cpu")) for c in range(n_chunks)]
+    assert len(set(seeds)) == len(seeds)
