@@ -22,10 +22,15 @@ def base_seed() -> int:
     return int(torch.randint(0, 2**62, (1,)).item())
 
 
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (what elementwise work needs), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def normal_rows_(param: torch.Tensor, std: float, seed: int, name: str) -> None:
     """Fill `param` (a tensor, or a DTensor sharded on dim 0 or replicated) with N(0, std²) values that
     depend only on (seed, name, the parameter's global shape)."""
-    local = param.to_local() if hasattr(param, "to_local") else param
+    local = local_part(param)
     rows, start = _global_rows_and_offset(param, local)
     if local.numel() == 0:
         return

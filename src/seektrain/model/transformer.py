@@ -15,7 +15,7 @@ from torch import nn
 from seektrain.model.attention import MLA
 from seektrain.model.config import ModelConfig
 from seektrain.model.cross_entropy import IGNORE_INDEX, LinearCrossEntropy
-from seektrain.model.init import base_seed, normal_rows_
+from seektrain.model.init import base_seed, local_part, normal_rows_
 from seektrain.model.layers import MLP, RMSNorm, rope_cos_sin
 from seektrain.model.moe import GroupedExperts, MoE
 from seektrain.model.mtp import MTPModule, shift_left
@@ -104,7 +104,7 @@ class Transformer(nn.Module):
                         continue  # the embedding's, initialized under its own name
                     normal_rows_(param, std, seed, f"{prefix}.{name}")
             elif isinstance(module, RMSNorm):
-                _local(module.weight).fill_(1.0)
+                local_part(module.weight).fill_(1.0)
             elif isinstance(module, MoE):
                 module.e_score_correction_bias.zero_()
 
@@ -156,8 +156,3 @@ class Transformer(nn.Module):
         if counts:
             return torch.stack(counts)
         return torch.zeros(0, self.cfg.n_routed_experts, dtype=torch.int64, device=device)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (elementwise fills need nothing else), or the tensor."""
-    return t.to_local() if hasattr(t, "to_local") else t

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from seektrain.config import OptimConfig
+from seektrain.model.init import local_part
 from seektrain.train.step import to_device
 
 
@@ -100,14 +101,14 @@ class OnePassAdamW(torch.optim.Optimizer):
         scalars: dict[tuple, torch.Tensor] = {}
         for group, p, state, step in _params_with_state(self, self.moment_dtype):
             beta1, beta2 = group["betas"]
-            device = _local(p).device
+            device = local_part(p).device
             key = (id(group), step, device)
             if key not in calls:
                 values = [group["lr"], group["weight_decay"], beta1, beta2, group["eps"]]
                 values += [1 - beta1**step, 1 - beta2**step]
                 scalars[key] = to_device(torch.tensor([float(v) for v in values]), device)
                 calls[key] = [[], [], [], []]
-            tensors = [_local(x) for x in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+            tensors = [local_part(x) for x in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
             if all(x.is_contiguous() for x in tensors):  # flat: every tensor through the same kernel
                 tensors = [x.view(-1) for x in tensors]
             for bucket, x in zip(calls[key], tensors, strict=True):
@@ -170,11 +171,6 @@ def _adamw_update(
     v.copy_(v32)
     denom = v32.sqrt_().div_(bias2.sqrt()).add_(eps)
     p.mul_(1 - lr * wd).sub_(m32.div_(denom).mul_(lr / bias1))
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2: elementwise updates need nothing else), or the tensor."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class Lamb(torch.optim.Optimizer):
