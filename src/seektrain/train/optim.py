@@ -97,8 +97,8 @@ class OnePassAdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = _run_closure(closure)
         factor, self._grad_factor = self._grad_factor, None
-        calls: dict[tuple, list[list[torch.Tensor]]] = {}  # per group, step count and device: p, g, m, v
-        scalars: dict[tuple, torch.Tensor] = {}
+        # one update call per group, step count and device: its scalars and its lists p, g, m, v
+        calls: dict[tuple, tuple[torch.Tensor, list[list[torch.Tensor]]]] = {}
         for group, p, state, step in _params_with_state(self, self.moment_dtype):
             beta1, beta2 = group["betas"]
             device = local_part(p).device
@@ -106,15 +106,14 @@ class OnePassAdamW(torch.optim.Optimizer):
             if key not in calls:
                 values = [group["lr"], group["weight_decay"], beta1, beta2, group["eps"]]
                 values += [1 - beta1**step, 1 - beta2**step]
-                scalars[key] = to_device(torch.tensor([float(v) for v in values]), device)
-                calls[key] = [[], [], [], []]
+                calls[key] = to_device(torch.tensor([float(v) for v in values]), device), [[], [], [], []]
             tensors = [local_part(x) for x in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
             if all(x.is_contiguous() for x in tensors):  # flat: every tensor through the same kernel
                 tensors = [x.view(-1) for x in tensors]
-            for bucket, x in zip(calls[key], tensors, strict=True):
+            for bucket, x in zip(calls[key][1], tensors, strict=True):
                 bucket.append(x)
-        for key, (ps, gs, ms, vs) in calls.items():
-            self._update(ps, gs, ms, vs, scalars[key], self._factor_on(key[2], factor))
+        for (_, _, device), (scalars, lists) in calls.items():
+            self._update(*lists, scalars, self._factor_on(device, factor))
         return loss
 
     def _factor_on(self, device: torch.device, factor: torch.Tensor | None) -> torch.Tensor:
