@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from seektrain.distributed.parallelize import apply_fsdp
+from seektrain.distributed.parallelize import apply_fsdp, materialize
 from seektrain.model.config import ModelConfig
 from seektrain.model.transformer import Transformer
 
@@ -32,14 +32,10 @@ def main() -> None:
     with torch.device("meta"):
         model = Transformer(ModelConfig.from_preset(args.preset))
     start = time.perf_counter()
-    if args.order == "shard_first":
-        apply_fsdp(model, mesh, "fp32")
-        model.to_empty(device="cpu")
-        model.init_weights()
+    if args.order == "shard_first":  # the trainer's path
+        materialize(model, "cpu", mesh)
     else:
-        model.to_empty(device="cpu")
-        model.init_weights()
-        apply_fsdp(model, mesh, "fp32")
+        apply_fsdp(materialize(model, "cpu"), mesh, "fp32")
     seconds = time.perf_counter() - start
     local = sum(q.to_local().numel() for q in model.parameters())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB on Linux

@@ -1,5 +1,6 @@
 """Run by torchrun (tests/distributed/test_dist_init.py): a model sharded by FSDP2 on the meta device, then
-allocated and initialized, holds exactly the weights of the same model initialized whole in one process.
+allocated and initialized (`materialize`, the trainer's path), holds exactly the weights of the same model
+initialized whole in one process.
 `--hsdp`: a 2-D mesh (replicate over pairs, shard within them). Sizes are chosen so that rows split
 unevenly over the ranks (some hold fewer rows or none) and, with small chunks, so that chunk boundaries
 cut through shards."""
@@ -13,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from seektrain.distributed.parallelize import apply_fsdp
+from seektrain.distributed.parallelize import materialize
 from seektrain.model import init as init_mod
 from seektrain.model.config import ModelConfig
 from seektrain.model.transformer import Transformer
@@ -40,9 +41,7 @@ def main() -> None:
         sharded = Transformer(cfg)
     hsdp = "--hsdp" in sys.argv
     shape, names = ((2, world // 2), ("replicate", "shard")) if hsdp else ((world,), ("dp",))
-    apply_fsdp(sharded, init_device_mesh("cpu", shape, mesh_dim_names=names), "fp32")
-    sharded.to_empty(device="cpu")
-    sharded.init_weights()
+    materialize(sharded, "cpu", init_device_mesh("cpu", shape, mesh_dim_names=names))  # as the trainer does
     uneven = 0
     for (name, p), q in zip(sharded.named_parameters(), whole.parameters(), strict=True):
         uneven += p.to_local().shape[0] * shape[-1] != p.shape[0]

@@ -109,6 +109,17 @@ def apply_fsdp(model: torch.nn.Module, mesh, precision: str) -> torch.nn.Module:
     return model
 
 
+def materialize(model: torch.nn.Module, device, mesh=None, precision: str = "fp32") -> torch.nn.Module:
+    """Allocate and initialize a model built on the meta device. With a mesh, FSDP2 shards it first, so
+    each rank allocates and initializes only its shards, with the weights one process would give them
+    (`model/init.py`)."""
+    if mesh is not None:
+        apply_fsdp(model, mesh, precision)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The model itself under a DDP wrapper (FSDP2 adds none)."""
     from torch.nn.parallel import DistributedDataParallel

@@ -142,10 +142,7 @@ class Trainer:
         # FSDP2 shards the empty model first, so each rank allocates and initializes only its shards (a
         # tied head is re-tied by init_weights, which FSDP2 would not follow: that model is sharded after).
         shard_first = fsdp and not self.model_cfg.tie_word_embeddings
-        if shard_first:
-            parallelize.apply_fsdp(model, mesh, t.precision)
-        model.to_empty(device=self.device)
-        model.init_weights()  # the same weights on every rank and for every sharding (model/init.py)
+        parallelize.materialize(model, self.device, mesh if shard_first else None, t.precision)
         wrapped = model
         if fsdp and not shard_first:
             parallelize.apply_fsdp(model, mesh, t.precision)
