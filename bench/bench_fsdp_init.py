@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
+from seektrain.distributed.env import destroy_process_group
 from seektrain.distributed.parallelize import apply_fsdp, materialize
 from seektrain.model.config import ModelConfig
 from seektrain.model.transformer import Transformer
@@ -44,7 +45,8 @@ def main() -> None:
         f"{local / 1e6:.0f}M parameters held, {seconds:.1f} s",
         flush=True,
     )
-    dist.destroy_process_group()
+    del model  # FSDP2 holds the group: drop it before leaving (see destroy_process_group)
+    destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -14,14 +14,15 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
+from seektrain.distributed.env import destroy_process_group
 from seektrain.distributed.parallelize import materialize
 from seektrain.model import init as init_mod
 from seektrain.model.config import ModelConfig
 from seektrain.model.transformer import Transformer
 
 
-def main() -> None:
-    dist.init_process_group("gloo")
+def check() -> str | None:
+    """None when every parameter and buffer matches, else what differs."""
     world = dist.get_world_size()
     init_mod.CHUNK_ELEMENTS = 700
     cfg = dataclasses.replace(
@@ -46,14 +47,17 @@ def main() -> None:
     for (name, p), q in zip(sharded.named_parameters(), whole.parameters(), strict=True):
         uneven += p.to_local().shape[0] * shape[-1] != p.shape[0]
         if not torch.equal(p.full_tensor(), q):
-            raise SystemExit(f"rank {dist.get_rank()}: {name} differs from the whole model's")
+            return f"rank {dist.get_rank()}: {name} differs from the whole model's"
     if uneven == 0:
-        raise SystemExit("no parameter split unevenly: the check would not cover uneven shards")
+        return "no parameter split unevenly: the check would not cover uneven shards"
     for name, b in sharded.named_buffers():
         if not torch.equal(b, dict(whole.named_buffers())[name]):
-            raise SystemExit(f"rank {dist.get_rank()}: buffer {name} differs")
-    dist.destroy_process_group()
+            return f"rank {dist.get_rank()}: buffer {name} differs"
+    return None
 
 
 if __name__ == "__main__":
-    main()
+    dist.init_process_group("gloo")
+    problem = check()  # its models (and FSDP2's hold on the group) are gone when it returns
+    destroy_process_group()
+    raise SystemExit(problem)
