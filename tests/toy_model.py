@@ -1,5 +1,7 @@
 """`--set` overrides that shrink the `tiny` preset to a toy (2 layers, hidden 64: steps take milliseconds)
-while keeping every feature: low-rank q, a dense and an MoE layer, shared + routed experts in 2 groups."""
+while keeping every feature: low-rank q, a dense and an MoE layer, shared + routed experts in 2 groups. It
+also pins fp32, so a test's figures do not depend on the host CPU (the preset's `auto` is bf16 where the
+CPU has bf16 units); tests of other precisions set theirs after it."""
 
 TOY_MODEL = [
     "model.num_hidden_layers=2",
@@ -17,4 +19,5 @@ TOY_MODEL = [
     "model.num_experts_per_tok=2",
     "model.n_group=2",
     "model.topk_group=1",
+    "train.precision=fp32",
 ]

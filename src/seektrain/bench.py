@@ -26,6 +26,7 @@ from seektrain.train.balance import update_expert_bias
 from seektrain.train.host_memory import keep_freed_host_memory
 from seektrain.train.metrics import flops_per_token, memory_gib, peak_flops
 from seektrain.train.optim import build_optimizer
+from seektrain.train.precision import resolve_precision
 from seektrain.train.step import Stepper
 
 
@@ -36,7 +37,7 @@ class BenchConfig:
     seq: int = 2048
     steps: int = 10
     warmup: int = 3
-    precision: str | None = None  # None: bf16 on GPU, fp32 on CPU
+    precision: str = "auto"  # bf16 where the device computes it natively, else fp32
     compile: bool = False
     cuda_graphs: bool = False  # with compile: replay each block as CUDA graphs
     activation_checkpointing: str = "none"  # none, full or selective
@@ -69,7 +70,7 @@ def run_bench(cfg: BenchConfig, device: torch.device | None = None) -> dict:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         keep_freed_host_memory()  # as the trainer does
-    precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
+    precision = resolve_precision(cfg.precision, device)
     model_cfg = bench_model_config(cfg)
     torch.manual_seed(cfg.seed)
     with torch.device(device):

@@ -55,7 +55,10 @@ class TrainConfig:
     batch_ramp_steps: int = _opt(0, "grow the global batch linearly over this many steps (0 = off)")
     batch_ramp_start: int = _opt(0, "global batch at step 1 while ramping (a multiple of the micro batch)")
     precision: str = _opt(
-        "fp32", "fp32, bf16 (autocast, fp32 master weights) or fp16 (GradScaler)", ("fp32", "bf16", "fp16")
+        "fp32",
+        "fp32, bf16 (autocast, fp32 master weights), fp16 (GradScaler), or auto: bf16 where the device "
+        "computes it natively (CUDA GPUs from Ampere on; CPUs with AVX-512 BF16 or AMX), else fp32",
+        ("fp32", "bf16", "fp16", "auto"),
     )
     grad_clip: float = _opt(1.0, "clip gradients to this global L2 norm (0 = off; the norm is logged)")
     seed: int = _opt(0, "seed for weights and data order")

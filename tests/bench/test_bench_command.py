@@ -4,16 +4,19 @@ import json
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from seektrain import cli
 from seektrain.bench import BenchConfig, bench_model_config, busy_time, device_intervals
+from seektrain.train.precision import native_bf16
 
 
 def test_bench_json_reports_a_training_step(capsys):
     code = cli.main(["bench", "--seq", "16", "--batch", "2", "--steps", "2", "--warmup", "1", "--json"])
     result = json.loads(capsys.readouterr().out)
     assert code == 0
-    assert result["preset"] == "tiny" and result["device"] == "cpu" and result["precision"] == "fp32"
+    assert result["preset"] == "tiny" and result["device"] == "cpu"
+    assert result["precision"] == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")  # auto
     # tokens_per_s is rounded to an integer (±0.5) and step_ms to 0.1 ms (±0.05)
     assert result["tokens_per_s"] == pytest.approx(2 * 16 / (result["step_ms"] / 1e3), rel=0.01, abs=0.5)
     assert result["mfu"] is None  # no known peak on CPU

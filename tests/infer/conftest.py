@@ -85,6 +85,7 @@ def trained_run(tmp_path_factory, data_dir) -> Path:
         "train.micro_batch_size=8",
         "train.global_batch_size=8",
         "train.device=cpu",  # the same trained weights on every machine (a GPU run ends elsewhere)
+        "train.precision=fp32",  # … and every CPU (the preset's auto is bf16 where the CPU has bf16 units)
         "train.eval_every=0",
         "train.eval_batches=2",
         "train.log_every=20",

@@ -13,7 +13,7 @@ def test_no_arguments_mean_tiny_on_stdlib():
     args = parser.parse_args([])
     assert (args.config, args.preset, args.overrides, args.resume) == (None, None, [], "auto")
     cfg = load_config(args.config, args.preset, args.overrides)
-    assert cfg.model.preset == "tiny" and cfg.data.path == "data/stdlib"
+    assert cfg.model.preset == "tiny" and cfg.data.path == "data/stdlib" and cfg.train.precision == "auto"
     assert train.default_run_dir(None, None) == Path("runs/tiny")
     assert train.default_run_dir("configs/big_run.toml", None) == Path("runs/big_run")
     assert train.default_run_dir(None, "small") == Path("runs/small")

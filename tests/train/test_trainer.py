@@ -209,12 +209,14 @@ def test_mtp_expert_biases_are_balanced_too(make, tmp_path):
     assert steps.abs().max() <= 3
 
 
-def test_bf16_moments_resume_exactly(make, tmp_path):
-    """optim.state_dtype=bf16: a run resumed from its step-2 checkpoint ends with the same weights and
-    moments as the uninterrupted run (the checkpoint holds the bf16 moments; loading keeps them bf16)."""
+@pytest.mark.parametrize("setting", ["optim.state_dtype=bf16", "train.precision=bf16"])
+def test_bf16_runs_resume_exactly(make, tmp_path, setting):
+    """bf16 moments, or bf16 autocast (the main job's precision on CPUs with bf16 units): a run resumed
+    from its step-2 checkpoint ends with the same weights and moments as the uninterrupted run (the
+    checkpoint holds bf16 moments as bf16; autocast's casts are recomputed the same way)."""
     import shutil
 
-    overrides = ("optim.state_dtype=bf16", "train.steps=4", "checkpoint.every=2", "train.eval_every=0")
+    overrides = (setting, "train.steps=4", "checkpoint.every=2", "train.eval_every=0")
     straight = make(tmp_path / "a", *overrides)
     assert straight.fit() == 0
     shutil.copytree(tmp_path / "a", tmp_path / "b")
@@ -225,6 +227,29 @@ def test_bf16_moments_resume_exactly(make, tmp_path):
     for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(a, b)
     states = list(zip(straight.optimizer.state.values(), resumed.optimizer.state.values(), strict=True))
-    assert {s["exp_avg_sq"].dtype for s, _ in states} == {torch.bfloat16}
+    moments = torch.bfloat16 if setting.startswith("optim") else torch.float32
+    assert {s["exp_avg_sq"].dtype for s, _ in states} == {moments}
     for s, r in states:
         assert torch.equal(s["exp_avg"], r["exp_avg"]) and torch.equal(s["exp_avg_sq"], r["exp_avg_sq"])
+
+
+def test_auto_precision_trains_and_records_what_it_stands_for(make, tmp_path, capsys):
+    """train.precision=auto runs in the precision it resolves to on this CPU, announces it, and the run's
+    config.toml and checkpoint record that precision rather than "auto" (a later reader learns what ran)."""
+    import tomllib
+
+    from seektrain.checkpoint.manager import load_checkpoint
+    from seektrain.train.precision import native_bf16
+    from seektrain.train.step import AUTOCAST_DTYPES
+
+    run = tmp_path / "run"
+    expected = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
+    tr = make(run, "train.precision=auto", "train.steps=2", "checkpoint.every=2", "train.eval_every=0")
+    assert tr.cfg.train.precision == expected
+    assert tr.stepper.autocast_dtype == AUTOCAST_DTYPES[expected]
+    assert tr.fit() == 0
+    assert f"cpu, {expected} (auto)," in capsys.readouterr().out
+    assert tomllib.loads((run / "config.toml").read_text())["train"]["precision"] == expected
+    (checkpoint,) = (run / "checkpoints").iterdir()
+    assert load_checkpoint(checkpoint)["config"]["train"]["precision"] == expected
+    assert all(math.isfinite(r["loss"]) for r in train_lines(run))

@@ -20,8 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens per sequence (default: 2048 on GPU, 256 on CPU)")
     p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up (default: 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default="auto",
+                   help="default auto: bf16 where the device computes it natively, else fp32 (as "
+                   "train.precision=auto)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile each block and the loss head (default: on a GPU, as the `small` "
                    "preset trains; --no-compile for eager)")

@@ -38,6 +38,7 @@ from seektrain.train.guard import OK, ROLLBACK, SKIP, Guard
 from seektrain.train.host_memory import keep_freed_host_memory
 from seektrain.train.metrics import METRICS_FILE, MetricsLog, flops_per_token, memory_gib, peak_flops
 from seektrain.train.optim import build_optimizer
+from seektrain.train.precision import resolve_precision
 from seektrain.train.schedule import global_batch_at, lr_factor, mtp_weight_at
 from seektrain.train.step import Stepper
 
@@ -70,6 +71,14 @@ class Trainer:
                 "(the loss scaler would see only this rank's gradient shards): use bf16"
             )
         init_process_group(self.dist, self.device)
+        # From here on the config holds the precision that runs (and the run directory records it).
+        precision = agree(
+            self.dist,
+            lambda: resolve_precision(cfg.train.precision, self.device),
+            what="the precision train.precision=auto stands for on their devices (set it explicitly)",
+        )
+        self.auto_precision = cfg.train.precision == "auto"
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
         # Ranks may see different files (a data dir on one node only): each phase fails on all or none.
         self.resume_from = agree(
             self.dist, lambda: self._find_inputs(cfg, resume), what="the checkpoint to resume from"
@@ -467,7 +476,8 @@ class Trainer:
             f"({m.num_active_params() / 1e6:.2f}M active), vocab {m.vocab_size}\n"
             f"  data {self.cfg.data.path}: seq_len {self.cfg.data.seq_len}, "
             f"global batch {t.global_batch_size} (micro {t.micro_batch_size}), {t.steps} steps\n"
-            f"  {self.device.type}, {t.precision}, optimizer {self.cfg.optim.name}, "
+            f"  {self.device.type}, {t.precision}{' (auto)' if self.auto_precision else ''}, "
+            f"optimizer {self.cfg.optim.name}, "
             f"schedule {self.cfg.optim.schedule}, lr {self.cfg.optim.lr}"
             + (
                 f"\n  {self.dist.world_size} rank{'s' if self.dist.world_size > 1 else ''}, "
