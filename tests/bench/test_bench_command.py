@@ -25,6 +25,7 @@ def test_bench_json_reports_a_training_step(capsys):
 
 def test_profile_table_goes_to_stderr_and_json_stays_parseable(capsys):
     argv = ["bench", "--seq", "16", "--batch", "2", "--steps", "1", "--warmup", "1", "--profile", "5"]
+    argv += ["--precision", "fp32"]  # the same profile on every CPU
     argv.append("--json")
     assert cli.main(argv) == 0
     captured = capsys.readouterr()
@@ -36,6 +37,7 @@ def test_profile_table_goes_to_stderr_and_json_stays_parseable(capsys):
 def test_trace_writes_the_profiled_step_as_a_chrome_trace(tmp_path, capsys):
     trace = tmp_path / "step.json"
     argv = ["bench", "--seq", "16", "--batch", "2", "--steps", "1", "--warmup", "1", "--profile", "3"]
+    argv += ["--precision", "fp32"]
     assert cli.main([*argv, "--trace", str(trace), "--json"]) == 0
     events = json.loads(trace.read_text())["traceEvents"]
     assert any(e.get("name") == "aten::mm" for e in events)

@@ -153,6 +153,7 @@ def test_import_with_data_gives_a_run_that_train_resumes(exported, data_dir, tmp
         "train.global_batch_size=4",
         "train.eval_every=0",
         "train.eval_batches=1",
+        "train.precision=fp32",  # the preset's auto would depend on this CPU
         "log.progress=false",
         "log.tensorboard=false",
     ]

@@ -253,3 +253,22 @@ def test_auto_precision_trains_and_records_what_it_stands_for(make, tmp_path, ca
     (checkpoint,) = (run / "checkpoints").iterdir()
     assert load_checkpoint(checkpoint)["config"]["train"]["precision"] == expected
     assert all(math.isfinite(r["loss"]) for r in train_lines(run))
+
+
+def test_auto_precision_on_resume_keeps_the_checkpoints(make, tmp_path, capsys):
+    """A run resumed with train.precision=auto continues in the precision its checkpoint trained in, even
+    where auto would pick the other one on this host (a run moved between machines, or one started
+    before the preset said auto), so it continues exactly and its record stays true."""
+    import tomllib
+
+    from seektrain.train.precision import native_bf16
+
+    run = tmp_path / "run"
+    other = "fp32" if native_bf16(torch.device("cpu")) else "bf16"  # not what auto gives here
+    first = make(run, f"train.precision={other}", "train.steps=2", "checkpoint.every=2", "train.eval_every=0")
+    assert first.fit() == 0
+    resumed = make(run, "train.precision=auto", "train.steps=3", "train.eval_every=0")
+    assert resumed.counters.step == 2 and resumed.cfg.train.precision == other
+    assert resumed.fit() == 0
+    assert f"cpu, {other} (auto: the checkpoint's)," in capsys.readouterr().out
+    assert tomllib.loads((run / "config.toml").read_text())["train"]["precision"] == other

@@ -2,10 +2,10 @@
 fp32 elsewhere.
 
 bf16 autocast over fp32 master weights trains as well as fp32 at this project's sizes and is much
-faster where the hardware has bf16 units: on the 2-core AVX-512 BF16 CPU of our CI the `tiny` main job
-ran 1.6× the tokens/s of fp32 to the same val_loss (README, "The main job"). Where bf16 is emulated
-(x86 CPUs without AVX-512 BF16 or AMX, pre-Ampere GPUs) it is slower than fp32, so `auto` keeps fp32
-there. fp16 is never chosen: it needs loss scaling, which a user should ask for.
+faster where the hardware has bf16 units: on a 2-core AVX-512 BF16 CPU the `tiny` main job ran at 1.53×
+the tokens/s of fp32 to the same val_loss (bench/RESULTS.md, "The main job in bf16"). Where bf16 is
+emulated (x86 CPUs without AVX-512 BF16 or AMX, GPUs before Ampere) it is slower than fp32, so `auto`
+keeps fp32 there. fp16 is never chosen: it needs loss scaling, which a user should ask for.
 """
 
 from __future__ import annotations
@@ -20,18 +20,21 @@ NATIVE_BF16_CPU_FEATURES = ("avx512_bf16", "amx_bf16")
 
 
 def cpu_capabilities() -> Mapping[str, object]:
-    """This CPU's features as torch detects them (cpuinfo); empty where this torch cannot say."""
-    get = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.10
+    """This CPU's features as torch detects them (cpuinfo); empty where this torch cannot say (then
+    `auto` means fp32, the safe side)."""
+    get = getattr(torch.cpu, "get_capabilities", None)  # recent torch: every feature by name
     if get is not None:
         return get()
-    old = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    return {"avx512_bf16": bool(old())} if old is not None else {}
+    older = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # older torch: this one flag
+    return {"avx512_bf16": bool(older())} if older is not None else {}
 
 
 def native_bf16(device: torch.device, capabilities: Mapping[str, object] | None = None) -> bool:
     """Whether `device` multiplies bf16 matrices in hardware (`capabilities`: a CPU's, for tests)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+        if torch.version.hip:  # ROCm: torch answers for the GPUs it supports
+            return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device) >= (8, 0)  # Ampere on: bf16 tensor cores
     if device.type != "cpu":
         return False
     caps = cpu_capabilities() if capabilities is None else capabilities

@@ -40,7 +40,7 @@ from seektrain.train.metrics import METRICS_FILE, MetricsLog, flops_per_token, m
 from seektrain.train.optim import build_optimizer
 from seektrain.train.precision import resolve_precision
 from seektrain.train.schedule import global_batch_at, lr_factor, mtp_weight_at
-from seektrain.train.step import Stepper
+from seektrain.train.step import AUTOCAST_DTYPES, Stepper
 
 DEFAULT_DATA = Path("data/stdlib")
 RUN_FILES = ("config.toml", METRICS_FILE, "tb")  # what a started run leaves besides checkpoints
@@ -71,19 +71,12 @@ class Trainer:
                 "(the loss scaler would see only this rank's gradient shards): use bf16"
             )
         init_process_group(self.dist, self.device)
-        # From here on the config holds the precision that runs (and the run directory records it).
-        precision = agree(
-            self.dist,
-            lambda: resolve_precision(cfg.train.precision, self.device),
-            what="the precision train.precision=auto stands for on their devices (set it explicitly)",
-        )
-        self.auto_precision = cfg.train.precision == "auto"
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
         # Ranks may see different files (a data dir on one node only): each phase fails on all or none.
         self.resume_from = agree(
             self.dist, lambda: self._find_inputs(cfg, resume), what="the checkpoint to resume from"
         )
         agree(self.dist, lambda: self._open_inputs(cfg))
+        self._settle_precision()
         self._build()
 
     # --- setup -------------------------------------------------------------------------------------
@@ -132,6 +125,24 @@ class Trainer:
             self.resume_state = load_checkpoint(self.resume_from)
             _check_same_model(self.resume_state["config"]["model"], self.cfg, self.resume_from)
             self.loader.load_state_dict(self.resume_state["loader"])  # validates the data stream too
+
+    def _settle_precision(self) -> None:
+        """Replace `auto` in the config by the precision that runs, which the run directory then records:
+        a resumed run keeps the one its checkpoint trained in (so it continues exactly, on any host), a
+        new run takes what `auto` stands for on this device. Every rank must come to the same."""
+        t = self.cfg.train
+        self.precision_note = ""
+        if t.precision != "auto":
+            return
+        saved = self.resume_state["config"]["train"].get("precision") if self.resume_state else None
+        kept = saved in AUTOCAST_DTYPES
+        self.precision_note = " (auto: the checkpoint's)" if kept else " (auto)"
+        precision = agree(
+            self.dist,
+            lambda: saved if kept else resolve_precision("auto", self.device),
+            what="the precision train.precision=auto stands for on their devices (set it explicitly)",
+        )
+        self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(t, precision=precision))
 
     def _build(self) -> None:
         t = self.cfg.train
@@ -476,7 +487,7 @@ class Trainer:
             f"({m.num_active_params() / 1e6:.2f}M active), vocab {m.vocab_size}\n"
             f"  data {self.cfg.data.path}: seq_len {self.cfg.data.seq_len}, "
             f"global batch {t.global_batch_size} (micro {t.micro_batch_size}), {t.steps} steps\n"
-            f"  {self.device.type}, {t.precision}{' (auto)' if self.auto_precision else ''}, "
+            f"  {self.device.type}, {t.precision}{self.precision_note}, "
             f"optimizer {self.cfg.optim.name}, "
             f"schedule {self.cfg.optim.schedule}, lr {self.cfg.optim.lr}"
             + (
