@@ -42,7 +42,8 @@ def test_pad_groups_places_every_pair_in_its_experts_padded_group():
     expert = torch.repeat_interleave(torch.arange(4), counts)
     token = torch.tensor([7, 2, 4, 9, 1, 3, 8, 0, 6])
     scale = torch.arange(1.0, 10.0)[:, None]
-    padded_token, padded_scale, padded, real = moe_mod.pad_groups(token, scale, expert, counts, multiple=4)
+    padded = moe_mod.pad_groups(token, scale, expert, counts, multiple=4, pad_token=10)
+    padded_token, padded_scale, padded, position = padded
     # groups [4, 0, 8, x]; 9 + 4*3 = 21 rows -> 24, so the last group takes 24 - 12 = 12 rows
     assert padded.tolist() == [4, 0, 8, 12]
     assert padded_token.shape == (24,) and padded_scale.shape == (24, 1)
@@ -51,11 +52,10 @@ def test_pad_groups_places_every_pair_in_its_experts_padded_group():
         rows = slice(start, start + n)
         assert padded_token[rows].tolist() == token[expert == e].tolist()
         assert padded_scale[rows, 0].tolist() == scale[expert == e, 0].tolist()
-    want_real = torch.zeros(24, dtype=torch.bool)
-    for start, n in zip(starts, counts.tolist(), strict=True):
-        want_real[start : start + n] = True
-    assert torch.equal(real, want_real)
-    assert (padded_scale[~real] == 0).all() and (padded_token[~real] == 0).all()
+    want_position = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts.tolist(), strict=True)])
+    assert torch.equal(position, want_position)
+    real = torch.zeros(24, dtype=torch.bool).index_fill_(0, position, True)
+    assert (padded_scale[~real] == 0).all() and (padded_token[~real] == 10).all()
 
 
 def test_groups_are_padded_only_for_low_precision_and_enough_rows():
@@ -123,3 +123,22 @@ def test_padded_groups_in_bf16_match_unpadded(monkeypatch):
     torch.testing.assert_close(y_pad, y, rtol=1e-2, atol=1e-2)
     for a, b in zip(grads_pad, grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+def test_spread_and_collect_rows_are_each_others_adjoint():
+    """The padded CPU path moves rows with SpreadRows (gather; backward sums each token's k rows) and
+    CollectRows (those sums; backward gathers): gradcheck in float64 checks each backward against finite
+    differences, on a layout with padding rows (which read the zero row and get no gradient)."""
+    N, k, D = 5, 3, 4
+    order = torch.randperm(N * k, generator=torch.Generator().manual_seed(0))  # sorted row -> pair
+    position = torch.tensor([0, 1, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14, 16, 17])  # 15 pairs in 18 rows
+    token = torch.full((18,), N).index_copy_(0, position, order // k)
+    pos = torch.empty_like(position).scatter_(0, order, position).view(N, k)
+    x = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(18, D, dtype=torch.float64, requires_grad=True)
+    spread = moe_mod.SpreadRows.apply(x, token, pos, torch.float64)
+    assert torch.equal(spread[position], x[order // k]) and (spread[[2, 7, 15]] == 0).all()
+    assert torch.autograd.gradcheck(lambda x: moe_mod.SpreadRows.apply(x, token, pos, torch.float64), (x,))
+    assert torch.autograd.gradcheck(lambda y: moe_mod.CollectRows.apply(y, token, pos), (y,))
+    collected = moe_mod.CollectRows.apply(y, token, pos)
+    torch.testing.assert_close(collected, y[pos].sum(1), rtol=0, atol=1e-12)

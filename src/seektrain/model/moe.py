@@ -87,23 +87,27 @@ def _pads_groups(dtype: torch.dtype, pairs: int, n_experts: int) -> bool:
 
 
 def pad_groups(
-    token: torch.Tensor, scale: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor, multiple: int
+    token: torch.Tensor,
+    scale: torch.Tensor,
+    expert: torch.Tensor,
+    counts: torch.Tensor,
+    multiple: int,
+    pad_token: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Spread the sorted pairs so that every expert's group of rows is a multiple of `multiple` long.
     token (S,) and scale (S, 1) per sorted pair, expert (S,) its expert id, counts (E,) -> the same for
     the padded rows, whose number depends on S and E only (the last group takes the slack; no host sync),
-    and `real` (S_padded,) bool, False on padding rows. Padding rows point at token 0 with scale 0; the
-    caller zeroes their input, so that they add exact zeros to the output and to every gradient."""
+    and `position` (S,), the padded row of each sorted pair. Padding rows point at `pad_token` (a zero
+    row of the caller's) with scale 0, so that they add exact zeros to the output and to every gradient."""
     S, E = token.shape[0], counts.shape[0]
     padded = (counts + multiple - 1) // multiple * multiple
     total = (S + E * (multiple - 1) + multiple - 1) // multiple * multiple  # >= padded.sum(), a multiple
     padded[-1] += total - padded.sum()
     shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # (E,) each group's move
     position = torch.arange(S, device=token.device) + shift[expert.long()]
-    padded_token = token.new_zeros(total).index_copy_(0, position, token)
+    padded_token = token.new_full((total,), pad_token).index_copy_(0, position, token)
     padded_scale = scale.new_zeros(total, 1).index_copy(0, position, scale)
-    real = torch.zeros(total, dtype=torch.bool, device=token.device).index_fill_(0, position, True)
-    return padded_token, padded_scale, padded, real
+    return padded_token, padded_scale, padded, position
 
 
 def _index_add_is_deterministic(device: torch.device) -> bool:
@@ -175,6 +179,54 @@ def _per_expert_mm_save(ctx, inputs, output):
 
 
 per_expert_mm.register_autograd(_per_expert_mm_backward, setup_context=_per_expert_mm_save)
+
+
+def spread_rows(x: torch.Tensor, token: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Row i = x[token[i]] in `dtype`, or zeros where token[i] == len(x) (padding rows). The cast runs
+    on x's N rows, before the gather multiplies them by k."""
+    rows = x.new_zeros(x.shape[0] + 1, x.shape[1], dtype=dtype)
+    rows[:-1] = x
+    return rows.index_select(0, token)
+
+
+def collect_rows(y: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Row n = Σ_j y[pos[n, j]], summed in fp32 (or y's wider dtype): each token's k rows of y, gathered,
+    never scattered."""
+    N, k = pos.shape
+    total = torch.promote_types(y.dtype, torch.float32)
+    return y.index_select(0, pos.reshape(-1)).view(N, k, y.shape[-1]).sum(1, dtype=total)
+
+
+class SpreadRows(torch.autograd.Function):
+    """`spread_rows` with `collect_rows` as its backward, which sums each token's k gradient rows in fp32.
+    Autograd's own would cast the (S, D) gradient to x's dtype, zero-fill an (N, D) buffer and scatter-add
+    into it; and the forward would cast the k-fold gathered rows rather than x itself."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, token: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype):
+        ctx.save_for_backward(pos)
+        return spread_rows(x, token, dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        (pos,) = ctx.saved_tensors
+        return collect_rows(grad, pos), None, None, None
+
+
+class CollectRows(torch.autograd.Function):
+    """`collect_rows` (fp32 out) with `spread_rows` as its backward, in y's dtype: the adjoint pair of
+    SpreadRows, for the combine. Padding rows, which no token collects, get a zero gradient."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(token)
+        ctx.dtype = y.dtype
+        return collect_rows(y, pos)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (token,) = ctx.saved_tensors
+        return spread_rows(grad, token, ctx.dtype), None, None
 
 
 class PairRows(torch.autograd.Function):
@@ -261,15 +313,20 @@ class MoE(nn.Module):
             # Gather each pair's token row, scatter-add the weighted results back: the cheapest form,
             # and deterministic where index_add_ (also the gather's backward) accumulates serially.
             token = order // k  # (S,) token row of each sorted pair
-            if _pads_groups(gemm_dtype(x, self.experts.down_proj), token.shape[0], E):
-                padded = pad_groups(token, w_sorted, expert_sorted, counts, CPU_GROUP_ROWS)
-                token, w_sorted, group_counts, real = padded
-                # zero input on padding rows: 0 out of every expert (token 0's row might overflow one)
-                x_sorted = flat.index_select(0, token).masked_fill_(~real[:, None], 0)
+            dtype = gemm_dtype(x, self.experts.down_proj)
+            if _pads_groups(dtype, token.shape[0], E):
+                # Padding rows read a zero row (0 out of every expert, where a real token's row might
+                # overflow one). The rows move in the GEMMs' dtype, both ways; sums over k run in fp32.
+                padded = pad_groups(token, w_sorted, expert_sorted, counts, CPU_GROUP_ROWS, pad_token=B * T)
+                token, w_sorted, group_counts, position = padded
+                pos = torch.empty_like(position).scatter_(0, order, position).view(B * T, k)  # token's rows
+                x_sorted = SpreadRows.apply(flat, token, pos, dtype)
+                y_sorted = self.experts(x_sorted, group_counts, scale=w_sorted)  # (S, D) = w·y
+                routed = CollectRows.apply(y_sorted, token, pos)  # (N, D) fp32: Σ_k w_k y_k
             else:
-                x_sorted, group_counts = flat.index_select(0, token), counts
-            y_sorted = self.experts(x_sorted, group_counts, scale=w_sorted)  # (S, D) = w·y
-            routed = flat.new_zeros(B * T, D, dtype=torch.float32).index_add_(0, token, y_sorted.float())
+                x_sorted = flat.index_select(0, token)
+                y_sorted = self.experts(x_sorted, counts, scale=w_sorted)  # (S, D) = w·y
+                routed = flat.new_zeros(B * T, D, dtype=torch.float32).index_add_(0, token, y_sorted.float())
         else:
             # Gathers both ways (see `PairRows`): deterministic on GPU, no atomic scatter-add, no zero fill.
             inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
