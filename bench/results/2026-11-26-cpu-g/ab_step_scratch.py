@@ -1,4 +1,10 @@
-"""In-process A/B: the tiny step with a039657's MoE + attention (old) against the working tree's (new)."""
+"""In-process A/B: the tiny step with a039657's MoE + attention (old) against the working tree's (new).
+
+A scratch harness, kept as the record of how the seventh CPU pass was measured. Set up the old side first:
+    mkdir -p /tmp/s && git show a039657:src/seektrain/model/moe.py > /tmp/s/moe_old.py
+    git show a039657:src/seektrain/model/attention.py > /tmp/s/attention_old.py
+Run: python ab_step_scratch.py B T ROUNDS {bf16,fp32} [compile]
+"""
 import sys, time, statistics, dataclasses, torch
 sys.path.insert(0, "/work/main/src"); sys.path.insert(0, "/tmp/s")
 from seektrain.train.host_memory import keep_freed_host_memory
