@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from seektrain.errors import UserError
+from seektrain.paths import check_dir_target
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOKENIZER_FILE = "tokenizer.json"
-WEIGHTS_ONLY = "weights only, imported without --data: to train, re-import with `seektrain import --data DIR`"
 
 
 def export_run(
@@ -34,9 +34,11 @@ def export_run(
     dtype: str = "fp32",
     checkpoint: str | os.PathLike | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    tokenizer_file: str | os.PathLike | None = None,
 ) -> Path:
-    """Write the run's newest (or the given) checkpoint as a transformers directory `out_dir`; returns it."""
-    from seektrain.infer.runs import load_run, tokenizer_path
+    """Write the run's newest (or the given) checkpoint as a transformers directory `out_dir`; returns it.
+    The tokenizer is the run's (see `run_tokenizer`) unless `tokenizer_file` is given."""
+    from seektrain.infer.runs import load_run, run_tokenizer
     from seektrain.interop import save_hf
 
     if dtype not in DTYPES:
@@ -44,8 +46,7 @@ def export_run(
     out = Path(out_dir)
     _check_empty_target(out, "export target")
     run = load_run(run_dir, checkpoint=checkpoint)
-    tok_file = tokenizer_path(run)
-    tokenizer = _load_tokenizer(tok_file)
+    tokenizer, tok_file = run_tokenizer(run, tokenizer_file)
     specials = _special_tokens(tokenizer, run.model.cfg)
     cfg = dataclasses.replace(run.model.cfg, **{f"{role}_token_id": s["id"] for role, s in specials.items()})
     run.model.cfg = cfg  # config.json then names the same special ids as the tokenizer files
@@ -84,6 +85,7 @@ def import_hf(
     `overrides` are `--set section.key=value` strings for the run config (not `model.*`)."""
     from seektrain.checkpoint.manager import CheckpointManager
     from seektrain.config import ModelSection, load_config
+    from seektrain.infer.runs import WEIGHTS_ONLY, check_tokenizer_fits
     from seektrain.interop import load_hf
 
     out = Path(out_run)
@@ -96,11 +98,8 @@ def import_hf(
     cfg = model.cfg
     tok_file = src / TOKENIZER_FILE
     tokenizer = _load_tokenizer(tok_file) if tok_file.is_file() else None
-    if tokenizer is not None and tokenizer.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
-        raise UserError(
-            f"{tok_file} has {tokenizer.get_vocab_size(with_added_tokens=True)} tokens, more than "
-            f"the model's vocab_size {cfg.vocab_size}"
-        )
+    if tokenizer is not None:
+        check_tokenizer_fits(tokenizer, tok_file, cfg.vocab_size)
     run_cfg = load_config(None, None, overrides)
     if data is not None:
         run_cfg = dataclasses.replace(
@@ -142,7 +141,8 @@ def import_hf(
 
 
 def _check_empty_target(out: Path, what: str) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    check_dir_target(out, what)
+    if out.exists() and any(out.iterdir()):
         raise UserError(f"{what} {out} exists and is not empty; choose a new directory (nothing was written)")
 
 

@@ -68,11 +68,26 @@ def save_hf(
     return out
 
 
+def _indexed_files(index: Path) -> list[str]:
+    """The weight files a sharded directory's index names; UserError when it is not such an index."""
+    try:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        why = _first_line(e)
+        raise UserError(f"{index} is not a safetensors index (JSON with a weight_map): {why}") from e
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def load_hf(
     hf_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> Transformer:
     """Read a DeepSeek-V3 directory (single or sharded safetensors) into our `Transformer`.
     MTP modules absent from the files (e.g. a directory transformers saved) keep their fresh init."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     src = Path(hf_dir)
@@ -83,7 +98,7 @@ def load_hf(
     except json.JSONDecodeError as e:
         raise UserError(f"{src / 'config.json'} is not valid JSON: {e}") from e
     if (src / INDEX_NAME).is_file():
-        files = sorted(set(json.loads((src / INDEX_NAME).read_text())["weight_map"].values()))
+        files = _indexed_files(src / INDEX_NAME)
     elif (src / SINGLE_NAME).is_file():
         files = [SINGLE_NAME]
     else:
@@ -92,7 +107,10 @@ def load_hf(
     for fname in files:
         if not (src / fname).is_file():
             raise UserError(f"{src / fname} is listed in {INDEX_NAME} but missing")
-        hf.update(load_file(src / fname))
+        try:
+            hf.update(load_file(src / fname))
+        except (SafetensorError, OSError) as e:  # truncated or not a safetensors file at all
+            raise UserError(f"{src / fname} cannot be read as safetensors ({_first_line(e)})") from e
     sd = from_hf_state_dict(hf, cfg)
     if cfg.tie_word_embeddings:
         sd.setdefault("lm_head.weight", sd.get("embed_tokens.weight"))

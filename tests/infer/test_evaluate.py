@@ -55,3 +55,8 @@ def test_byte_lengths_of_special_and_multibyte_tokens(data_dir):
 def test_eval_refuses_data_with_another_tokenizer(trained_run, other_data_dir, seektrain):
     code, out, err = seektrain("eval", "--run", trained_run, "--data", other_data_dir)
     assert code == 2 and "another tokenizer" in err and out == ""
+
+
+def test_eval_refuses_a_sequence_longer_than_the_models_context(trained_run, seektrain):
+    code, out, err = seektrain("eval", "--run", trained_run, "--seq-len", "4096")
+    assert code == 2 and out == "" and "longer than the model's context of 2048 tokens" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -176,3 +177,74 @@ def test_import_errors(exported, tmp_path, other_data_dir):
     with pytest.raises(UserError, match="another tokenizer"):
         import_hf(exported, tmp_path / "r3", data=other_data_dir)
     assert not any((tmp_path / name).exists() for name in ("r1", "r2", "r3"))
+
+
+def oversized_tokenizer(data_dir, where):
+    """The data's tokenizer with 100 tokens added: more than the model trained on it can embed."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(data_dir / "tokenizer.json"))
+    tok.add_tokens([f"<extra_{i}>" for i in range(100)])
+    tok.save(str(where))
+    return where, tok.get_vocab_size(with_added_tokens=True)
+
+
+def test_generate_and_export_refuse_a_tokenizer_larger_than_the_model(
+    trained_run, data_dir, tmp_path, seektrain
+):
+    """A tokenizer with more tokens than the model's vocabulary is not the one it was trained with: its
+    extra ids would index past the embedding (generate used to end in an IndexError traceback, export
+    wrote a directory transformers cannot use)."""
+    big, size = oversized_tokenizer(data_dir, tmp_path / "big.json")
+    want = f"has {size} tokens, more than the model's vocab_size 512"
+    for argv in (
+        ("generate", "--run", trained_run, "--prompt", "def", "--tokenizer", big),
+        ("export", "--run", trained_run, "--out", tmp_path / "hf", "--tokenizer", big),
+    ):
+        code, out, err = seektrain(*argv)
+        assert code == 2 and out == "" and len(err.splitlines()) == 1 and want in err, err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_run_imported_without_tokenizer_evaluates_and_exports_with_one_given(
+    exported, data_dir, tmp_path, seektrain
+):
+    """The import's note says how to use such a run: eval takes the data's tokenizer, export and
+    generate take --tokenizer."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in exported.iterdir():
+        if f.name != "tokenizer.json":
+            (bare / f.name).write_bytes(f.read_bytes())
+    run = tmp_path / "run"
+    code, out, err = seektrain("import", "--hf", bare, "--out", run)
+    assert code == 0 and "give generate and export `--tokenizer FILE`, and eval `--data DIR`" in out, err
+    code, out, err = seektrain("eval", "--run", run, "--data", data_dir, "--max-batches", "1")
+    assert code == 0 and math.isfinite(json.loads(out)["val_loss"]), err
+    code, out, err = seektrain(
+        "export", "--run", run, "--out", tmp_path / "hf", "--tokenizer", data_dir / "tokenizer.json"
+    )
+    assert code == 0, err
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (data_dir / "tokenizer.json").read_bytes()
+    code, out, err = seektrain("export", "--run", run, "--out", tmp_path / "hf2")
+    assert code == 2 and "no tokenizer for" in err and not (tmp_path / "hf2").exists()
+
+
+def test_import_of_damaged_weights_is_one_error_line(exported, tmp_path, seektrain):
+    """A truncated safetensors file or an index that is not JSON: one error line, no run directory."""
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for f in exported.iterdir():
+        data = f.read_bytes()
+        (truncated / f.name).write_bytes(data[:100] if f.name == "model.safetensors" else data)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for f in exported.iterdir():
+        if f.name != "model.safetensors":
+            (sharded / f.name).write_bytes(f.read_bytes())
+    (sharded / "model.safetensors.index.json").write_text('{"weight_map": ')
+    cases = {truncated: "cannot be read as safetensors", sharded: "is not a safetensors index"}
+    for src, words in cases.items():
+        code, out, err = seektrain("import", "--hf", src, "--out", tmp_path / f"run_{src.name}")
+        assert code == 2 and len(err.splitlines()) == 1 and words in err, err
+        assert not (tmp_path / f"run_{src.name}").exists()

@@ -134,6 +134,7 @@ def finished_run(toy, tmp_path_factory):
         (["--set", "model.hidden_size=32"], ["cannot resume", "hidden_size"]),
         (["--resume", "never"], ["already holds a run (checkpoints up to step_00000003)", "--resume auto"]),
         (["--resume", "/nonexistent/ckpt"], ["not a complete checkpoint"]),
+        (["--set", "model.max_position_embeddings=16"], ["data.seq_len=32", "max_position_embeddings=16"]),
     ],
 )
 def test_bad_input_one_error_line_nothing_harmed(toy, finished_run, capsys, extra, words):
@@ -151,6 +152,19 @@ def test_bad_input_one_error_line_nothing_harmed(toy, finished_run, capsys, extr
     for word in words:
         assert word in err[0]
     assert snapshot(finished_run) == before
+
+
+def test_a_run_dir_under_a_file_is_one_error_line(toy, tmp_path, capsys):
+    """A --run-dir that is a file, or lies under one, is refused before any work (it used to end in an
+    OSError traceback when the run directory was created)."""
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for run_dir, words in ((afile, "exists and is not a directory"), (afile / "sub", "is not a directory")):
+        capsys.readouterr()
+        assert main(train_args(run_dir, [*toy, "train.steps=1"])) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: --run-dir") and words in err[0], err
+    assert afile.read_text() == "keep me"
 
 
 def copy_of(run, where):

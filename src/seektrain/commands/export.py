@@ -20,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-shard-gb", type=float, default=5.0, metavar="G", help="shard size limit (default 5)"
     )
     p.add_argument("--checkpoint", metavar="DIR", help="a step_XXXXXXXX directory instead of the newest")
+    p.add_argument(
+        "--tokenizer", metavar="FILE", help="tokenizer.json to ship (default: the run's, else its data's)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         checkpoint=args.checkpoint,
         max_shard_bytes=int(args.max_shard_gb * 2**30),
+        tokenizer_file=args.tokenizer,
     )
     print(
         f"exported {args.run} to {out} ({args.dtype}); load it with "

@@ -41,11 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from seektrain.data.tokenizer import load_tokenizer
     from seektrain.distributed.env import pick_device
     from seektrain.infer.generate import SamplingConfig, generate
     from seektrain.infer.kv_cache import latent_bytes_per_token, naive_bytes_per_token
-    from seektrain.infer.runs import load_run, tokenizer_path
+    from seektrain.infer.runs import load_run, run_tokenizer
 
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
@@ -56,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     )
     device = pick_device(args.device)
     loaded = load_run(args.run, device=device, checkpoint=args.checkpoint)
-    tokenizer = load_tokenizer(args.tokenizer or str(tokenizer_path(loaded)))
+    tokenizer, _ = run_tokenizer(loaded, args.tokenizer)
     prompt = tokenizer.encode(args.prompt, add_special_tokens=False).ids
     cfg = loaded.model.cfg
 

@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"imported {args.hf} as run {out}; next: {follow}")
     if not (out / "tokenizer.json").is_file():
         print(
-            f"note: {args.hf} has no tokenizer.json: give generate `--tokenizer FILE` and eval `--data DIR`"
+            f"note: {args.hf} has no tokenizer.json: give generate and export `--tokenizer FILE`, "
+            "and eval `--data DIR`"
         )
     return 0

@@ -103,20 +103,25 @@ def evaluate_run(
 ) -> dict:
     """`seektrain eval`: load the run, check the data shares its tokenizer, score; a JSON-ready dict."""
     from seektrain.data.tokenizer import load_tokenizer
-    from seektrain.infer.runs import TOKENIZER_FILE, data_dir_of, load_run, tokenizer_path
+    from seektrain.infer.runs import TOKENIZER_FILE, data_dir_of, find_tokenizer, load_run
 
     run = load_run(run_dir, device=cfg.device, checkpoint=checkpoint)
     data = Path(cfg.data) if cfg.data else data_dir_of(run)
+    if data is None:
+        raise UserError(f"{run_dir} was imported without data: pass --data DIR")
     data_tokenizer = load_tokenizer(str(data / TOKENIZER_FILE)) if (data / TOKENIZER_FILE).is_file() else None
     if data_tokenizer is None:
         raise UserError(f"{data} is not a prepared data directory (no {TOKENIZER_FILE}); pass --data DIR")
-    run_tok = tokenizer_path(run)
-    if load_tokenizer(str(run_tok)).get_vocab() != data_tokenizer.get_vocab():
+    run_tok = find_tokenizer(run)  # None for a run imported without one: the data's then stands alone
+    if run_tok is not None and load_tokenizer(str(run_tok)).get_vocab() != data_tokenizer.get_vocab():
         raise UserError(
             f"{data} was prepared with another tokenizer than the run's ({run_tok}); prepare it "
             f"with `seektrain prepare --tokenizer {run_tok} …`"
         )
     seq_len = cfg.seq_len or run.config.data.seq_len
+    context = run.model.cfg.max_position_embeddings
+    if seq_len > context:
+        raise UserError(f"--seq-len {seq_len} is longer than the model's context of {context} tokens")
     result = evaluate_model(run.model, data, seq_len, token_byte_lengths(data_tokenizer), cfg)
     return {
         "run": str(run_dir),

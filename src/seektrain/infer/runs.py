@@ -21,6 +21,8 @@ from seektrain.model.config import ModelConfig
 from seektrain.model.transformer import Transformer
 
 TOKENIZER_FILE = "tokenizer.json"
+# The loader "version" of a run imported without data: `train --resume` then stops with this line.
+WEIGHTS_ONLY = "weights only, imported without --data: to train, re-import with `seektrain import --data DIR`"
 
 
 @dataclass
@@ -30,6 +32,7 @@ class LoadedRun:
     checkpoint: Path
     step: int
     run_dir: Path
+    has_data: bool = True  # False when imported without --data: data.path is only a preset's default
 
     @property
     def model_config(self) -> ModelConfig:
@@ -79,7 +82,8 @@ def load_run(
     if model.cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     step = int(path.name.removeprefix("step_")) if path.name.startswith("step_") else -1
-    return LoadedRun(model=model.eval(), config=config, checkpoint=path, step=step, run_dir=Path(run_dir))
+    has_data = state.get("loader", {}).get("version") != WEIGHTS_ONLY
+    return LoadedRun(model.eval(), config, path, step, Path(run_dir), has_data)
 
 
 def _load_state(path: Path) -> dict:
@@ -91,9 +95,11 @@ def _load_state(path: Path) -> dict:
         return load_checkpoint(path)
 
 
-def data_dir_of(run: LoadedRun) -> Path:
-    """The run's data directory as recorded; a relative path is tried from the cwd, then from the
-    run's project root (runs/NAME -> ./data/NAME)."""
+def data_dir_of(run: LoadedRun) -> Path | None:
+    """The run's data directory as recorded (None for a run imported without data); a relative path is
+    tried from the cwd, then from the run's project root (runs/NAME -> ./data/NAME)."""
+    if not run.has_data:
+        return None
     data = Path(run.config.data.path)
     if data.is_absolute() or data.exists():
         return data
@@ -101,13 +107,43 @@ def data_dir_of(run: LoadedRun) -> Path:
     return beside if beside.exists() else data
 
 
+def find_tokenizer(run: LoadedRun) -> Path | None:
+    """RUN_DIR/tokenizer.json, else DATA_DIR/tokenizer.json; None when neither exists (a run imported
+    without one)."""
+    return next((p for p in _tokenizer_candidates(run) if p.is_file()), None)
+
+
 def tokenizer_path(run: LoadedRun) -> Path:
-    """RUN_DIR/tokenizer.json, else DATA_DIR/tokenizer.json; UserError when neither exists."""
-    candidates = [run.run_dir / TOKENIZER_FILE, data_dir_of(run) / TOKENIZER_FILE]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise UserError(
-        f"no tokenizer for {run.run_dir}: neither {candidates[0]} nor {candidates[1]} exists "
-        "(pass --tokenizer FILE)"
-    )
+    """`find_tokenizer`, or a UserError naming the files looked for."""
+    path = find_tokenizer(run)
+    if path is None:
+        looked = " nor ".join(str(p) for p in _tokenizer_candidates(run))
+        raise UserError(f"no tokenizer for {run.run_dir}: {looked} does not exist (pass --tokenizer FILE)")
+    return path
+
+
+def _tokenizer_candidates(run: LoadedRun) -> list[Path]:
+    data = data_dir_of(run)
+    return [run.run_dir / TOKENIZER_FILE] + ([data / TOKENIZER_FILE] if data is not None else [])
+
+
+def run_tokenizer(run: LoadedRun, path: str | os.PathLike | None = None):
+    """The tokenizer at `path`, else the run's (`tokenizer_path`), and its path; UserError when it has
+    more tokens than the model's vocabulary (then it is not the tokenizer the model was trained with, and
+    its extra ids would index past the embedding)."""
+    from seektrain.data.tokenizer import load_tokenizer
+
+    file = Path(path) if path is not None else tokenizer_path(run)
+    tokenizer = load_tokenizer(str(file))
+    check_tokenizer_fits(tokenizer, file, run.model.cfg.vocab_size)
+    return tokenizer, file
+
+
+def check_tokenizer_fits(tokenizer, path: Path, vocab_size: int) -> None:
+    """UserError when `tokenizer` (read from `path`) has more tokens than a model of `vocab_size`."""
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size > vocab_size:
+        raise UserError(
+            f"{path} has {size} tokens, more than the model's vocab_size {vocab_size}: "
+            "it is not the tokenizer the model was trained with"
+        )

@@ -32,6 +32,7 @@ from seektrain.config import RunConfig
 from seektrain.distributed import parallelize
 from seektrain.distributed.env import agree, build_mesh, detect, init_process_group, pick_device
 from seektrain.errors import UserError
+from seektrain.paths import check_dir_target
 from seektrain.train import balance
 from seektrain.train.display import Display
 from seektrain.train.guard import OK, ROLLBACK, SKIP, Guard
@@ -83,6 +84,7 @@ class Trainer:
     def _find_inputs(self, cfg: RunConfig, resume: str) -> Path | None:
         """The checkpoint to resume from (None: a new run), after refusing to start a new run over one
         already in the run directory; rank 0 prepares the default corpus when it is missing."""
+        check_dir_target(self.run_dir, "--run-dir")
         resume_from = resolve_resume(resume, self.run_dir)
         if resume == "never" or (resume_from is not None and not _belongs_to(resume_from, self.run_dir)):
             _refuse_to_overwrite(self.run_dir, resume)
@@ -120,6 +122,11 @@ class Trainer:
         )
         self.cfg = _with_data_vocab(cfg, self.loader.vocab_size, self.loader.eos_id)
         self.model_cfg = self.cfg.model_config()
+        if cfg.data.seq_len > self.model_cfg.max_position_embeddings:
+            raise UserError(
+                f"data.seq_len={cfg.data.seq_len} is longer than the model's context, "
+                f"model.max_position_embeddings={self.model_cfg.max_position_embeddings}"
+            )
         self.resume_state = None
         if self.resume_from is not None:
             self.resume_state = load_checkpoint(self.resume_from)
