@@ -37,13 +37,12 @@ COMMANDS = {
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with usage errors reported once per torchrun launch like `UserError`s."""
+    """argparse, with usage errors reported like `UserError`s: one `error: …` line (pointing to
+    --help rather than printing the usage block), once per torchrun launch."""
 
     def error(self, message: str):
         prefix = _wait_unless_rank_zero()
-        if prefix:
-            self.exit(2, f"{self.prog}: error: {prefix}{message}\n")
-        super().error(message)
+        self.exit(2, f"error: {prefix}{message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

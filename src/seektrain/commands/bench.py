@@ -58,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name} must be positive, got {value}")
+    for name in ("warmup", "profile", "mtp"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be 0 or more, got {getattr(args, name)}")
     if args.trace and not args.profile:
         raise UserError("--trace writes the profiled step's timeline: add --profile ROWS")
     if args.trace and not Path(args.trace).resolve().parent.is_dir():
