@@ -272,3 +272,39 @@ def test_auto_precision_on_resume_keeps_the_checkpoints(make, tmp_path, capsys):
     assert resumed.fit() == 0
     assert f"cpu, {other} (auto: the checkpoint's)," in capsys.readouterr().out
     assert tomllib.loads((run / "config.toml").read_text())["train"]["precision"] == other
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(make, tmp_path, capsys):
+    """--resume with an older checkpoint of the same run: the checkpoints after it belong to the
+    abandoned trajectory. They move to checkpoints/abandoned/ (kept, not deleted), so that neither
+    `--resume auto` nor retention mixes them with the new one."""
+    import json
+
+    from seektrain.checkpoint.manager import CheckpointManager
+
+    run = tmp_path / "run"
+    overrides = (
+        "train.steps=4",
+        "checkpoint.every=1",
+        "checkpoint.keep=3",
+        "train.eval_every=0",
+        "train.log_every=1",
+    )
+    assert make(run, *overrides).fit() == 0
+    ckpts = run / "checkpoints"
+    old_meta = {n: (ckpts / n / "meta.json").read_text() for n in ("step_00000003", "step_00000004")}
+    resumed = make(run, *overrides[1:], "train.steps=3", resume=str(ckpts / "step_00000002"))
+    assert resumed.counters.step == 2
+    assert resumed.fit() == 0
+    out = capsys.readouterr().out
+    assert "note: step_00000003 is newer than the checkpoint resumed from" in out
+    aside = ckpts / "abandoned"
+    assert sorted(p.name for p in aside.iterdir()) == ["step_00000003", "step_00000004"]
+    for name, meta in old_meta.items():
+        assert (aside / name / "meta.json").read_text() == meta
+    kept = CheckpointManager(ckpts, keep=3).list()
+    assert [p.name for p in kept] == ["step_00000002", "step_00000003"]
+    assert json.loads((ckpts / "step_00000003" / "meta.json").read_text()) != json.loads(
+        old_meta["step_00000003"]
+    )
+    assert [r["step"] for r in train_lines(run)] == [1, 2, 3]  # metrics cut back the same way

@@ -33,6 +33,7 @@ STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 CONFIG_FILE = "config.toml"
 _NAME = re.compile(r"^step_(\d{8})$")
+ABANDONED_DIR = "abandoned"  # checkpoints newer than the one a run was resumed from
 
 
 def step_dir_name(step: int) -> str:
@@ -126,6 +127,25 @@ class CheckpointManager:
         for old in self.list()[: -self.keep]:
             self._discard(old)
         return final
+
+    def set_aside_after(self, step: int) -> list[Path]:
+        """Move the complete checkpoints newer than `step` into root/abandoned/ and return their new
+        paths. A run resumed from an older checkpoint of its own takes another trajectory from there:
+        `--resume auto` must never pick up the abandoned one, nor retention delete the checkpoint it
+        resumed from to keep it. Moved, not deleted: they are the user's."""
+        moved = []
+        for path in self.list():
+            if int(_NAME.match(path.name).group(1)) > step:
+                aside = self.root / ABANDONED_DIR
+                aside.mkdir(exist_ok=True)
+                target, n = aside / path.name, 1
+                while target.exists():  # abandoned before, by an earlier resume
+                    target, n = aside / f"{path.name}.{n}", n + 1
+                os.replace(path, target)
+                moved.append(target)
+        if moved:
+            _fsync_dir(self.root)
+        return moved
 
     def _discard(self, path: Path) -> None:
         trash = self.root / f".trash-{path.name}-{os.getpid()}"

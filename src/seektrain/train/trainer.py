@@ -269,6 +269,9 @@ class Trainer:
                 )
             return 0
         if self.dist.is_main:
+            if self.resume_from is not None and _belongs_to(self.resume_from, self.run_dir):
+                for path in self.checkpoints.set_aside_after(c.step):  # as metrics.jsonl is cut back
+                    print(f"note: {path.name} is newer than the checkpoint resumed from: moved to {path}")
             self.run_dir.mkdir(parents=True, exist_ok=True)
             _atomic_write(self.run_dir / "config.toml", self.cfg.to_toml())
             self.metrics = MetricsLog(
