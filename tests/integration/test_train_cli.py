@@ -108,6 +108,29 @@ def test_interrupt_then_resume_is_bitwise_identical(toy, tmp_path, reference, si
     assert got == reference  # every loss, norm, lr and val_loss equal as floats: bitwise
 
 
+def test_a_closed_stdout_checkpoints_and_stops_like_sigterm(toy, tmp_path, reference):
+    """`seektrain train | head`: when stdout's reader goes away, the run checkpoints at the end of that
+    step and exits 141 (128 + SIGPIPE) without a traceback, instead of dying without a checkpoint; it
+    then resumes bit for bit."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(cli(run, [*toy, *RUN]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step      6 "):
+            break
+    proc.stdout.close()  # the reader is gone, as when `head` exits
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    last = read_metrics(run / "metrics.jsonl")[-1]
+    assert last["event"] == "stopped" and last["signal"] == "SIGPIPE"
+    assert (run / "checkpoints" / f"step_{last['step']:08d}").is_dir() and 6 <= last["step"] < STEPS
+    resumed = subprocess.run(cli(run, [*toy, *RUN]), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    got = comparable(run)
+    check_no_step_twice(got)
+    assert got == reference
+
+
 def snapshot(path):
     return {
         str(p): hashlib.sha256(p.read_bytes()).hexdigest()

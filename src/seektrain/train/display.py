@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+class _Console(Console):
+    """rich's Console, except when stdout's reader goes away (`seektrain train | head`): rich's own
+    handler then exits the process (SystemExit(1), no checkpoint). Here output goes to /dev/null from then
+    on and `reader_gone` says so; the trainer checkpoints and stops, as on SIGTERM."""
+
+    reader_gone = False
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing fails at a later write or at exit
+        os.close(devnull)
+        self.reader_gone = True
 
 
 class Display:
     """A progress bar on a terminal (when enabled); plain lines everywhere (also in log files)."""
 
     def __init__(self, total_steps: int, start_step: int, enabled: bool):
-        self.console = Console(highlight=False, soft_wrap=True)  # no hard wraps in log files
+        self.console = _Console(highlight=False, soft_wrap=True)  # no hard wraps in log files
         self.progress = None
         if enabled and self.console.is_terminal:
             self.progress = Progress(
@@ -34,6 +52,11 @@ class Display:
             if tokens_per_s is not None:
                 fields["speed"] = f"{tokens_per_s:,.0f}"
             self.progress.update(self.task, completed=step, **fields)
+
+    @property
+    def closed(self) -> bool:
+        """Whether stdout's reader went away."""
+        return self.console.reader_gone
 
     def print(self, text: str) -> None:
         self.console.print(text, markup=False)

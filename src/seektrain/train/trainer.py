@@ -479,8 +479,11 @@ class Trainer:
         self.save_checkpoint()
 
     def _stopping(self, stop: _SignalFlag) -> bool:
-        """Whether any rank got SIGINT/SIGTERM (they may arrive at different steps on different ranks,
-        so the ranks agree through an all-reduce before one of them checkpoints and leaves)."""
+        """Whether any rank got SIGINT/SIGTERM, or rank 0 lost its stdout's reader (as SIGPIPE). They
+        may come at different steps on different ranks, so the ranks agree through an all-reduce before
+        one of them checkpoints and leaves."""
+        if self.display.closed and stop.signum is None:
+            stop.signum = signal.SIGPIPE
         if not self.dist.distributed:
             return stop.signum is not None
         flag = torch.tensor([stop.signum or 0], device=self.device)
@@ -535,6 +538,8 @@ class _SignalFlag:
 
 class _Silent:
     """Stands in for the display and the metrics log on ranks other than 0."""
+
+    closed = False
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: None
