@@ -101,3 +101,19 @@ def test_filters_do_not_depend_on_the_hash_salt():
         )
         reasons.add(out.stdout.strip())
     assert reasons == {"top_2gram"}
+
+
+def test_lone_surrogates_count_as_invalid_characters():
+    # JSON text can hold half of a surrogate pair (a truncated emoji): U+FFFD, under the invalid-UTF-8 policy.
+    assert decode(GOOD[:500] + "\ud83d" + GOOD[500:], 0.01) == GOOD[:500] + "\ufffd" + GOOD[500:]
+    assert decode("\udc00 " * 50, 0.01) is None
+    assert clean_document("\udc00 " * 50, CleanConfig(min_chars=0)).reason == "invalid_utf8"
+    assert decode("\U0001f600 paired", 0.0) == "\U0001f600 paired"
+
+
+def test_ngram_sizes_must_be_positive():
+    with pytest.raises(UserError, match="max_top_ngram_frac: n-gram sizes must be at least 1"):
+        CleanConfig(max_top_ngram_frac={0: 0.5})
+    with pytest.raises(UserError, match="max_dup_ngram_frac: n-gram sizes must be at least 1"):
+        CleanConfig(max_dup_ngram_frac={-1: 0.5, 5: 0.5})
+    assert clean_document(GOOD, CleanConfig(max_top_ngram_frac={1: 0.9})).reason is None

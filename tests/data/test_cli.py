@@ -1,6 +1,7 @@
 """`seektrain prepare` through the real CLI dispatcher: a summary on success, one `error:` line and exit 2
 on bad input."""
 
+import gzip
 import json
 
 import pytest
@@ -106,3 +107,41 @@ def test_cleaning_thresholds_and_special_tokens_from_the_cli(run, tmp_path):
     _assert_one_error(run(*argv, "--clean-option", "max_dup=0.3"), "expected KEY=VALUE with KEY one of")
     _assert_one_error(run(*argv, "--clean-option", "min_chars=many"), "bad value for min_chars")
     _assert_one_error(run(*argv, "--special-tokens", "<s>,<s>,<pad>"), "three distinct special tokens")
+
+
+def test_damaged_gzip_inputs_give_one_error_line(run, tmp_path):
+    docs = make_docs(8, seed=6)
+    jsonl = gzip.compress(("\n".join(json.dumps({"text": d}) for d in docs) + "\n").encode(), mtime=0)
+    text = gzip.compress(docs[0].encode(), mtime=0)
+    damaged = {
+        "truncated.jsonl.gz": jsonl[: len(jsonl) // 2],  # EOFError while reading
+        "corrupt.jsonl.gz": jsonl[:10] + b"\xff" * 40 + jsonl[50:],  # zlib.error while reading
+        "corrupt.txt.gz": text[:10] + b"\x00" * 20 + text[30:],
+        "plain.jsonl.gz": json.dumps({"text": docs[0]}).encode(),  # not gzip at all: BadGzipFile
+    }
+    for name, data in damaged.items():
+        (tmp_path / name).write_bytes(data)
+        _assert_one_error(
+            run("--input", tmp_path / name, "--out", tmp_path / "d"), f"cannot read {tmp_path / name}"
+        )
+    assert not (tmp_path / "d").exists()
+
+
+def test_unusable_out_paths_and_inputs_give_one_error_line(run, tmp_path, monkeypatch):
+    src = write_corpus(tmp_path / "src", make_docs(12, seed=7))
+    (tmp_path / "afile").write_text("mine")
+    _assert_one_error(run("--input", src, "--out", tmp_path / "afile/sub"), "afile is not a directory")
+    assert (tmp_path / "afile").read_text() == "mine"
+    here = write_corpus(tmp_path / "here", make_docs(2, seed=8))
+    monkeypatch.chdir(here)
+    _assert_one_error(run("--input", src, "--out", "."), "is or holds the current folder")
+    _assert_one_error(run("--input", src, "--out", ".."), "is or holds the current folder")
+    assert sorted(p.name for p in here.iterdir()) == ["doc0000.txt", "doc0001.txt"]
+    (src / "gone.txt").symlink_to(tmp_path / "missing.txt")  # a broken link among the inputs
+    _assert_one_error(run("--input", src, "--out", tmp_path / "d"), "gone.txt: a broken symbolic link")
+    (src / "gone.txt").unlink()
+    for option in ("max_top_ngram_frac=0:0.5", "max_dup_ngram_frac=-1:0.5"):
+        _assert_one_error(
+            run("--input", src, "--out", tmp_path / "d", "--clean-option", option), "must be at least 1"
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "here", "src"]

@@ -209,3 +209,111 @@ def test_foreign_tokenizer_eos_fallback_and_missing_eos(tmp_path, corpus_docs):
     m = load_manifest(tmp_path / "b")
     assert m["special_tokens"]["eos"] == {"token": "</s>", "id": 96} and m["vocab_size"] == 97
     assert "bos" not in m["special_tokens"]
+
+
+def test_dir_with_a_foreign_manifest_is_not_replaced(prepared, tmp_path, corpus_docs):
+    data_dir, _ = prepared
+    src = write_corpus(tmp_path / "src", corpus_docs[:20])
+    web = tmp_path / "web"  # a web app's folder: its manifest.json is not ours
+    web.mkdir()
+    (web / "manifest.json").write_text('{"name": "app", "start_url": "/"}')
+    (web / "index.html").write_text("<html></html>")
+    before = {p.name: p.read_bytes() for p in web.iterdir()}
+    with pytest.raises(UserError, match="not a seektrain data dir"):
+        prepare(small_config([src], web))
+    with pytest.raises(UserError, match="not a seektrain data dir"):
+        merge([str(data_dir)], str(web))
+    assert {p.name: p.read_bytes() for p in web.iterdir()} == before
+    old = tmp_path / "old"  # a data dir of another format version is still ours to replace
+    shutil.copytree(data_dir, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format_version": 0}))
+    prepare(small_config([src], old))
+    assert load_manifest(old)["sources"]["documents_kept"] == 20
+
+
+def test_lone_surrogates_in_jsonl_become_replacement_characters(tmp_path):
+    docs = make_docs(6, seed=12)
+    docs[2] = docs[2][:200] + "\ud83d" + docs[2][200:]  # a truncated emoji: the first half of a pair
+    lines = [json.dumps({"text": d}) for d in docs]  # json.dumps writes it as the escape \ud83d
+    lines.append(json.dumps({"text": "\udc00" * 100}))  # nothing but invalid characters
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    report = prepare(small_config([tmp_path / "in.jsonl"], tmp_path / "out", val_fraction=0.0))
+    assert report["documents_in"] == 7 and report["dropped"]["invalid_utf8"] == 1
+    assert report["bytes_in"] == sum(len(d.encode("utf-8", "surrogatepass")) for d in docs) + 300
+    kept = _documents(tmp_path / "out", "train")
+    assert kept[2] == docs[2].replace("\ud83d", "\ufffd") and kept[:2] + kept[3:] == docs[:2] + docs[3:]
+
+
+def test_special_token_text_in_documents_is_not_a_boundary(tmp_path):
+    docs = make_docs(12, seed=13)
+    docs = [d.replace(".", " <|eos|>hi<|bos|> <|pad|>.", 1) for d in docs]  # e.g. scraped chat logs
+    src = write_corpus(tmp_path / "src", docs)
+    first = prepare(small_config([src], tmp_path / "a", val_fraction=0.0))
+    tok_file = str(tmp_path / "a/tokenizer.json")
+    given = prepare(small_config([src], tmp_path / "b", val_fraction=0.0, tokenizer=tok_file, workers=2))
+    for out, report in ((tmp_path / "a", first), (tmp_path / "b", given)):
+        m = load_manifest(out)
+        ids = np.concatenate(
+            [np.fromfile(out / s["file"], dtype=m["dtype"]) for s in m["splits"]["train"]["shards"]]
+        )
+        assert np.bincount(ids, minlength=3)[:3].tolist() == [0, 12, 0]  # bos, eos (one per doc), pad
+        assert sorted(_documents(out, "train")) == sorted(docs) and report["documents_kept"] == 12
+    saved = Tokenizer.from_file(str(tmp_path / "b/tokenizer.json"))  # what generate and eval load
+    assert (tmp_path / "b/tokenizer.json").read_bytes() == (tmp_path / "a/tokenizer.json").read_bytes()
+    assert saved.encode("<|eos|>", add_special_tokens=False).ids == [1]
+
+
+def test_symlinked_out_is_written_through_and_a_dangling_one_refused(prepared, tmp_path, corpus_docs):
+    data_dir, _ = prepared
+    src = write_corpus(tmp_path / "src", corpus_docs[:20])
+    (tmp_path / "disk").mkdir()
+    shutil.copytree(data_dir, tmp_path / "disk/data")
+    (tmp_path / "links").mkdir()
+    link = tmp_path / "links/data"
+    link.symlink_to(tmp_path / "disk/data")
+    prepare(small_config([src], link))
+    assert link.is_symlink() and load_manifest(link)["sources"]["documents_kept"] == 20
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["data"]  # no temp or old dir left
+    dangling = tmp_path / "links/gone"
+    dangling.symlink_to(tmp_path / "unmounted/data")
+    with pytest.raises(UserError, match="symbolic link to a missing path"):
+        prepare(small_config([src], dangling))
+    assert sorted(p.name for p in (tmp_path / "links").iterdir()) == ["data", "gone"]
+    assert not (tmp_path / "unmounted").exists()
+
+
+def test_parquet_text_column_must_hold_strings_and_nulls_are_counted(tmp_path):
+    docs = make_docs(6, seed=14)
+    pq.write_table(pa.table({"text": [d.encode() for d in docs]}), tmp_path / "bin.parquet")
+    with pytest.raises(UserError, match=r"bin.parquet: Parquet column 'text' holds binary, not text"):
+        prepare(small_config([tmp_path / "bin.parquet"], tmp_path / "out"))
+    pq.write_table(pa.table({"n": [1, 2], "text": [3, 4]}), tmp_path / "int.parquet")
+    with pytest.raises(UserError, match=r"int.parquet: Parquet column 'text' holds int64"):
+        prepare(small_config([tmp_path / "int.parquet"], tmp_path / "out"))
+    texts = [docs[0], None, docs[1], "", None, docs[2]]
+    table = pa.table({"text": pa.array(texts).dictionary_encode()})  # dictionary-encoded strings read fine
+    pq.write_table(table, tmp_path / "nulls.parquet")
+    report = prepare(small_config([tmp_path / "nulls.parquet"], tmp_path / "out"))
+    assert report["documents_in"] == 6 and report["documents_kept"] == 3
+    assert report["dropped"] == {"exact_duplicate": 0, "null_text": 2, "too_short": 1}
+
+
+def test_merge_refuses_a_slice_twice_and_out_over_its_own_input(prepared, tmp_path, corpus_docs):
+    data_dir, _ = prepared
+    src = write_corpus(tmp_path / "src", corpus_docs[:20])
+    tok = str(data_dir / "tokenizer.json")
+    parts = [tmp_path / f"part{i}" for i in range(2)]
+    for i, p in enumerate(parts):
+        prepare(small_config([src], p, tokenizer=tok, num_slices=2, slice_index=i))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match="same slice twice"):
+        merge([str(parts[0]), str(tmp_path / "src/../part0")], str(tmp_path / "merged"))
+    with pytest.raises(UserError, match="is or holds the input"):
+        merge([str(p) for p in parts], str(parts[0]))
+    (parts[1] / "more").mkdir()  # text kept inside a data dir, then prepared into that same dir
+    (parts[1] / "more/notes.txt").write_text(corpus_docs[30])
+    with pytest.raises(UserError, match="is or holds the input"):
+        prepare(small_config([parts[1] / "more"], parts[1], tokenizer=tok))
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part0", "part1", "src"]

@@ -5,7 +5,9 @@ document carries one reason (the first filter that rejected it), counted in `pre
 
 Decoding policy: bytes are decoded as UTF-8 (a leading BOM removed); invalid sequences become U+FFFD,
 and a document is dropped as `invalid_utf8` when more than `max_invalid_utf8_frac` of its bytes were
-invalid (a binary or wrongly encoded file), otherwise kept with the replacements.
+invalid (a binary or wrongly encoded file), otherwise kept with the replacements. Text that is already
+decoded (JSONL) can still hold lone surrogates (an escaped `\ud800` without its pair, as truncated emoji
+leave in scraped data): each is one invalid character under the same policy.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ UNICODE_FORMS = ("NFC", "NFKC", "NFD", "NFKD", "none")
 _CONTROL = {c: None for c in [*range(0, 9), *range(11, 32), 0x7F, *range(0x80, 0xA0), 0xFEFF]}
 _CONTROL.update({0x0D: "\n", 0x2028: "\n", 0x2029: "\n"})
 _MANY_BLANK = re.compile(r"\n{4,}")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # in a str from json.loads: only unpaired ones remain
 _ANY_CONTROL = re.compile("[" + "".join(re.escape(chr(c)) for c in _CONTROL) + "]")
 
 
@@ -62,6 +65,9 @@ class CleanConfig:
         ]
         if any(not 0.0 <= f <= 1.0 for f in fracs):
             raise UserError("cleaning thresholds are fractions and must lie in [0, 1]")
+        for name in ("max_top_ngram_frac", "max_dup_ngram_frac"):
+            if any(n < 1 for n in getattr(self, name)):
+                raise UserError(f"{name}: n-gram sizes must be at least 1, got {sorted(getattr(self, name))}")
 
 
 def clean_overrides(options: list[str]) -> dict:
@@ -99,7 +105,12 @@ def clean_overrides(options: list[str]) -> dict:
 def decode(raw: bytes | str, max_invalid_frac: float) -> str | None:
     """UTF-8 text of a document, or None when too much of it is not valid UTF-8 (see module docstring)."""
     if isinstance(raw, str):
-        return raw
+        try:
+            raw.encode()  # the common case, checked at C speed: no lone surrogates
+            return raw
+        except UnicodeEncodeError:
+            text, invalid = _SURROGATE.subn("\ufffd", raw)
+            return None if invalid > max_invalid_frac * len(text.encode()) else text
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
     try:

@@ -12,13 +12,24 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from seektrain.data.prepare import REPORT, _check_out_dir, _swap_into_place
+from seektrain.data.prepare import REPORT, _swap_into_place, check_out_dir, make_parent, resolve_out
 from seektrain.data.shards import MANIFEST, atomic_write_json, load_manifest
 from seektrain.errors import UserError
 
 
+def _check_distinct(slice_dirs: list[str]) -> None:
+    """Refuse a slice named twice (by any path that leads to it): its documents would count twice."""
+    seen: dict[Path, str] = {}
+    for d in slice_dirs:
+        real = Path(d).resolve()
+        if real in seen:
+            raise UserError(f"--merge names the same slice twice ({seen[real]} and {d})")
+        seen[real] = d
+
+
 def merge(slice_dirs: list[str], out_dir: str) -> dict:
     """Join the slices' shards and statistics into `out_dir` (atomically); returns the merged report."""
+    _check_distinct(slice_dirs)
     manifests = [load_manifest(d) for d in slice_dirs]
     first = manifests[0]
     for d, m in zip(slice_dirs[1:], manifests[1:], strict=True):
@@ -27,9 +38,9 @@ def merge(slice_dirs: list[str], out_dir: str) -> dict:
                 f"{d} was prepared with another tokenizer than {slice_dirs[0]}: slices must share "
                 f"one (--tokenizer FILE)"
             )
-    out = Path(out_dir)
-    _check_out_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = resolve_out(out_dir)
+    check_out_dir(out, slice_dirs)
+    make_parent(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -69,7 +80,7 @@ def merge(slice_dirs: list[str], out_dir: str) -> dict:
         sources.update(inputs=[str(d) for d in slice_dirs], dropped=dict(sorted(dropped.items())))
         manifest = {**first, "splits": splits, "sources": sources}
         report = {
-            "out_dir": str(out),
+            "out_dir": str(out_dir),
             **sources,
             "tokens": {s: v["tokens"] for s, v in splits.items()},
             "documents": {s: v["documents"] for s, v in splits.items()},

@@ -33,9 +33,10 @@ from seektrain.data.shards import (
     ShardWriter,
     atomic_write_bytes,
     atomic_write_json,
+    is_data_dir,
     token_dtype,
 )
-from seektrain.data.sources import discover, iter_documents
+from seektrain.data.sources import STDLIB, discover, iter_documents
 from seektrain.data.tokenizer import (
     BOS,
     EOS,
@@ -46,6 +47,7 @@ from seektrain.data.tokenizer import (
     train_bpe,
 )
 from seektrain.errors import UserError
+from seektrain.paths import check_dir_target
 
 DEDUP_MODES = ("none", "exact", "minhash")
 REPORT = "prepare_report.json"
@@ -145,6 +147,12 @@ class _Progress:
             self.bar.stop()
 
 
+def _utf8_size(text: str) -> int:
+    """Bytes of `text` in UTF-8, a lone surrogate (JSON's "\\ud800" without its pair) counted as the 3
+    bytes it takes when written out; such text is cleaned (cleaning replaces it) and must not crash here."""
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 def _batches_of_documents(
     files, cfg: PrepareConfig, stats: dict, progress: _Progress, task
 ) -> Iterator[list]:
@@ -165,8 +173,11 @@ def _batches_of_documents(
                 progress.advance(task, current.size)
             current = sf
         stats["documents_in"] += 1
+        if doc.content is None:
+            stats["dropped"]["null_text"] += 1
+            continue
         n = len(doc.content)
-        stats["bytes_in"] += n if isinstance(doc.content, bytes) else len(doc.content.encode())
+        stats["bytes_in"] += n if isinstance(doc.content, bytes) else _utf8_size(doc.content)
         batch.append(doc.content)
         size += n
         if size >= _BATCH_BYTES:
@@ -312,18 +323,56 @@ def _recover_interrupted(out: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _check_out_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
+def resolve_out(out_dir: str) -> Path:
+    """The real absolute path to write `out_dir` to: a symlink is followed (the link then points at the new
+    data, and the temp dir sits on its target's filesystem); a dangling one is refused, as its target may
+    be an unmounted disk; `.` and `..` get a name."""
+    given = Path(out_dir)
+    if given.is_symlink() and not given.exists():
+        raise UserError(f"--out {out_dir} is a symbolic link to a missing path: create its target first")
+    return given.resolve()
+
+
+def _check_not_in_use(out: Path, inputs: list[str]) -> None:
+    """Refuse an `out` that is or holds the current folder or one of `inputs` (paths): the swap replaces
+    the whole dir, which would delete the inputs or leave the shell in a deleted folder."""
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise UserError(
+            f"--out {out} is or holds the current folder, which would be replaced as a whole: "
+            f"run from another folder or name a dir below this one"
+        )
+    for item in inputs:
+        source = Path(item).resolve()
+        if source == out or out in source.parents:
+            raise UserError(f"--out {out} is or holds the input {item}: write to another dir")
+
+
+def check_out_dir(out: Path, inputs: list[str]) -> None:
+    """Refuse to replace anything but a missing or empty dir or a seektrain data dir (the swap deletes the
+    old dir as a whole, so a folder that merely has a file named manifest.json must stay untouched), and
+    an `out` in use (see _check_not_in_use)."""
+    _check_not_in_use(out, inputs)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_data_dir(out))):
         raise UserError(f"--out {out} exists and is not a seektrain data dir: refusing to replace it")
+
+
+def make_parent(out: Path) -> None:
+    """Create the folder that holds `out` and its temp sibling; UserError when a file stands in its way."""
+    check_dir_target(out, "--out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create {e.filename} ({e.strerror})") from e
 
 
 def prepare(cfg: PrepareConfig) -> dict:
     """Run the whole pipeline into `cfg.out_dir`; returns the report (also saved as prepare_report.json)."""
     t0 = time.perf_counter()
-    out = Path(cfg.out_dir)
+    out = resolve_out(cfg.out_dir)
     if out.parent.is_dir():
         _recover_interrupted(out)
-    _check_out_dir(out)
+    check_out_dir(out, [i for i in cfg.inputs if i != STDLIB])
     files = discover(cfg.inputs)[cfg.slice_index :: cfg.num_slices]
     if not files:
         raise UserError(
@@ -338,7 +387,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         else None
     )
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -419,7 +468,7 @@ def prepare(cfg: PrepareConfig) -> dict:
             }
         seconds["total"] = time.perf_counter() - t0
         report = {
-            "out_dir": str(out),
+            "out_dir": str(cfg.out_dir),
             **sources,
             "tokens": {s: v["tokens"] for s, v in splits.items()},
             "documents": {s: v["documents"] for s, v in splits.items()},

@@ -88,18 +88,35 @@ class ShardWriter:
         }
 
 
+def _read_manifest(path: Path, hint: str) -> dict:
+    """The JSON at `path` when it has a seektrain manifest's keys (any format version), else UserError."""
+    try:
+        manifest = json.loads(path.read_text())
+        for key in ("format_version", "splits", "dtype", "vocab_size"):
+            manifest[key]  # noqa: B018 - KeyError when missing, TypeError when not a JSON object
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"corrupt manifest {path} ({e}): {hint}") from e
+    return manifest
+
+
+def is_data_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a seektrain manifest, of any format version (so an old data dir can be prepared
+    again in place). A folder whose manifest.json is someone else's (a web app's) is not one."""
+    try:
+        _read_manifest(Path(path) / MANIFEST, "")
+    except (UserError, OSError):
+        return False
+    return True
+
+
 def load_manifest(data_dir: str | os.PathLike) -> dict:
     """The data dir's manifest; UserError with a hint when it is missing, corrupt or of another version."""
     path = Path(data_dir) / MANIFEST
     hint = f"run `seektrain prepare --out {data_dir}` to create it"
     if not path.is_file():
         raise UserError(f"no prepared data at {data_dir} ({MANIFEST} missing): {hint}")
-    try:
-        manifest = json.loads(path.read_text())
-        version = manifest["format_version"]
-        manifest["splits"], manifest["dtype"], manifest["vocab_size"]  # noqa: B018 - required keys
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"corrupt manifest {path} ({e}): {hint}") from e
+    manifest = _read_manifest(path, hint)
+    version = manifest["format_version"]
     if version != FORMAT_VERSION:
         raise UserError(
             f"{path} has data format version {version}, this seektrain reads {FORMAT_VERSION}: {hint}"

@@ -11,6 +11,7 @@ import gzip
 import json
 import os
 import sysconfig
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,7 @@ class Document:
     """One raw document: where it came from and its content (bytes from text files, str otherwise)."""
 
     source: str
-    content: bytes | str
+    content: bytes | str | None  # None: a null Parquet value (counted as dropped, never cleaned)
 
 
 def _kind(path: Path) -> str | None:
@@ -94,6 +95,16 @@ def _stdlib_files() -> list[SourceFile]:
     return out
 
 
+def _source_file(path: Path, kind: str) -> SourceFile:
+    """`path` with its size; a broken symlink (or another entry that cannot be stat'ed) fails like an
+    unreadable file, naming it, rather than being left out of the corpus unnoticed."""
+    try:
+        return SourceFile(path, kind, path.stat().st_size)
+    except OSError as e:
+        what = "a broken symbolic link" if path.is_symlink() else e.strerror
+        raise UserError(f"cannot read {path}: {what}") from e
+
+
 def discover(inputs: list[str]) -> list[SourceFile]:
     """Expand inputs (files, folders searched recursively, or `stdlib`) into a sorted list of readable files.
 
@@ -114,7 +125,7 @@ def discover(inputs: list[str]) -> list[SourceFile]:
                     f"unsupported input file type: {item} (text: {', '.join(TEXT_EXTENSIONS[:5])} …, "
                     f"jsonl, parquet, each optionally .gz)"
                 )
-            files.append(SourceFile(path, kind, path.stat().st_size))
+            files.append(_source_file(path, kind))
             continue
         found = []
         for dirpath, dirnames, filenames in os.walk(path):
@@ -123,13 +134,18 @@ def discover(inputs: list[str]) -> list[SourceFile]:
                 p = Path(dirpath) / f
                 kind = _kind(p)
                 if kind is not None and not f.startswith("."):
-                    found.append(SourceFile(p, kind, p.stat().st_size))
+                    found.append(_source_file(p, kind))
         if not found:
             raise UserError(f"no readable files (text, jsonl, parquet) under folder: {item}")
         files.extend(found)
     if not files:
         raise UserError("no input files")
     return files
+
+
+# What reading a file can raise: OSError (gzip.BadGzipFile too), EOFError (a truncated gzip stream),
+# zlib.error (damaged gzip data).
+_READ_ERRORS = (OSError, EOFError, zlib.error)
 
 
 def _open_bytes(path: Path):
@@ -141,7 +157,17 @@ def read_text_file(path: Path) -> bytes:
     try:
         with _open_bytes(path) as f:
             return f.read()
-    except (OSError, EOFError) as e:
+    except _READ_ERRORS as e:
+        raise UserError(f"cannot read {path}: {e}") from e
+
+
+def _read_lines(path: Path) -> Iterator[bytes]:
+    """Lines of a file (gunzipped when the name ends in .gz); a damaged or truncated gzip stream is found
+    only while reading, so errors are turned into a UserError naming the file here, not at open."""
+    try:
+        with _open_bytes(path) as f:
+            yield from f
+    except _READ_ERRORS as e:
         raise UserError(f"cannot read {path}: {e}") from e
 
 
@@ -151,33 +177,38 @@ def iter_jsonl(path: Path, text_field: str, skip_bad_lines: bool, stats: dict) -
     A line that is not JSON (or lacks the field) fails with its line number unless `skip_bad_lines`,
     in which case it is counted in `stats["bad_jsonl_lines"]` and skipped.
     """
-    try:
-        f = _open_bytes(path)
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e}") from e
-    with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    for lineno, line in enumerate(_read_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            text = obj[text_field]
+            if not isinstance(text, str):
+                raise TypeError(f"field {text_field!r} is {type(text).__name__}, not a string")
+        except (ValueError, KeyError, TypeError) as e:
+            if skip_bad_lines:
+                stats["bad_jsonl_lines"] = stats.get("bad_jsonl_lines", 0) + 1
                 continue
-            try:
-                obj = json.loads(line)
-                text = obj[text_field]
-                if not isinstance(text, str):
-                    raise TypeError(f"field {text_field!r} is {type(text).__name__}, not a string")
-            except (ValueError, KeyError, TypeError) as e:
-                if skip_bad_lines:
-                    stats["bad_jsonl_lines"] = stats.get("bad_jsonl_lines", 0) + 1
-                    continue
-                what = f"has no field {text_field!r}" if isinstance(e, KeyError) else f"is not valid: {e}"
-                raise UserError(
-                    f"{path}:{lineno}: JSONL line {what} (use --text-field to pick the field, "
-                    f"--skip-bad-lines to count and skip such lines)"
-                ) from e
-            yield text
+            what = f"has no field {text_field!r}" if isinstance(e, KeyError) else f"is not valid: {e}"
+            raise UserError(
+                f"{path}:{lineno}: JSONL line {what} (use --text-field to pick the field, "
+                f"--skip-bad-lines to count and skip such lines)"
+            ) from e
+        yield text
 
 
-def iter_parquet(path: Path, text_field: str) -> Iterator[str]:
-    """Documents from a Parquet column, streamed one row group at a time (memory stays bounded)."""
+def _is_text_type(arrow_type) -> bool:
+    """Whether a column of this Arrow type reads as Python strings (dictionary-encoded ones included)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(arrow_type):
+        arrow_type = arrow_type.value_type
+    return str(arrow_type) in ("string", "large_string", "string_view")
+
+
+def iter_parquet(path: Path, text_field: str) -> Iterator[str | None]:
+    """Documents from a Parquet column, streamed one row group at a time (memory stays bounded); None for
+    a null value, so that the caller can count it."""
     import pyarrow.parquet as pq
 
     try:
@@ -189,14 +220,16 @@ def iter_parquet(path: Path, text_field: str) -> Iterator[str]:
             f"{path}: Parquet file has no column {text_field!r} (columns: "
             f"{', '.join(pf.schema_arrow.names)}); use --text-field"
         )
+    column_type = pf.schema_arrow.field(text_field).type
+    if not _is_text_type(column_type):
+        raise UserError(
+            f"{path}: Parquet column {text_field!r} holds {column_type}, not text (string); "
+            f"use --text-field to pick a text column"
+        )
     try:
         for i in range(pf.num_row_groups):
             column = pf.read_row_group(i, columns=[text_field]).column(0)
-            for value in column.to_pylist():
-                if isinstance(value, str):
-                    yield value
-    except UserError:
-        raise
+            yield from column.to_pylist()
     except Exception as e:
         raise UserError(f"cannot read Parquet file {path}: {e}") from e
 

@@ -2,7 +2,9 @@
 
 The special tokens are standard strings recorded in the manifest with their ids, so the file also
 loads with `transformers.PreTrainedTokenizerFast(tokenizer_file=…, bos_token="<|bos|>", …)`.
-Documents are encoded without special tokens; the shard writer appends EOS after each document.
+Documents are encoded without special tokens, and special-token text inside them ("<|eos|>" in a chat log)
+is encoded as ordinary text (workers.py); the shard writer appends EOS after each document, so special
+ids appear only where the pipeline puts them.
 """
 
 from __future__ import annotations

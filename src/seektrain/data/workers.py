@@ -33,7 +33,12 @@ def init_tokenize(tokenizer_json: str, eos_id: int, dtype: str, threads: bool) -
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
     from tokenizers import Tokenizer
 
-    _state["tok"] = Tokenizer.from_str(tokenizer_json)
+    tok = Tokenizer.from_str(tokenizer_json)
+    # Text like "<|eos|>" inside a document is text: without this, HF tokenizers match special tokens in
+    # the input even with add_special_tokens=False, and a document would hold fake document boundaries.
+    # Set on this copy only; the flag is not saved in tokenizer.json, so generate and eval are unaffected.
+    tok.encode_special_tokens = True
+    _state["tok"] = tok
     _state["eos"], _state["dtype"] = eos_id, np.dtype(dtype)
 
 
