@@ -321,7 +321,7 @@ def load_config(
     if config is not None:
         path = Path(config)
         if not path.is_file():
-            raise UserError(f"config file {path} does not exist")
+            raise UserError(f"config file {path} {'is not a file' if path.exists() else 'does not exist'}")
         cfg = _apply(cfg, _parse_toml(path.read_text(), str(path)), str(path))
     for item in overrides:
         key, sep, raw = item.partition("=")

@@ -118,6 +118,9 @@ def test_export_of_a_run_without_checkpoints_is_a_user_error(tmp_path, seektrain
     assert not (tmp_path / "out").exists()
     code, _, err = seektrain("eval", "--run", tmp_path / "missing")
     assert code == 2 and "does not exist" in err
+    (tmp_path / "afile").write_text("")
+    code, _, err = seektrain("eval", "--run", tmp_path / "afile")
+    assert code == 2 and "is not a directory" in err
 
 
 def test_import_round_trip_keeps_every_weight(trained_run, exported, data_dir, tmp_path, seektrain):

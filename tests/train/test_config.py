@@ -102,6 +102,8 @@ def test_unknown_preset_and_missing_file(tmp_path):
         load_config(preset="tinny")
     with pytest.raises(UserError, match="does not exist"):
         load_config(config=tmp_path / "nope.toml")
+    with pytest.raises(UserError, match="is not a file"):
+        load_config(config=tmp_path)  # a directory
 
 
 def test_resolved_round_trip():

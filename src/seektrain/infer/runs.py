@@ -48,7 +48,7 @@ def find_checkpoint(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | 
             raise UserError(f"{path} is not a complete checkpoint (state.pt, meta.json, config.toml)")
         return path
     if not run.is_dir():
-        raise UserError(f"run directory {run} does not exist")
+        raise UserError(f"run directory {run} {'is not a directory' if run.exists() else 'does not exist'}")
     latest = CheckpointManager(run / "checkpoints", keep=1).latest()
     if latest is None:
         raise UserError(
