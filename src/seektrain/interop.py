@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from seektrain.errors import UserError
+from seektrain.errors import UserError, first_line
 from seektrain.model.hf import FP32_SUFFIXES, config_from_hf, from_hf_state_dict, hf_config, to_hf_state_dict
 from seektrain.model.moe import MoE
 from seektrain.model.transformer import Transformer
@@ -71,15 +71,13 @@ def save_hf(
 def _indexed_files(index: Path) -> list[str]:
     """The weight files a sharded directory's index names; UserError when it is not such an index."""
     try:
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if not all(isinstance(f, str) for f in files):
+            raise TypeError("weight_map values are not file names")
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-        why = _first_line(e)
+        why = first_line(e)
         raise UserError(f"{index} is not a safetensors index (JSON with a weight_map): {why}") from e
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    return files
 
 
 def load_hf(
@@ -110,7 +108,7 @@ def load_hf(
         try:
             hf.update(load_file(src / fname))
         except (SafetensorError, OSError) as e:  # truncated or not a safetensors file at all
-            raise UserError(f"{src / fname} cannot be read as safetensors ({_first_line(e)})") from e
+            raise UserError(f"{src / fname} cannot be read as safetensors ({first_line(e)})") from e
     sd = from_hf_state_dict(hf, cfg)
     if cfg.tie_word_embeddings:
         sd.setdefault("lm_head.weight", sd.get("embed_tokens.weight"))

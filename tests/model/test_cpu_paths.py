@@ -142,3 +142,34 @@ def test_spread_and_collect_rows_are_each_others_adjoint():
     assert torch.autograd.gradcheck(lambda y: moe_mod.CollectRows.apply(y, token, pos), (y,))
     collected = moe_mod.CollectRows.apply(y, token, pos)
     torch.testing.assert_close(collected, y[pos].sum(1), rtol=0, atol=1e-12)
+
+
+def test_spread_and_collect_rows_in_mixed_precision():
+    """As the padded bf16 path runs them: fp32 token rows spread as bf16 rows, bf16 expert rows collected
+    into fp32. The rows are x's, rounded once; every sum over a token's k rows (the combine, and the
+    spread's backward) is taken in fp32 from the bf16 values: to fp32 rounding of the exact sums."""
+    N, k, D = 5, 3, 8
+    order = torch.randperm(N * k, generator=torch.Generator().manual_seed(1))
+    position = torch.tensor([0, 1, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14, 16, 17])
+    token = torch.full((18,), N).index_copy_(0, position, order // k)
+    pos = torch.empty_like(position).scatter_(0, order, position).view(N, k)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(N, D, generator=g, requires_grad=True)
+    rows = moe_mod.SpreadRows.apply(x, token, pos, torch.bfloat16)
+    assert rows.dtype == torch.bfloat16
+    assert torch.equal(rows[position], x.detach()[order // k].bfloat16())
+    grad_rows = torch.randn(18, D, generator=g).bfloat16()
+    rows.backward(grad_rows)
+    assert x.grad.dtype == torch.float32
+    exact = grad_rows.double()[pos].sum(1)  # (N, D): each token's k gradient rows
+    torch.testing.assert_close(x.grad.double(), exact, rtol=2**-22, atol=0)
+
+    y = torch.randn(18, D, generator=g).bfloat16().requires_grad_()
+    combined = moe_mod.CollectRows.apply(y, token, pos)
+    assert combined.dtype == torch.float32
+    torch.testing.assert_close(combined.double(), y.detach().double()[pos].sum(1), rtol=2**-22, atol=0)
+    grad_combined = torch.randn(N, D, generator=g)
+    combined.backward(grad_combined)
+    assert y.grad.dtype == torch.bfloat16
+    want = torch.cat([grad_combined, torch.zeros(1, D)]).bfloat16()[token]  # padding rows: 0
+    assert torch.equal(y.grad, want)

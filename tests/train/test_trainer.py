@@ -276,11 +276,10 @@ def test_auto_precision_on_resume_keeps_the_checkpoints(make, tmp_path, capsys):
 
 def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(make, tmp_path, capsys):
     """--resume with an older checkpoint of the same run: the checkpoints after it belong to the
-    abandoned trajectory. They move to checkpoints/abandoned/ (kept, not deleted), so that neither
-    `--resume auto` nor retention mixes them with the new one."""
-    import json
-
+    abandoned trajectory. They move to checkpoints/abandoned/N/ (kept, not deleted, under their own
+    names), so that neither `--resume auto` nor retention mixes them with the new one."""
     from seektrain.checkpoint.manager import CheckpointManager
+    from seektrain.infer.runs import load_run
 
     run = tmp_path / "run"
     overrides = (
@@ -298,13 +297,14 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(make, tmp_path, 
     assert resumed.fit() == 0
     out = capsys.readouterr().out
     assert "note: step_00000003 is newer than the checkpoint resumed from" in out
-    aside = ckpts / "abandoned"
+    aside = ckpts / "abandoned" / "1"
     assert sorted(p.name for p in aside.iterdir()) == ["step_00000003", "step_00000004"]
     for name, meta in old_meta.items():
         assert (aside / name / "meta.json").read_text() == meta
     kept = CheckpointManager(ckpts, keep=3).list()
     assert [p.name for p in kept] == ["step_00000002", "step_00000003"]
-    assert json.loads((ckpts / "step_00000003" / "meta.json").read_text()) != json.loads(
-        old_meta["step_00000003"]
-    )
     assert [r["step"] for r in train_lines(run)] == [1, 2, 3]  # metrics cut back the same way
+    # Going back again abandons the new step 3 beside the first one; each still loads where it lies.
+    assert make(run, *overrides[1:], "train.steps=3", resume=str(ckpts / "step_00000002")).fit() == 0
+    assert sorted(p.name for p in (ckpts / "abandoned").iterdir()) == ["1", "2"]
+    assert load_run(run, checkpoint=ckpts / "abandoned" / "2" / "step_00000003").step == 3

@@ -129,23 +129,23 @@ class CheckpointManager:
         return final
 
     def set_aside_after(self, step: int) -> list[Path]:
-        """Move the complete checkpoints newer than `step` into root/abandoned/ and return their new
-        paths. A run resumed from an older checkpoint of its own takes another trajectory from there:
+        """Move the complete checkpoints newer than `step` into root/abandoned/N/ (N = 1, 2, … per resume
+        that abandons some; their names kept, so each still loads or resumes from there) and return their
+        new paths. A run resumed from an older checkpoint of its own takes another trajectory from there:
         `--resume auto` must never pick up the abandoned one, nor retention delete the checkpoint it
         resumed from to keep it. Moved, not deleted: they are the user's."""
-        moved = []
-        for path in self.list():
-            if int(_NAME.match(path.name).group(1)) > step:
-                aside = self.root / ABANDONED_DIR
-                aside.mkdir(exist_ok=True)
-                target, n = aside / path.name, 1
-                while target.exists():  # abandoned before, by an earlier resume
-                    target, n = aside / f"{path.name}.{n}", n + 1
-                os.replace(path, target)
-                moved.append(target)
-        if moved:
-            _fsync_dir(self.root)
-        return moved
+        newer = [p for p in self.list() if int(_NAME.match(p.name).group(1)) > step]
+        if not newer:
+            return []
+        parent = self.root / ABANDONED_DIR
+        parent.mkdir(exist_ok=True)
+        n = 1 + max((int(p.name) for p in parent.iterdir() if p.name.isdigit()), default=0)
+        aside = parent / str(n)
+        aside.mkdir()
+        for path in newer:
+            os.replace(path, aside / path.name)
+        _fsync_dir(self.root)
+        return [aside / p.name for p in newer]
 
     def _discard(self, path: Path) -> None:
         trash = self.root / f".trash-{path.name}-{os.getpid()}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from seektrain.errors import UserError
+from seektrain.errors import UserError, first_line
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 # EOS names other tokenizers use, tried in order when an existing tokenizer lacks ours.
@@ -64,8 +64,9 @@ def load_tokenizer(path: str):
     except FileNotFoundError as e:
         raise UserError(f"tokenizer file not found: {path}") from e
     except Exception as e:  # tokenizers raises a plain Exception for a malformed file
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"tokenizer file does not parse as a HF tokenizers JSON: {path} ({first})") from e
+        raise UserError(
+            f"tokenizer file does not parse as a HF tokenizers JSON: {path} ({first_line(e)})"
+        ) from e
 
 
 def special_tokens(tok, cfg: TokenizerConfig) -> dict[str, dict]:

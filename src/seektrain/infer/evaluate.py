@@ -121,7 +121,10 @@ def evaluate_run(
     seq_len = cfg.seq_len or run.config.data.seq_len
     context = run.model.cfg.max_position_embeddings
     if seq_len > context:
-        raise UserError(f"--seq-len {seq_len} is longer than the model's context of {context} tokens")
+        given = (
+            f"--seq-len {seq_len}" if cfg.seq_len else f"the run's data.seq_len {seq_len} (pass --seq-len)"
+        )
+        raise UserError(f"{given} is longer than the model's context of {context} tokens")
     result = evaluate_model(run.model, data, seq_len, token_byte_lengths(data_tokenizer), cfg)
     return {
         "run": str(run_dir),

@@ -205,12 +205,13 @@ class SpreadRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, token: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype):
         ctx.save_for_backward(pos)
+        ctx.x_dtype = x.dtype
         return spread_rows(x, token, dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         (pos,) = ctx.saved_tensors
-        return collect_rows(grad, pos), None, None, None
+        return collect_rows(grad, pos).to(ctx.x_dtype), None, None, None
 
 
 class CollectRows(torch.autograd.Function):

@@ -11,8 +11,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 class _Console(Console):
     """rich's Console, except when stdout's reader goes away (`seektrain train | head`): rich's own
-    handler then exits the process (SystemExit(1), no checkpoint). Here output goes to /dev/null from then
-    on and `reader_gone` says so; the trainer checkpoints and stops, as on SIGTERM."""
+    handler (rich >= 13.8) then exits the process (SystemExit(1), no checkpoint). Here output goes to
+    /dev/null from then on and `reader_gone` says so; the trainer checkpoints and stops, as on SIGTERM.
+    Older rich lets the BrokenPipeError through: `Display.print` routes it here too."""
 
     reader_gone = False
 
@@ -59,7 +60,10 @@ class Display:
         return self.console.reader_gone
 
     def print(self, text: str) -> None:
-        self.console.print(text, markup=False)
+        try:
+            self.console.print(text, markup=False)
+        except BrokenPipeError:
+            self.console.on_broken_pipe()
 
     def close(self) -> None:
         if self.progress is not None:

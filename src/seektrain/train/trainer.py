@@ -269,15 +269,19 @@ class Trainer:
                 )
             return 0
         if self.dist.is_main:
+            abandoned = []
             if self.resume_from is not None and _belongs_to(self.resume_from, self.run_dir):
-                for path in self.checkpoints.set_aside_after(c.step):  # as metrics.jsonl is cut back
-                    print(f"note: {path.name} is newer than the checkpoint resumed from: moved to {path}")
+                abandoned = self.checkpoints.set_aside_after(c.step)  # as metrics.jsonl is cut back
             self.run_dir.mkdir(parents=True, exist_ok=True)
             _atomic_write(self.run_dir / "config.toml", self.cfg.to_toml())
             self.metrics = MetricsLog(
                 self.run_dir, c.step if self.resume_from else -1, self.cfg.log.tensorboard
             )
             self.display = Display(t.steps, c.step, self.cfg.log.progress)
+            for path in abandoned:
+                self.display.print(
+                    f"note: {path.name} is newer than the checkpoint resumed from: moved to {path}"
+                )
         else:
             self.metrics = self.display = _Silent()
         self._announce()
@@ -344,8 +348,8 @@ class Trainer:
                 self._evaluate()
             if step % ck.every == 0 or step == t.steps:
                 self.save_checkpoint()
-            if self._stopping(stop):
-                if step % ck.every and step != t.steps:
+            if step < t.steps and self._stopping(stop):  # at the last step the run is done anyway
+                if step % ck.every:
                     self.save_checkpoint()
                 name = signal.Signals(stop.signum).name
                 self.metrics.write({"step": step, "event": "stopped", "signal": name})
