@@ -40,9 +40,19 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with usage errors reported like `UserError`s: one `error: …` line (pointing to
     --help rather than printing the usage block), once per torchrun launch."""
 
+    verbs: dict[str, argparse.ArgumentParser] | None = None  # the top-level parser's subcommands
+
     def error(self, message: str):
         prefix = _wait_unless_rank_zero()
         self.exit(2, f"error: {prefix}{message} (see `{self.prog} --help`)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse, except that an unknown flag after a verb points to that verb's --help."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            verb = (self.verbs or {}).get(getattr(parsed, "command", None), self)
+            verb.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,12 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one error line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.verbs = {}
     for verb, module_name in COMMANDS.items():
         module = importlib.import_module(f"seektrain.commands.{module_name}")
         p = sub.add_parser(verb, help=module.__doc__.splitlines()[0], description=module.__doc__)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
+        parser.verbs[verb] = p
     return parser
 
 

@@ -100,3 +100,10 @@ def test_bad_input_is_one_error_line(argv, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_an_unknown_flag_points_to_the_verbs_help(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["bench", "--frob"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "error: unrecognized arguments: --frob (see `seektrain bench --help`)\n"
