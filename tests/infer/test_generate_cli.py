@@ -53,3 +53,19 @@ def test_bad_input_gives_one_error_line(trained_run, tmp_path, seektrain):
         code, out, err = seektrain("generate", *args)
         assert code == 2 and out == "", message
         assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_a_closed_stdout_ends_generate_quietly(trained_run):
+    """`seektrain generate … | head -c 5`: the reader goes away mid-stream; generate ends with 141
+    (128 + SIGPIPE) and no traceback, as Unix tools do."""
+    import subprocess
+    import sys
+
+    argv = ["generate", "--run", trained_run, "--prompt", "def", "--max-new-tokens", "500"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "seektrain", *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.read(3)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
