@@ -308,3 +308,22 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(make, tmp_path, 
     assert make(run, *overrides[1:], "train.steps=3", resume=str(ckpts / "step_00000002")).fit() == 0
     assert sorted(p.name for p in (ckpts / "abandoned").iterdir()) == ["1", "2"]
     assert load_run(run, checkpoint=ckpts / "abandoned" / "2" / "step_00000003").step == 3
+
+
+def test_resume_accepts_model_fields_no_weight_depends_on(make, tmp_path):
+    """An export then import fills in the BOS/PAD ids from the tokenizer; a resume with such a config (or
+    another initializer_range) continues, while a shape change is still refused."""
+    import tomllib
+
+    from seektrain.errors import UserError
+
+    run = tmp_path / "run"
+    base = ("train.steps=2", "checkpoint.every=2", "train.eval_every=0")
+    assert make(run, *base).fit() == 0
+    changed = ("model.bos_token_id=0", "model.pad_token_id=2", "model.initializer_range=0.5")
+    resumed = make(run, *base, "train.steps=3", *changed)
+    assert resumed.counters.step == 2 and resumed.fit() == 0
+    model = tomllib.loads((run / "config.toml").read_text())["model"]
+    assert (model["bos_token_id"], model["pad_token_id"], model["initializer_range"]) == (0, 2, 0.5)
+    with pytest.raises(UserError, match="the model differs .*moe_intermediate_size"):
+        make(run, *base, "train.steps=4", "model.moe_intermediate_size=16")

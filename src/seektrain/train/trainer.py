@@ -588,12 +588,17 @@ def _with_data_vocab(cfg: RunConfig, vocab_size: int, eos_id: int) -> RunConfig:
     return dataclasses.replace(cfg, model=model)
 
 
+# Model fields a resume may change: no weight or training computation depends on them (the ids of
+# BOS/PAD, which an export then import fills in from the tokenizer; the scale of the initial weights).
+RESUMABLE_MODEL_CHANGES = {"preset", "bos_token_id", "pad_token_id", "initializer_range"}
+
+
 def _check_same_model(saved: dict, cfg: RunConfig, path: Path) -> None:
     now = cfg.to_dict()["model"]
     diffs = [
         f"model.{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
         for k in sorted(set(saved) | set(now))
-        if k != "preset" and saved.get(k) != now.get(k)
+        if k not in RESUMABLE_MODEL_CHANGES and saved.get(k) != now.get(k)
     ]
     if diffs:
         raise UserError(
