@@ -53,7 +53,9 @@ class TrainConfig:
     micro_batch_size: int = _opt(8, "sequences per forward/backward")
     global_batch_size: int = _opt(8, "sequences per optimizer step (a multiple of micro batch × ranks)")
     batch_ramp_steps: int = _opt(0, "grow the global batch linearly over this many steps (0 = off)")
-    batch_ramp_start: int = _opt(0, "global batch at step 1 while ramping (a multiple of the micro batch)")
+    batch_ramp_start: int = _opt(
+        0, "global batch at step 1 while ramping (required then: a multiple of micro batch × ranks)"
+    )
     precision: str = _opt(
         "fp32",
         "fp32, bf16 (autocast, fp32 master weights), fp16 (GradScaler), or auto: bf16 where the device "
@@ -159,7 +161,9 @@ class OptimConfig:
     )
     warmup_steps: int = _opt(100, "linear warmup from 0 to lr over this many steps")
     min_lr_ratio: float = _opt(0.01, "final lr as a fraction of lr (cosine and wsd)")
-    decay_fraction: float = _opt(0.2, "wsd: fraction of the run spent in the final linear decay")
+    decay_fraction: float = _opt(
+        0.2, "wsd: fraction of the steps after warmup spent in the final linear decay"
+    )
     multistep_milestones: list = _opt(
         [[0.8, 0.316], [0.9, 0.1]], "multistep: [[fraction of tokens, lr factor], …]"
     )

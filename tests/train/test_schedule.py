@@ -57,6 +57,11 @@ def test_batch_ramp():
     assert sizes[0] == 4 and sizes[-1] == 16 and all(s % 2 == 0 for s in sizes)
     assert all(a <= b for a, b in zip(sizes, sizes[1:], strict=False))
     assert global_batch_at(3, TrainConfig(global_batch_size=16, micro_batch_size=2)) == 16
+    # Under torchrun a step is whole micro-batches on every rank: 2 ranks of micro 2 -> multiples of 4,
+    # which is what the trainer both runs and logs.
+    t = TrainConfig(micro_batch_size=2, global_batch_size=24, batch_ramp_steps=4, batch_ramp_start=8)
+    assert [global_batch_at(s, t, ranks=2) for s in range(1, 6)] == [8, 12, 16, 20, 24]
+    assert [global_batch_at(s, t, ranks=4) for s in range(1, 6)] == [8, 8, 16, 16, 24]
 
 
 def test_mtp_weight_schedule():

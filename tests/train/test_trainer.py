@@ -327,3 +327,42 @@ def test_resume_accepts_model_fields_no_weight_depends_on(make, tmp_path):
     assert (model["bos_token_id"], model["pad_token_id"], model["initializer_range"]) == (0, 2, 0.5)
     with pytest.raises(UserError, match="the model differs .*moe_intermediate_size"):
         make(run, *base, "train.steps=4", "model.moe_intermediate_size=16")
+
+
+def nan_from(tr, first_step, times=None):
+    """Patch the model so that training steps from `first_step` on give a NaN loss (`times` steps at most,
+    counted per forward call)."""
+    forward, calls = tr.model.forward, []
+
+    def patched(x, y=None, **kw):
+        out = forward(x, y, **kw)
+        if tr.model.training and tr.counters.step + 1 >= first_step and (times is None or len(calls) < times):
+            calls.append(1)
+            out.main_loss_sum = out.main_loss_sum * math.nan
+        return out
+
+    tr.model.forward = patched
+
+
+def test_a_run_that_stays_non_finite_stops_instead_of_finishing(make, tmp_path):
+    """NaN from step 5 on, checkpoints every 2 steps (closer than max_bad_steps=5): the checkpoints due
+    during the bad streak are put off, so every rollback lands on step 4 and the run stops at the rollback
+    limit. (Saving them let each rollback land on a new diverged checkpoint, and the run ended 'done'.)"""
+    from seektrain.errors import UserError
+
+    run = tmp_path / "run"
+    tr = make(run, "train.steps=30", "checkpoint.every=2", "checkpoint.keep=5", "train.eval_every=0")
+    nan_from(tr, 5)
+    with pytest.raises(UserError, match="rolled back to step 4 3 times"):
+        tr.fit()
+    assert max(int(p.name[5:]) for p in (run / "checkpoints").iterdir()) == 4
+
+
+def test_a_non_finite_last_step_rolls_back_rather_than_ending_the_run(make, tmp_path):
+    run = tmp_path / "run"
+    tr = make(run, "train.steps=6", "checkpoint.every=4", "train.eval_every=0")
+    nan_from(tr, 6, times=2)  # step 6's two micro-batches, once
+    assert tr.fit() == 0
+    rollbacks = [r for r in read_metrics(run / "metrics.jsonl") if r.get("event") == "rollback"]
+    assert len(rollbacks) == 1 and rollbacks[0]["at_step"] == 6 and "last step" in rollbacks[0]["reason"]
+    assert tr.counters.step == 6 and all(torch.isfinite(p).all() for p in tr.model.parameters())

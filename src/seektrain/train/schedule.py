@@ -45,13 +45,14 @@ def lr_factor(
     raise AssertionError(f"unknown schedule {cfg.schedule}")
 
 
-def global_batch_at(step: int, cfg: TrainConfig) -> int:
+def global_batch_at(step: int, cfg: TrainConfig, ranks: int = 1) -> int:
     """Sequences in optimizer step `step`: ramps linearly from `batch_ramp_start` to the global batch
-    over `batch_ramp_steps`, rounded down to a whole number of `unit` (micro batch) sized pieces."""
+    over `batch_ramp_steps`, rounded down to whole units of one micro batch on each of `ranks` ranks
+    (the step is what every rank's micro-batches add up to)."""
     gb = cfg.global_batch_size
     if not cfg.batch_ramp_steps or step > cfg.batch_ramp_steps:
         return gb
-    unit = cfg.micro_batch_size
+    unit = cfg.micro_batch_size * ranks
     start = cfg.batch_ramp_start
     value = start + (gb - start) * (step - 1) / cfg.batch_ramp_steps
     return max(start, int(value) // unit * unit)

@@ -103,6 +103,11 @@ class Trainer:
                 f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                 f"train.micro_batch_size × ranks = {t.micro_batch_size} × {self.dist.world_size}"
             )
+        if t.batch_ramp_steps and t.batch_ramp_start % unit:
+            raise UserError(
+                f"train.batch_ramp_start={t.batch_ramp_start} is not a multiple of "
+                f"train.micro_batch_size × ranks = {t.micro_batch_size} × {self.dist.world_size}"
+            )
         if t.cuda_graphs and self.dist.distributed:
             raise UserError("train.cuda_graphs is single-process for now (not under torchrun)")
         from seektrain.data.loader import TokenLoader
@@ -193,7 +198,9 @@ class Trainer:
             self.async_group = torch.distributed.new_group(backend="gloo")
         self.rollback_targets: dict[int, int] = {}
         # tokens-so-far per step for the multistep schedule (only differs from steps under a batch ramp)
-        sizes = np.array([global_batch_at(s, t) for s in range(1, t.steps + 1)], dtype=np.float64)
+        sizes = np.array(
+            [global_batch_at(s, t, self.dist.world_size) for s in range(1, t.steps + 1)], dtype=np.float64
+        )
         self._token_before = np.concatenate([[0.0], np.cumsum(sizes)]) / max(sizes.sum(), 1.0)
         if self.resume_state is not None:
             # the loader was restored above, before the model existed
@@ -300,11 +307,14 @@ class Trainer:
     def _loop(self, stop: _SignalFlag) -> int:
         t, ck = self.cfg.train, self.cfg.checkpoint
         window_tokens, window_time = 0, 0.0  # training tokens and seconds since the last log line
+        checkpoint_due = False  # a scheduled checkpoint put off while the guard sees non-finite steps
         while self.counters.step < t.steps:
             c = self.counters
             started = time.perf_counter()
             step = c.step + 1
-            n_units = global_batch_at(step, t) // (t.micro_batch_size * self.dist.world_size)
+            n_units = global_batch_at(step, t, self.dist.world_size) // (
+                t.micro_batch_size * self.dist.world_size
+            )
             batches = [next(self.loader) for _ in range(n_units)]
             mtp_weight = mtp_weight_at(step, t.steps, t.mtp_weight_schedule, self.model_cfg.mtp_loss_weight)
             stats = self.stepper.forward_backward(batches, mtp_weight, self.model_cfg.num_mtp_layers)
@@ -318,6 +328,9 @@ class Trainer:
                 decision = OK  # an overflow: the scaler skips the update and backs off
             else:
                 decision = self.guard.check(stats.loss if loss_ok else math.nan, grad_norm)
+            if decision == SKIP and step == t.steps:  # a run must not end on weights that give NaN
+                decision = ROLLBACK
+                self.guard.last_reason = f"the last step was non-finite ({self.guard.last_reason})"
             if decision == ROLLBACK:
                 self.stepper.discard()  # every forward_backward ends in apply() or discard()
                 self._rollback(step, self.guard.last_reason)
@@ -341,15 +354,23 @@ class Trainer:
 
             if step % t.log_every == 0 or step == t.steps:
                 speed = window_tokens / window_time if window_time > 0 else 0.0
-                self._log_step(stats, grad_norm, lr, mtp_weight, speed, global_batch_at(step, t))
+                self._log_step(
+                    stats, grad_norm, lr, mtp_weight, speed, global_batch_at(step, t, self.dist.world_size)
+                )
                 window_tokens, window_time = 0, 0.0
             self.display.update(step, stats.loss, None)
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
                 self._evaluate()
-            if step % ck.every == 0 or step == t.steps:
-                self.save_checkpoint()
+            saved = False
+            if checkpoint_due or step % ck.every == 0 or step == t.steps:
+                # Weights that just gave a non-finite loss are not saved on schedule: a rollback to them
+                # would land in the same divergence (and never reach the rollback limit).
+                checkpoint_due = self.guard.consecutive_bad > 0
+                if not checkpoint_due:
+                    self.save_checkpoint()
+                    saved = True
             if step < t.steps and self._stopping(stop):  # at the last step the run is done anyway
-                if step % ck.every:
+                if not saved:  # the resume point, bad streak or not (the guard's count is saved too)
                     self.save_checkpoint()
                 name = signal.Signals(stop.signum).name
                 self.metrics.write({"step": step, "event": "stopped", "signal": name})
