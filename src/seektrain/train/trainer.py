@@ -197,10 +197,10 @@ class Trainer:
         if self.dist.distributed and self.cfg.checkpoint.async_save:
             self.async_group = torch.distributed.new_group(backend="gloo")
         self.rollback_targets: dict[int, int] = {}
-        # tokens-so-far per step for the multistep schedule (only differs from steps under a batch ramp)
-        sizes = np.array(
-            [global_batch_at(s, t, self.dist.world_size) for s in range(1, t.steps + 1)], dtype=np.float64
-        )
+        # sequences in each step (they vary under a batch ramp), and the fraction of all tokens before
+        # each step, for the multistep schedule
+        self.step_batches = [global_batch_at(s, t, self.dist.world_size) for s in range(1, t.steps + 1)]
+        sizes = np.array(self.step_batches, dtype=np.float64)
         self._token_before = np.concatenate([[0.0], np.cumsum(sizes)]) / max(sizes.sum(), 1.0)
         if self.resume_state is not None:
             # the loader was restored above, before the model existed
@@ -312,9 +312,7 @@ class Trainer:
             c = self.counters
             started = time.perf_counter()
             step = c.step + 1
-            n_units = global_batch_at(step, t, self.dist.world_size) // (
-                t.micro_batch_size * self.dist.world_size
-            )
+            n_units = self.step_batches[step - 1] // (t.micro_batch_size * self.dist.world_size)
             batches = [next(self.loader) for _ in range(n_units)]
             mtp_weight = mtp_weight_at(step, t.steps, t.mtp_weight_schedule, self.model_cfg.mtp_loss_weight)
             stats = self.stepper.forward_backward(batches, mtp_weight, self.model_cfg.num_mtp_layers)
@@ -354,9 +352,7 @@ class Trainer:
 
             if step % t.log_every == 0 or step == t.steps:
                 speed = window_tokens / window_time if window_time > 0 else 0.0
-                self._log_step(
-                    stats, grad_norm, lr, mtp_weight, speed, global_batch_at(step, t, self.dist.world_size)
-                )
+                self._log_step(stats, grad_norm, lr, mtp_weight, speed, self.step_batches[step - 1])
                 window_tokens, window_time = 0, 0.0
             self.display.update(step, stats.loss, None)
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
