@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import signal
 import sys
 import time
 import traceback
 
 from seektrain.distributed.env import launch_rank, under_torchrun
-from seektrain.errors import UserError
+from seektrain.errors import UserError, detach_stdout
 
 ERROR_GRACE_S = 10.0  # how long a rank > 0 leaves rank 0 to report an error that all ranks share
 
@@ -89,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # stdout's reader went away (`seektrain generate … | head`): end quietly
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # so that the flush at exit does not fail again
-        os.close(devnull)
+        detach_stdout()
         return 128 + signal.SIGPIPE
 
 

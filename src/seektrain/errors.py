@@ -1,4 +1,8 @@
-"""The one exception type for user mistakes: the CLI prints it as `error: …` and exits 2."""
+"""The one exception type for user mistakes (the CLI prints it as `error: …` and exits 2), and the
+helpers that keep a failure's report to that one line."""
+
+import os
+import sys
 
 
 class UserError(Exception):
@@ -10,3 +14,11 @@ def first_line(e: BaseException) -> str:
     error must not break the one-line report."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def detach_stdout() -> None:
+    """Point stdout at /dev/null once its reader went away (`seektrain … | head`), so that no later write,
+    nor the flush at exit, fails again with a BrokenPipeError."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

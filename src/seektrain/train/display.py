@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from seektrain.errors import detach_stdout
 
 
 class _Console(Console):
@@ -19,9 +18,7 @@ class _Console(Console):
 
     def on_broken_pipe(self) -> None:
         self.quiet = True
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # nothing fails at a later write or at exit
-        os.close(devnull)
+        detach_stdout()
         self.reader_gone = True
 
 
