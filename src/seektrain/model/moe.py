@@ -184,8 +184,9 @@ per_expert_mm.register_autograd(_per_expert_mm_backward, setup_context=_per_expe
 def spread_rows(x: torch.Tensor, token: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Row i = x[token[i]] in `dtype`, or zeros where token[i] == len(x) (padding rows). The cast runs
     on x's N rows, before the gather multiplies them by k."""
-    rows = x.new_zeros(x.shape[0] + 1, x.shape[1], dtype=dtype)
+    rows = x.new_empty(x.shape[0] + 1, x.shape[1], dtype=dtype)
     rows[:-1] = x
+    rows[-1] = 0
     return rows.index_select(0, token)
 
 
