@@ -60,3 +60,27 @@ def test_eval_refuses_data_with_another_tokenizer(trained_run, other_data_dir, s
 def test_eval_refuses_a_sequence_longer_than_the_models_context(trained_run, seektrain):
     code, out, err = seektrain("eval", "--run", trained_run, "--seq-len", "4096")
     assert code == 2 and out == "" and "longer than the model's context of 2048 tokens" in err
+
+
+def test_a_diverged_models_perplexity_is_infinite_and_its_json_strict(data_dir):
+    """A loss above ln(float max) ≈ 709.8 nats (weights blown up by a diverged run) used to raise
+    OverflowError in math.exp; perplexity is then inf, written as null so the output stays strict JSON."""
+    import torch
+
+    from seektrain.config import load_config
+    from seektrain.infer.evaluate import EvalConfig, evaluate_model
+    from seektrain.model.transformer import Transformer
+    from seektrain.train.metrics import strict_json
+    from toy_model import TOY_MODEL
+
+    cfg = load_config(overrides=[*TOY_MODEL, "model.vocab_size=512"]).model_config()
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e5)
+    tok = Tokenizer.from_file(str(data_dir / "tokenizer.json"))
+    eval_cfg = EvalConfig(seq_len=32, max_batches=1)
+    result = evaluate_model(model, data_dir, 32, token_byte_lengths(tok), eval_cfg)
+    assert result["loss"] > 710 and result["perplexity"] == math.inf
+
+    printed = json.dumps(strict_json(result), allow_nan=False)  # as `seektrain eval` prints it
+    assert json.loads(printed)["perplexity"] is None

@@ -1,6 +1,7 @@
 """The loop on the real Transformer and real prepared data (toy sizes): accumulation, precision and loss
 scaling, NaN skipping, spike rollback, activation checkpointing, schedules end to end."""
 
+import json
 import math
 
 import pytest
@@ -102,6 +103,9 @@ def test_nan_step_is_skipped_and_counted(make, tmp_path):
     lines = train_lines(run)
     assert [r["bad_steps"] for r in lines] == [0, 0, 1, 1, 1, 1]
     assert all(math.isfinite(r["loss"]) for r in lines if r["step"] != 3)
+    assert lines[2]["loss"] is None  # strict JSON: the NaN is written as null (bare NaN breaks jq)
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda word: pytest.fail(f"non-JSON constant {word}"))
     assert all(torch.isfinite(p).all() for p in tr.model.parameters())
 
 

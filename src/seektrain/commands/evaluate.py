@@ -28,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from seektrain.distributed.env import pick_device
     from seektrain.infer.evaluate import EvalConfig, evaluate_run
+    from seektrain.train.metrics import strict_json
 
     device = pick_device(args.device)
     cfg = EvalConfig(
@@ -38,5 +39,6 @@ def run(args: argparse.Namespace) -> int:
         max_batches=args.max_batches,
         device=device,
     )
-    print(json.dumps(evaluate_run(args.run, cfg, checkpoint=args.checkpoint), indent=2))
+    result = evaluate_run(args.run, cfg, checkpoint=args.checkpoint)
+    print(json.dumps(strict_json(result), allow_nan=False, indent=2))
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,9 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
     return lengths
 
 
+_LOG_FLOAT_MAX = math.log(sys.float_info.max)  # a diverged model's perplexity overflows a float
+
+
 @torch.no_grad()
 def evaluate_model(
     model: Transformer, data_dir: str | os.PathLike, seq_len: int, byte_lengths: np.ndarray, cfg: EvalConfig
@@ -93,7 +97,7 @@ def evaluate_model(
         "tokens": tokens,
         "bytes": nbytes,
         "loss": loss,
-        "perplexity": math.exp(loss),
+        "perplexity": math.exp(loss) if loss < _LOG_FLOAT_MAX else math.inf,  # null in the JSON
         "bits_per_byte": nats / math.log(2) / nbytes if nbytes else None,
     }
 

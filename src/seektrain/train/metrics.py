@@ -52,7 +52,7 @@ class MetricsLog:
         self._open(keep_through_step)
 
     def write(self, record: dict[str, Any], tb_prefix: str | None = None) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
         self._file.flush()
         if self._tb is not None and tb_prefix is not None:
             for key, value in record.items():
@@ -63,6 +63,15 @@ class MetricsLog:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def strict_json(record: dict[str, Any]) -> dict[str, Any]:
+    """NaN and ±inf as null: Python's json writes them as bare `NaN`/`Infinity`, which jq, JavaScript and
+    most JSON readers reject. TensorBoard still gets the value itself."""
+    return {
+        key: None if isinstance(value, float) and not math.isfinite(value) else value
+        for key, value in record.items()
+    }
 
 
 def truncate_metrics(path: Path, keep_through_step: int) -> None:
