@@ -140,7 +140,9 @@ class Transformer(nn.Module):
             all_targets.append(shift_left(targets, k, fill=IGNORE_INDEX))
         # One call for the main model and every MTP depth: the shared head is cast once.
         sums, target_counts = self.cross_entropy(hs, self.lm_head.weight, all_targets)
-        out.main_loss_sum, out.main_count = sums[0], target_counts[0]
+        # A copy, not a view of `sums`: FSDP2 hooks the root's outputs for the backward, and warns on views
+        # (an in-place op on one would drop that hook).
+        out.main_loss_sum, out.main_count = sums[0].clone(), target_counts[0]
         out.mtp_loss_sum, out.mtp_count = sums[1:].sum(), target_counts[1:].sum()
         out.mtp_expert_counts = self._stack_counts(mtp_counts, tokens.device)
         out.balance_loss = torch.stack(balances).sum() if balances else torch.zeros((), device=h.device)
