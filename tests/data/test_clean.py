@@ -40,6 +40,9 @@ def test_length_filters():
     assert clean_document("short text", cfg).reason == "too_short"
     assert clean_document(GOOD * 2, cfg).reason == "too_long"
     assert clean_document(GOOD[:500], cfg).reason is None
+    # min_chars 0 keeps any length but an empty one, which would enter the stream as a lone EOS
+    assert clean_document("", CleanConfig(min_chars=0)).reason == "too_short"
+    assert clean_document("x", CleanConfig(min_chars=0)).reason is None
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,10 @@ on bad input."""
 
 import gzip
 import json
+import os
+import pathlib
+import shutil
+import tempfile
 
 import pytest
 from data_helpers import make_docs, write_corpus
@@ -125,6 +129,31 @@ def test_damaged_gzip_inputs_give_one_error_line(run, tmp_path):
             run("--input", tmp_path / name, "--out", tmp_path / "d"), f"cannot read {tmp_path / name}"
         )
     assert not (tmp_path / "d").exists()
+
+
+def test_a_folder_that_cannot_be_listed_fails_instead_of_being_skipped(run):
+    """os.walk skips such a folder silently, which would leave part of a corpus out unnoticed. As root
+    (CI's containers) permissions do not apply, so the check runs with the effective uid of `nobody`, in a
+    folder it may enter (pytest's tmp_path is private to root)."""
+    root = pathlib.Path(tempfile.mkdtemp(prefix="seektrain-walk-"))
+    try:
+        src = write_corpus(root / "src", make_docs(6, seed=9))
+        write_corpus(src / "locked", make_docs(2, seed=10))
+        for p in (root, src):
+            p.chmod(0o777)
+        (src / "locked").chmod(0)
+        as_root = os.geteuid() == 0
+        if as_root:
+            os.seteuid(65534)
+        try:
+            _assert_one_error(run("--input", src, "--out", root / "d"), f"cannot read {src / 'locked'}")
+        finally:
+            if as_root:
+                os.seteuid(0)
+        assert not (root / "d").exists()
+    finally:
+        (src / "locked").chmod(0o755)
+        shutil.rmtree(root)
 
 
 def test_unusable_out_paths_and_inputs_give_one_error_line(run, tmp_path, monkeypatch):

@@ -309,6 +309,10 @@ def test_merge_refuses_a_slice_twice_and_out_over_its_own_input(prepared, tmp_pa
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(UserError, match="same slice twice"):
         merge([str(parts[0]), str(tmp_path / "src/../part0")], str(tmp_path / "merged"))
+    shutil.copytree(parts[0], tmp_path / "copy")  # e.g. gathered from two machines under two names
+    with pytest.raises(UserError, match="two copies of one slice"):
+        merge([str(parts[0]), str(parts[1]), str(tmp_path / "copy")], str(tmp_path / "merged"))
+    shutil.rmtree(tmp_path / "copy")
     with pytest.raises(UserError, match="is or holds the input"):
         merge([str(p) for p in parts], str(parts[0]))
     (parts[1] / "more").mkdir()  # text kept inside a data dir, then prepared into that same dir

@@ -203,7 +203,7 @@ def clean_document(raw: bytes | str, cfg: CleanConfig, minhash=None) -> Cleaned:
     if text is None:
         return Cleaned(None, "invalid_utf8")
     text = normalize(text, cfg.unicode_form)
-    if len(text) < cfg.min_chars:
+    if len(text) < max(cfg.min_chars, 1):  # an empty document is dropped even with min_chars 0
         return Cleaned(None, "too_short")
     if len(text) > cfg.max_chars:
         return Cleaned(None, "too_long")

@@ -17,20 +17,25 @@ from seektrain.data.shards import MANIFEST, atomic_write_json, load_manifest
 from seektrain.errors import UserError
 
 
-def _check_distinct(slice_dirs: list[str]) -> None:
-    """Refuse a slice named twice (by any path that leads to it): its documents would count twice."""
-    seen: dict[Path, str] = {}
-    for d in slice_dirs:
+def _check_distinct(slice_dirs: list[str], manifests: list[dict]) -> None:
+    """Refuse a slice named twice, by any path that leads to it or as a copy (the same shard checksums):
+    its documents would count twice."""
+    seen: dict[object, str] = {}
+    for d, m in zip(slice_dirs, manifests, strict=True):
         real = Path(d).resolve()
-        if real in seen:
-            raise UserError(f"--merge names the same slice twice ({seen[real]} and {d})")
-        seen[real] = d
+        content = tuple(s["sha256"] for split in sorted(m["splits"]) for s in m["splits"][split]["shards"])
+        for key, what in ((real, "the same slice twice"), (content, "two copies of one slice")):
+            if key == ():
+                continue  # a slice without shards copies nothing
+            if key in seen:
+                raise UserError(f"--merge names {what} ({seen[key]} and {d})")
+            seen[key] = d
 
 
 def merge(slice_dirs: list[str], out_dir: str) -> dict:
     """Join the slices' shards and statistics into `out_dir` (atomically); returns the merged report."""
-    _check_distinct(slice_dirs)
     manifests = [load_manifest(d) for d in slice_dirs]
+    _check_distinct(slice_dirs, manifests)
     first = manifests[0]
     for d, m in zip(slice_dirs[1:], manifests[1:], strict=True):
         if m["tokenizer"]["sha256"] != first["tokenizer"]["sha256"] or m["dtype"] != first["dtype"]:

@@ -105,6 +105,11 @@ def _source_file(path: Path, kind: str) -> SourceFile:
         raise UserError(f"cannot read {path}: {what}") from e
 
 
+def _unreadable_folder(error: OSError) -> None:
+    """os.walk's onerror: a folder it cannot list fails the run, naming it (os.walk would skip it)."""
+    raise UserError(f"cannot read {error.filename}: {error.strerror}") from error
+
+
 def discover(inputs: list[str]) -> list[SourceFile]:
     """Expand inputs (files, folders searched recursively, or `stdlib`) into a sorted list of readable files.
 
@@ -128,7 +133,7 @@ def discover(inputs: list[str]) -> list[SourceFile]:
             files.append(_source_file(path, kind))
             continue
         found = []
-        for dirpath, dirnames, filenames in os.walk(path):
+        for dirpath, dirnames, filenames in os.walk(path, onerror=_unreadable_folder):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for f in sorted(filenames):
                 p = Path(dirpath) / f
