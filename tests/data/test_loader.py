@@ -116,6 +116,23 @@ def test_resume_exact_across_rank_counts(prepared, before, after):
         assert torch.equal(want, got)
 
 
+def test_resume_at_a_position_that_is_not_a_whole_number_of_new_steps(prepared):
+    """A batch-size ramp in one process (micro-batch 2) stops after 6 sequences; 2 ranks with micro-batch 2
+    (global batch 4, or 8) go on from sequence 6: the stream continues exactly where one process would."""
+    data_dir, _ = prepared
+    reference = torch.cat(_global_batches(_loaders(data_dir, 1, 2, gb=2), 11))  # 22 sequences in order
+    ramp = _loaders(data_dir, 1, 2, gb=2)
+    _global_batches(ramp, 3)
+    state = ramp[0].state_dict()
+    assert state["sequences_consumed"] == 6
+    for gb in (4, 8):
+        resumed = _loaders(data_dir, 2, 2, gb=gb)
+        for ld in resumed:
+            ld.load_state_dict(state)
+        got = torch.cat(_global_batches(resumed, 16 // gb))
+        assert torch.equal(got, reference[6:22])
+
+
 def test_mid_step_resume_same_ranks_only(prepared):
     data_dir, _ = prepared
     ref = TokenLoader(data_dir, seq_len=T, micro_batch_size=2, global_batch_size=8, seed=1)

@@ -6,8 +6,9 @@ windows depends only on (data, T, seed): epoch e visits them in a pseudorandom p
 (seed, e) and computed pointwise (`permute`: O(1) memory however large the data), or in order when
 shuffle=False; epochs follow each other forever. Optimizer step g consumes global windows
 [g*GB, (g+1)*GB); rank r owns the contiguous slice [r*GB/W, (r+1)*GB/W) of it, in micro-batches of
-mb. The state is therefore just the global step (plus the micro-batch within it), so a resume on a
-different number of ranks continues the same stream.
+mb. The state is therefore just the position in the global stream (sequences consumed, plus the
+micro-batch within the current step), so a resume on a different number of ranks, or with another
+global batch size, continues the same stream.
 
 No DataLoader worker processes: a batch is a few memory-mapped slices copied into an int64 array,
 far faster than any model step (see bench/RESULTS.md), so workers would only add state to resume.
@@ -122,7 +123,8 @@ class TokenLoader:
             )
         self._fingerprint = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()[:16]
         self._chunk: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))  # window ids of one chunk
-        self.step, self.micro = 0, 0  # global optimizer step, micro-batch within it (this rank)
+        # sequences of the global stream consumed before the current step; micro-batch within it (this rank)
+        self.position, self.micro = 0, 0
 
     # --- global order -------------------------------------------------------------------------------
     def _window_ids(self, positions: np.ndarray) -> np.ndarray:
@@ -183,21 +185,20 @@ class TokenLoader:
 
     def __next__(self):
         per_rank = self.global_batch_size // self.world_size
-        first = self.step * self.global_batch_size + self.rank * per_rank + self.micro * self.micro_batch_size
+        first = self.position + self.rank * per_rank + self.micro * self.micro_batch_size
         positions = np.arange(first, first + self.micro_batch_size, dtype=np.int64)
         self.micro += 1
         if self.micro == self.micro_steps:
-            self.step, self.micro = self.step + 1, 0
+            self.position, self.micro = self.position + self.global_batch_size, 0
         return self._gather(self._window_ids(positions))
 
     def state_dict(self) -> dict:
         """Global position in the stream (JSON-safe, the same on every rank at a step boundary)."""
-        consumed = self.step * self.global_batch_size
+        consumed = self.position
         return {
             "version": STATE_VERSION,
             "sequences_consumed": consumed,
             "epoch": consumed // self.num_sequences,
-            "step": self.step,
             "micro": self.micro,
             "global_batch_size": self.global_batch_size,
             "seq_len": self.seq_len,
@@ -211,8 +212,9 @@ class TokenLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue the global stream from `state`; any world size works at a step boundary as long as the
-        stream (data, seq_len, seed, shuffle) is the same and the position is a whole number of steps."""
+        """Continue the global stream from `state`; any world size and batch size work at a step boundary
+        as long as the stream (data, seq_len, seed, shuffle) is the same: the next step reads the global
+        batch that starts at the saved position, split among this loader's ranks."""
         try:
             mine = self.state_dict()
             for key in ("version", "seq_len", "seed", "shuffle", "num_sequences", "data"):
@@ -231,14 +233,9 @@ class TokenLoader:
                     "loader state was saved in the middle of a step: resume with the same world size, "
                     "micro and global batch size, or from a step boundary"
                 )
-            if consumed % self.global_batch_size:
-                raise UserError(
-                    f"loader state is at sequence {consumed}, not a multiple of the global batch "
-                    f"size {self.global_batch_size}"
-                )
         except KeyError as e:
             raise UserError(f"loader state lacks {e}: not a TokenLoader state") from e
-        self.step, self.micro = consumed // self.global_batch_size, micro
+        self.position, self.micro = consumed, micro
 
     # --- one finite pass (evaluation) ----------------------------------------------------------------
     def epoch(self, drop_last: bool = False) -> Iterator:
