@@ -93,3 +93,18 @@ def test_ranks_that_see_different_checkpoints_stop_instead_of_diverging(toy, tmp
 )
 def test_merged_errors_name_the_ranks_unless_all_agree(errors, message):
     assert merge_by_rank(errors) == message
+
+
+def test_auto_precision_that_resumes_fp16_is_refused_under_fsdp(toy, tmp_path):
+    """`auto` keeps a checkpoint's precision; fp16 from a one-process run must then meet the same check
+    as an explicit fp16 (the loss scaler would see only one rank's gradient shards)."""
+    from seektrain.config import load_config
+    from seektrain.train.trainer import Trainer
+
+    fp16 = [*toy, "train.precision=fp16", "train.steps=2", "checkpoint.every=2", "train.eval_every=0"]
+    assert Trainer(load_config(None, "tiny", fp16), tmp_path / "one").fit() == 0
+    step2 = tmp_path / "one" / "checkpoints" / "step_00000002"
+    overrides = [*toy, "train.precision=auto", "parallel.dp_mode=fsdp"]
+    line = the_error(launch(train(tmp_path / "run", overrides, "--resume", str(step2)), check=False))
+    assert line.startswith("error: the checkpoint's train.precision=fp16 with parallel.dp_mode=fsdp"), line
+    assert not (tmp_path / "run").exists()

@@ -30,7 +30,7 @@ from seektrain.checkpoint.manager import CheckpointManager, load_checkpoint, res
 from seektrain.checkpoint.sharded import load_training_state, save_training_state
 from seektrain.config import RunConfig
 from seektrain.distributed import parallelize
-from seektrain.distributed.env import agree, build_mesh, detect, init_process_group, pick_device
+from seektrain.distributed.env import DistEnv, agree, build_mesh, detect, init_process_group, pick_device
 from seektrain.errors import UserError
 from seektrain.paths import check_dir_target
 from seektrain.train import balance
@@ -59,6 +59,14 @@ class Counters:
     rollbacks: int = 0
 
 
+def _check_sharded_fp16(cfg: RunConfig, dist: DistEnv, whose: str = "") -> None:
+    if dist.distributed and cfg.parallel.dp_mode != "ddp" and cfg.train.precision == "fp16":
+        raise UserError(
+            f"{whose}train.precision=fp16 with parallel.dp_mode={cfg.parallel.dp_mode} is not supported "
+            "(the loss scaler would see only this rank's gradient shards): use bf16"
+        )
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | os.PathLike, resume: str = "auto"):
         self.run_dir = Path(run_dir)
@@ -66,11 +74,7 @@ class Trainer:
         self.device = pick_device(cfg.train.device, self.dist.local_rank)
         if self.device.type == "cpu":
             keep_freed_host_memory()
-        if self.dist.distributed and cfg.parallel.dp_mode != "ddp" and cfg.train.precision == "fp16":
-            raise UserError(
-                f"train.precision=fp16 with parallel.dp_mode={cfg.parallel.dp_mode} is not supported "
-                "(the loss scaler would see only this rank's gradient shards): use bf16"
-            )
+        _check_sharded_fp16(cfg, self.dist)
         init_process_group(self.dist, self.device)
         # Ranks may see different files (a data dir on one node only): each phase fails on all or none.
         self.resume_from = agree(
@@ -78,6 +82,7 @@ class Trainer:
         )
         agree(self.dist, lambda: self._open_inputs(cfg))
         self._settle_precision()
+        _check_sharded_fp16(self.cfg, self.dist, "the checkpoint's ")  # `auto` may have become fp16
         self._build()
 
     # --- setup -------------------------------------------------------------------------------------
