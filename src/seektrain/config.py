@@ -65,8 +65,12 @@ class TrainConfig:
     grad_clip: float = _opt(1.0, "clip gradients to this global L2 norm (0 = off; the norm is logged)")
     seed: int = _opt(0, "seed for weights and data order")
     device: str = _opt("auto", "auto (cuda if available), cpu or cuda", ("auto", "cpu", "cuda"))
-    eval_every: int = _opt(100, "evaluate val_loss every N steps and at the end (0 = only at the end)")
-    eval_batches: int = _opt(20, "micro-batches of the validation split per evaluation (0 = all)")
+    eval_every: int = _opt(
+        100, "evaluate val_loss at step 0, every N steps and at the end (0 = at step 0 and the end only)"
+    )
+    eval_batches: int = _opt(
+        20, "micro-batches of the validation split per evaluation, the same on any number of ranks (0 = all)"
+    )
     log_every: int = _opt(10, "write a metrics line every N steps")
     compile: bool = _opt(False, "torch.compile each transformer block and the loss head")
     cuda_graphs: bool = _opt(

@@ -15,6 +15,7 @@ fails on all ranks or none (`agree`), so a bad input is reported once, by rank 0
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import random
@@ -420,31 +421,36 @@ class Trainer:
     def evaluate(self) -> float | None:
         """Mean main-model cross-entropy on (the first `eval_batches` micro-batches of) the val split."""
         from seektrain.data.loader import TokenLoader
+        from seektrain.model.cross_entropy import IGNORE_INDEX
 
         t = self.cfg.train
-        try:
+        try:  # the split in one process's order, whatever the number of ranks
             val = TokenLoader(
                 self.cfg.data.path,
                 split="val",
                 seq_len=self.cfg.data.seq_len,
                 micro_batch_size=t.micro_batch_size,
-                rank=self.dist.rank,
-                world_size=self.dist.world_size,
                 shuffle=False,
                 verify=False,
             )
         except UserError:
             return None  # no (or too small a) validation split
-        # Ranks split each global batch of the val split; eval_batches counts micro-batches of all
-        # ranks, and every rank runs as many forwards (FSDP2 gathers parameters collectively).
-        ranks = self.dist.world_size
-        limit = -(-t.eval_batches // ranks) if t.eval_batches else None
+        # Ranks take the micro-batches in turns, so together they score exactly those one process would,
+        # a short last one included. Every rank runs as many forwards (FSDP2 gathers parameters
+        # collectively): a rank left without a batch scores one whose targets are all ignored.
+        ranks, rank = self.dist.world_size, self.dist.rank
+        n_batches = -(-val.num_sequences // t.micro_batch_size)
+        if t.eval_batches:
+            n_batches = min(n_batches, t.eval_batches)
+        mine = itertools.islice(val.epoch(), rank, n_batches, ranks)
         model = self.stepper.model
         model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, target count)
-        for i, (x, y) in enumerate(val.epoch(drop_last=ranks > 1)):
-            if limit is not None and i >= limit:
-                break
+        for _ in range(-(-n_batches // ranks)):
+            x, y = next(mine, (None, None))
+            if x is None:
+                x = torch.zeros(1, self.cfg.data.seq_len, dtype=torch.int64)
+                y = torch.full_like(x, IGNORE_INDEX)
             if self.stepper.cuda_graphs:
                 # One graph generation per forward. Unmarked, every block call without a pending backward
                 # would start a new one and invalidate the previous block's output.
