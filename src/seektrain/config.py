@@ -130,19 +130,9 @@ class TrainConfig:
             raise UserError("train.cuda_graphs replays the compiled blocks: set train.compile=true too")
         if self.cuda_graphs and self.activation_checkpointing != "none":
             raise UserError("train.cuda_graphs with activation checkpointing is not supported yet")
-        last = -1.0
-        for entry in self.mtp_weight_schedule:
-            ok = (
-                isinstance(entry, list)
-                and len(entry) == 2
-                and all(isinstance(v, (int, float)) for v in entry)
-            )
-            if not ok or not last < entry[0] <= 1 or entry[1] < 0:
-                raise UserError(
-                    f"train.mtp_weight_schedule: bad entry {entry!r}; expected [[fraction, λ], …] "
-                    "with increasing fractions in [0, 1] and λ ≥ 0"
-                )
-            last = entry[0]
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"train.seed={self.seed} must be in [0, 2**32) (numpy's seed range)")
+        _check_fraction_schedule(self.mtp_weight_schedule, "train.mtp_weight_schedule", "λ")
 
 
 @dataclass
@@ -182,11 +172,7 @@ class OptimConfig:
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise UserError(f"optim.{name}={value} must be in [0, 1]")
-        for entry in self.multistep_milestones:
-            if not (isinstance(entry, list) and len(entry) == 2 and 0 <= entry[0] <= 1 and entry[1] >= 0):
-                raise UserError(
-                    f"optim.multistep_milestones: bad entry {entry!r}; expected [[fraction, factor], …]"
-                )
+        _check_fraction_schedule(self.multistep_milestones, "optim.multistep_milestones", "factor")
 
 
 @dataclass
@@ -383,7 +369,7 @@ def _apply(cfg: RunConfig, d: dict, origin: str) -> RunConfig:
             aliases = known[key].metadata.get("aliases", {})
             if isinstance(value, bool) and value in aliases:
                 value = aliases[value]
-            value = _check_type(f"{section}.{key}", value, hints[key])
+            value = _check_type(f"{section}.{key}", value, hints[key], origin)
             choices = known[key].metadata.get("choices")
             if choices and value not in choices:
                 raise UserError(_unknown(f"{section}.{key}", value, list(choices), origin))
@@ -392,14 +378,16 @@ def _apply(cfg: RunConfig, d: dict, origin: str) -> RunConfig:
     return dataclasses.replace(cfg, **updates)
 
 
-def _check_type(key: str, value: Any, kind: type) -> Any:
+def _check_type(key: str, value: Any, kind: type, origin: str = "") -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
     if kind is float and ok and not math.isfinite(value):
         ok = False
     if not ok:
-        raise UserError(f"{key}={value!r}: expected {'a finite float' if kind is float else kind.__name__}")
+        where = f"{origin}: " if origin and origin != "--set" else ""
+        expected = "a finite float" if kind is float else kind.__name__
+        raise UserError(f"{where}{key}={value!r}: expected {expected}")
     return value
 
 
@@ -413,6 +401,26 @@ def _unknown(key: str, value: Any, valid: list[str], origin: str = "") -> str:
     close = difflib.get_close_matches(str(value), [str(v) for v in valid], n=3, cutoff=0.5)
     hint = f" (closest: {', '.join(close)})" if close else ""
     return f"{where}{key}={value!r} is not one of {', '.join(map(str, valid))}{hint}"
+
+
+def _check_fraction_schedule(entries: list, key: str, value_name: str) -> None:
+    """[[fraction, value], …]: numbers, fractions increasing within [0, 1] (an unsorted list would let a
+    later entry override an earlier one silently), values finite and ≥ 0."""
+    from seektrain.model.config import is_finite_number
+
+    last = -math.inf
+    for entry in entries:
+        ok = (
+            isinstance(entry, list)
+            and len(entry) == 2
+            and all(is_finite_number(v) for v in entry)
+        )
+        if not ok or not (0 <= entry[0] <= 1 and entry[0] > last) or entry[1] < 0:
+            raise UserError(
+                f"{key}: bad entry {entry!r}; expected [[fraction, {value_name}], …] with increasing "
+                f"fractions in [0, 1] and {value_name} ≥ 0"
+            )
+        last = entry[0]
 
 
 def _positive(section: Any, name: str) -> None:

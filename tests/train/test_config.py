@@ -73,6 +73,16 @@ def test_config_file_then_set(tmp_path):
         ("train.steps=0", ["train.steps", "positive"]),
         ("train.global_batch_size=12", ["micro_batch_size", "global_batch_size"]),
         ("model.n_group=3", ["n_group"]),
+        ("train.seed=-1", ["train.seed", "2**32"]),
+        ("train.seed=4294967296", ["train.seed", "2**32"]),  # numpy's seed would raise mid-setup
+        ('optim.multistep_milestones=[["a", 1]]', ["optim.multistep_milestones", "increasing"]),
+        ("optim.multistep_milestones=[[0.9, 0.1], [0.8, 0.316]]", ["optim.multistep_milestones", "[0.8"]),
+        ("optim.multistep_milestones=[[0.5, nan]]", ["optim.multistep_milestones", "nan"]),
+        ("train.mtp_weight_schedule=[[-0.5, 0.1]]", ["train.mtp_weight_schedule", "-0.5"]),
+        ("model.rope_theta=nan", ["rope_theta", "finite"]),
+        ("model.rms_norm_eps=inf", ["rms_norm_eps", "finite"]),
+        ('model.rope_scaling={type="yarn", factor=nan}', ["rope_scaling.factor", "finite"]),
+        ('model.rope_scaling={type="yarn", factor=4, beta_fast=inf}', ["rope_scaling.beta_fast", "finite"]),
     ],
 )
 def test_bad_values_name_the_key(override, words):
@@ -80,6 +90,13 @@ def test_bad_values_name_the_key(override, words):
         load_config(overrides=[override])
     for word in words:
         assert word in str(e.value)
+
+
+def test_a_type_error_in_a_config_file_names_the_file(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('[train]\nsteps = "x"\n')
+    with pytest.raises(UserError, match=f"^{f}: train.steps='x': expected int$"):
+        load_config(config=f)
 
 
 def test_cuda_graphs_need_compile_and_no_activation_checkpointing():

@@ -235,6 +235,11 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def is_finite_number(v: Any) -> bool:
+    """An int or float (not a bool) that is neither NaN nor infinite."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _type_problems(c: ModelConfig) -> list[str]:
     out = []
     for name in _INT_FIELDS:
@@ -250,6 +255,8 @@ def _type_problems(c: ModelConfig) -> list[str]:
             setattr(c, name, float(v))
         elif not isinstance(v, float):
             out.append(f"{name} must be a number, got {v!r}")
+        elif not math.isfinite(v):
+            out.append(f"{name} must be finite, got {v}")
     for name in _BOOL_FIELDS:
         if not isinstance(getattr(c, name), bool):
             out.append(f"{name} must be true or false, got {getattr(c, name)!r}")
@@ -305,8 +312,12 @@ def _value_problems(c: ModelConfig) -> list[str]:
             out.append(f"rope_scaling has unknown keys {unknown}; allowed: {sorted(YARN_KEYS)}")
         elif kind != "yarn":
             out.append(f"rope_scaling type must be 'yarn', got {kind!r}")
-        elif not isinstance(rs.get("factor"), (int, float)) or rs["factor"] < 1:
-            out.append(f"rope_scaling.factor must be a number >= 1, got {rs.get('factor')!r}")
+        elif not isinstance(rs.get("factor"), (int, float)) or not 1 <= rs["factor"] < math.inf:
+            out.append(f"rope_scaling.factor must be a finite number >= 1, got {rs.get('factor')!r}")
+        else:
+            for key, v in sorted(rs.items()):
+                if key not in ("type", "rope_type") and not is_finite_number(v):
+                    out.append(f"rope_scaling.{key} must be a finite number, got {v!r}")
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         v = getattr(c, name)
         if v is not None and not 0 <= v < c.vocab_size:
