@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
 from dist_helpers import exit_codes, launch, losses, val_losses, worker
 
 from seektrain.config import load_config
+from seektrain.errors import UserError
 from seektrain.infer.runs import load_run
 from seektrain.train.trainer import Trainer
 
@@ -95,6 +97,15 @@ def test_fsdp_matches_one_process_and_its_checkpoint_resumes_on_one_rank(toy, re
     train_here(toy, resumed, resume=str(step4))
     assert_same_curve(resumed, ref_run, range(5, 9))
     assert [m.e_score_correction_bias.tolist() for m in load_run(resumed).model.moe_layers()] == ref_biases
+
+    # a shard file lost: one error line naming the checkpoint, for training and for the readers
+    damaged = tmp_path / "damaged" / "step_00000004"
+    shutil.copytree(step4, damaged)
+    (damaged / "dcp" / "__1_0.distcp").unlink()
+    with pytest.raises(UserError, match=f"^cannot read checkpoint {damaged}: .*__1_0.distcp"):
+        train_here(toy, tmp_path / "from-damaged", resume=str(damaged))
+    with pytest.raises(UserError, match=f"^cannot read checkpoint {damaged}: "):
+        load_run(run, checkpoint=damaged)
 
     # generate/eval/export read a sharded checkpoint's weights like a one-process one
     sharded, single = load_run(run).model.state_dict(), load_run(ref_run).model.state_dict()

@@ -16,6 +16,20 @@ def save(mgr, step):
     return mgr.save(step, {"w": torch.full((3,), float(step))}, "[train]\n", {"tokens": step * 10})
 
 
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_state_file_is_one_line_without_torchs_advice(tmp_path, damage):
+    """torch's error for a file that does not unpickle spans lines and advises weights_only=False, which
+    is no remedy for a damaged file (and unsafe for a foreign one)."""
+    path = save(CheckpointManager(tmp_path / "checkpoints", keep=1), 1)
+    state = path / "state.pt"
+    state.write_bytes(b"garbage\n" if damage == "garbage" else state.read_bytes()[:100])
+    with pytest.raises(UserError) as e:
+        load_checkpoint(path)
+    message = str(e.value)
+    assert message.startswith(f"cannot read checkpoint {path}: ") and "\n" not in message, message
+    assert "weights_only" not in message
+
+
 def test_save_load_retention(tmp_path):
     mgr = CheckpointManager(tmp_path / "checkpoints", keep=2)
     for step in (10, 20, 30):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 
 from seektrain.checkpoint.sharded import DCP_DIR, METADATA_FILE
-from seektrain.errors import UserError
+from seektrain.errors import UserError, first_line
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -189,8 +190,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """The state dict saved by `CheckpointManager.save` (tensors on CPU)."""
     try:
         return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message would advise weights_only=False: not for a damaged file
+        damaged = f"{STATE_FILE} is damaged or not a checkpoint"
+        raise UserError(f"cannot read checkpoint {path}: {damaged}") from None
     except Exception as e:  # truncated or foreign file
-        raise UserError(f"cannot read checkpoint {path}: {e}") from None
+        raise UserError(f"cannot read checkpoint {path}: {first_line(e)}") from None
 
 
 def _write(path: Path, write) -> None:

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from seektrain.errors import UserError, first_line
+
 DCP_DIR = "dcp"
 METADATA_FILE = ".metadata"  # written last by DCP's coordinator
 
@@ -67,7 +69,7 @@ def load_training_state(
         import torch.distributed.checkpoint as dcp
 
         target = training_state(model, optimizer)  # tensors of the right shapes and shards to read into
-        with _quiet_single_process():
+        with _quiet_single_process(), _reading(path):
             dcp.load(target, checkpoint_id=Path(path) / DCP_DIR, no_dist=not dist.is_initialized())
         set_model_state_dict(model, target["model"])
         set_optimizer_state_dict(model, optimizer, target["optimizer"])
@@ -97,16 +99,31 @@ def read_model_state(path: Path) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(str(Path(path) / DCP_DIR))
-    layout = reader.read_metadata().state_dict_metadata
+    with _reading(path):
+        reader = dcp.FileSystemReader(str(Path(path) / DCP_DIR))
+        layout = reader.read_metadata().state_dict_metadata
     model = {
         key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
         for key, meta in layout.items()
         if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
     }
-    with _quiet_single_process():
+    with _quiet_single_process(), _reading(path):
         dcp.load({"model": model}, storage_reader=reader, no_dist=True)
     return model
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+    """A damaged `dcp/` folder (a shard file missing or cut short) as one error line naming the
+    checkpoint; under torchrun DCP raises its CheckpointException (a BaseException) on every rank."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except (Exception, CheckpointException) as e:
+        failures = getattr(e, "failures", None)  # rank -> (exception, traceback)
+        cause = next(iter(failures.values()))[0] if failures else e
+        raise UserError(f"cannot read checkpoint {path}: {first_line(cause)}") from e
 
 
 @contextlib.contextmanager
