@@ -238,14 +238,12 @@ class TokenLoader:
         self.position, self.micro = consumed, micro
 
     # --- one finite pass (evaluation) ----------------------------------------------------------------
-    def epoch(self, drop_last: bool = False) -> Iterator:
+    def epoch(self) -> Iterator:
         """One pass over the split's windows (epoch 0 order), this rank's share of each global batch;
-        the last global batch may be short and split unevenly (`drop_last` skips it)."""
+        the last global batch may be short and split unevenly."""
         n, gb = self.num_sequences, self.global_batch_size
         for first in range(0, n, gb):
             size = min(gb, n - first)
-            if size < gb and drop_last:
-                return
             bounds = np.linspace(0, size, self.world_size + 1).astype(
                 np.int64
             )  # equal slices when size == gb
