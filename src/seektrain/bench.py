@@ -9,17 +9,20 @@ reported too (each one costs fusions and a trip back to Python).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
 
 from seektrain.config import OptimConfig, TrainConfig
 from seektrain.distributed.parallelize import apply_activation_checkpointing, apply_compile
+from seektrain.errors import UserError
 from seektrain.model.config import ModelConfig
 from seektrain.model.transformer import Transformer
 from seektrain.train.balance import update_expert_bias
@@ -154,9 +157,7 @@ def profile_table(
         _sync(device)
         wall_ms = (time.perf_counter() - start) * 1e3
     if trace:
-        partial = f"{trace}.partial"
-        prof.export_chrome_trace(partial)
-        os.replace(partial, trace)
+        write_trace(prof, trace)
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=90)
     if device.type != "cuda":
@@ -164,6 +165,22 @@ def profile_table(
     busy_ms = busy_time(device_intervals(prof.events())) / 1e3
     busy = f"device busy {busy_ms:.1f} ms ({busy_ms / wall_ms:.0%})"
     return f"one profiled step: {wall_ms:.1f} ms, {busy}\n{table}"
+
+
+def write_trace(prof: torch.profiler.profile, trace: str) -> None:
+    """Write the profiled step's Chrome trace to `trace` via a temp name, which is gone afterwards
+    whatever happens. The profiler only logs a file it cannot open, so a missing temp file tells."""
+    partial = Path(f"{trace}.partial")
+    try:
+        prof.export_chrome_trace(str(partial))
+        if not partial.is_file():
+            raise UserError(f"cannot write the trace {trace}: the profiler wrote no {partial}")
+        os.replace(partial, trace)
+    except OSError as e:
+        raise UserError(f"cannot write the trace {trace}: {e.strerror}") from e
+    finally:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
 
 
 def device_intervals(events) -> list[tuple[float, float]]:

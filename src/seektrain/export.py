@@ -13,16 +13,21 @@ weights; without one it holds the weights only (enough for generate, eval and ex
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import signal
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from seektrain.errors import UserError
-from seektrain.paths import check_dir_target
+from seektrain.paths import check_dir_target, recover_interrupted
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOKENIZER_FILE = "tokenizer.json"
@@ -44,7 +49,7 @@ def export_run(
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out_dir)
-    _check_empty_target(out, "export target")
+    _claim_target(out, "export target")
     run = load_run(run_dir, checkpoint=checkpoint)
     tokenizer, tok_file = run_tokenizer(run, tokenizer_file)
     specials = _special_tokens(tokenizer, run.model.cfg)
@@ -89,7 +94,7 @@ def import_hf(
     from seektrain.interop import load_hf
 
     out = Path(out_run)
-    _check_empty_target(out, "import target")
+    _claim_target(out, "import target")
     bad = [o for o in overrides if o.strip().startswith("model.")]
     if bad:
         raise UserError(f"--set {bad[0]}: the model comes from {hf_dir}/config.json and cannot be overridden")
@@ -140,6 +145,14 @@ def import_hf(
 # --- helpers -----------------------------------------------------------------------------------------
 
 
+def _claim_target(out: Path, what: str) -> None:
+    """`_check_empty_target`, after removing the temp directory a killed export or import (SIGKILL, a
+    power cut) left beside `out`, as a later prepare does for a killed one."""
+    if out.parent.is_dir():
+        recover_interrupted(out, "config.json")
+    _check_empty_target(out, what)
+
+
 def _check_empty_target(out: Path, what: str) -> None:
     check_dir_target(out, what)
     if out.exists() and any(out.iterdir()):
@@ -148,11 +161,9 @@ def _check_empty_target(out: Path, what: str) -> None:
 
 def _build_atomically(out: Path, write) -> Path:
     """Call write(tmp) on a temporary sibling of `out`, then rename it to `out` (an absent or empty dir)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        _make_temp_dir(out, tmp)
         write(tmp)
         _make_readable(tmp)
         _check_empty_target(out, "target")  # it may have been filled meanwhile
@@ -160,6 +171,46 @@ def _build_atomically(out: Path, write) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _make_temp_dir(out: Path, tmp: Path) -> None:
+    """Create `tmp` (and the folder that holds `out`); UserError when that folder cannot be written (no
+    permission, a read-only or special filesystem), before anything is written."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror}") from e
+
+
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler; a BaseException, so that no `except Exception` on the way out
+    swallows it (as KeyboardInterrupt)."""
+
+
+@contextlib.contextmanager
+def exit_on_sigterm() -> Iterator[None]:
+    """SIGTERM (kill, systemd, a batch scheduler) ends a process without running its `finally` blocks, so
+    an export or import would leave its hidden temp directory behind. Within this block it raises instead,
+    as Ctrl-C raises KeyboardInterrupt: the temp directory goes on the way out, and the process then says
+    `terminated` and exits 143 (128 + SIGTERM)."""
+    if threading.current_thread() is not threading.main_thread():  # only it may set handlers
+        yield
+        return
+
+    def handle(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup short
+        raise _Terminated
+
+    old = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    except _Terminated:
+        print("terminated", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _make_readable(root: Path) -> None:

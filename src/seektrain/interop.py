@@ -80,6 +80,17 @@ def _indexed_files(index: Path) -> list[str]:
     return files
 
 
+def _read_config(path: Path) -> dict:
+    """config.json as a dict; UserError when it is not a JSON object (valid JSON such as a list included)."""
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON: {first_line(e)}") from e
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is not a JSON object of model settings (a transformers config.json)")
+    return config
+
+
 def load_hf(
     hf_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> Transformer:
@@ -91,10 +102,7 @@ def load_hf(
     src = Path(hf_dir)
     if not (src / "config.json").is_file():
         raise UserError(f"{src} is not a transformers model directory (no config.json)")
-    try:
-        cfg = config_from_hf(json.loads((src / "config.json").read_text()))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{src / 'config.json'} is not valid JSON: {e}") from e
+    cfg = config_from_hf(_read_config(src / "config.json"))
     if (src / INDEX_NAME).is_file():
         files = _indexed_files(src / INDEX_NAME)
     elif (src / SINGLE_NAME).is_file():

@@ -3,6 +3,8 @@ one line before any work, not with an OSError halfway (a regular file where a di
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from seektrain.errors import UserError
@@ -19,3 +21,28 @@ def check_dir_target(path: str | Path, what: str) -> None:
             if not parent.is_dir():
                 raise UserError(f"{what} {path}: {parent} is not a directory")
             return
+
+
+def recover_interrupted(out: Path, complete_marker: str) -> None:
+    """Clean up beside `out` after a command that was killed (SIGKILL, a power cut) while building it
+    under a temporary sibling name (`.NAME.tmp-PID`): delete that temp dir; if it died between the two
+    renames of a swap, put the previous complete dir (`.NAME.old-PID` holding `complete_marker`) back.
+    Leftovers of a process that is still running are not touched."""
+    for leftover in sorted(out.parent.glob(f".{out.name}.*-*")):
+        kind, _, pid = leftover.name[len(out.name) + 2 :].partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if kind == "old" and not out.exists() and (leftover / complete_marker).exists():
+            os.replace(leftover, out)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from seektrain import cli
-from seektrain.bench import BenchConfig, bench_model_config, busy_time, device_intervals
+from seektrain.bench import BenchConfig, bench_model_config, busy_time, device_intervals, profile_table
+from seektrain.errors import UserError
 from seektrain.train.precision import native_bf16
 
 
@@ -41,6 +42,16 @@ def test_trace_writes_the_profiled_step_as_a_chrome_trace(tmp_path, capsys):
     assert cli.main([*argv, "--trace", str(trace), "--json"]) == 0
     events = json.loads(trace.read_text())["traceEvents"]
     assert any(e.get("name") == "aten::mm" for e in events)
+
+
+def test_a_trace_that_cannot_be_written_is_one_error_and_leaves_no_partial_file(tmp_path):
+    """Should the target go bad during the benchmark (here: a directory where the trace should go), the
+    failure is a UserError and the temp file `TRACE.partial` is removed."""
+    target = tmp_path / "step.json"
+    target.mkdir()
+    with pytest.raises(UserError, match=f"cannot write the trace {target}"):
+        profile_table(lambda: torch.ones(4) @ torch.ones(4), torch.device("cpu"), 3, str(target))
+    assert [p.name for p in tmp_path.iterdir()] == ["step.json"]
 
 
 def test_busy_time_is_the_union_of_kernel_intervals():
@@ -88,6 +99,8 @@ def test_dense_variant_has_no_moe_layers_and_keeps_the_layer_override():
         ["--warmup"],  # argparse's own usage errors are one line too
         ["--trace", "t.json"],
         ["--profile", "3", "--trace", "/nonexistent/dir/t.json"],
+        ["--profile", "3", "--trace", "."],  # a directory: found before the benchmark, not after it
+        ["--profile", "3", "--trace", "/proc/seektrain_test_trace.json"],  # unwritable, even for root
         ["--cuda-graphs", "--activation-checkpointing"],
         ["--cuda-graphs", "--no-compile"],
     ],

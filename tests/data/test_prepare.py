@@ -13,9 +13,10 @@ from tokenizers import Tokenizer
 
 from seektrain.data.clean import CleanConfig
 from seektrain.data.merge import merge
-from seektrain.data.prepare import _recover_interrupted, prepare
-from seektrain.data.shards import load_manifest
+from seektrain.data.prepare import prepare
+from seektrain.data.shards import MANIFEST, load_manifest
 from seektrain.errors import UserError
+from seektrain.paths import recover_interrupted
 
 
 def _documents(data_dir, split):
@@ -170,7 +171,7 @@ def test_interrupted_runs_are_cleaned_up(prepared, tmp_path, corpus_docs):
     (tmp_path / f".out.tmp-{dead}").mkdir()  # a prepare killed while writing
     shutil.copytree(data_dir, tmp_path / f".out.old-{dead}")  # one killed between the two renames of the swap
     (tmp_path / ".out.tmp-1").mkdir()  # pid 1 is alive: not ours to touch
-    _recover_interrupted(tmp_path / "out")
+    recover_interrupted(tmp_path / "out", MANIFEST)
     assert (tmp_path / "out/manifest.json").read_bytes() == (data_dir / "manifest.json").read_bytes()
     prepare(small_config([src], tmp_path / "out", tokenizer=str(data_dir / "tokenizer.json")))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-1", "out", "src"]

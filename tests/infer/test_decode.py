@@ -147,6 +147,19 @@ def test_sampler_filters():
     assert torch.equal(sample_next(logits, SamplingConfig(temperature=2.0, top_p=1e-6), gen), greedy)
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_tiny_temperature_samples_the_greedy_token(temperature, dtype):
+    """logits / 1e-40 overflowed to ±inf in fp32 and the softmax gave nan (multinomial raised); a
+    temperature that small is in effect greedy, with or without the filters."""
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(4, 100, generator=gen) * 3).to(dtype)
+    greedy = logits.argmax(-1)
+    for options in (dict(), dict(top_k=5), dict(top_p=0.5)):
+        cfg = SamplingConfig(temperature=temperature, **options)
+        assert torch.equal(sample_next(logits, cfg, gen), greedy), options
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

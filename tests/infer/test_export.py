@@ -251,3 +251,77 @@ def test_import_of_damaged_weights_is_one_error_line(exported, tmp_path, seektra
         code, out, err = seektrain("import", "--hf", src, "--out", tmp_path / f"run_{src.name}")
         assert code == 2 and len(err.splitlines()) == 1 and words in err, err
         assert not (tmp_path / f"run_{src.name}").exists()
+
+
+def test_export_and_import_into_a_folder_that_cannot_be_written_are_one_error_line(
+    trained_run, exported, seektrain
+):
+    """A folder without write permission (or, as here, where the tests run as root, a special filesystem)
+    used to end in a traceback from the temp directory's mkdir."""
+    for argv in (
+        ("export", "--run", trained_run, "--out", "/proc/seektrain_test_export"),
+        ("import", "--hf", exported, "--out", "/proc/seektrain_test_import"),
+    ):
+        code, out, err = seektrain(*argv)
+        assert code == 2 and out == "" and len(err.splitlines()) == 1, err
+        assert err.startswith(f"error: cannot write {argv[-1]}: "), err
+
+
+@pytest.mark.parametrize("size", ["inf", "nan", "0", "-1"])
+def test_max_shard_gb_must_be_a_finite_positive_number(trained_run, tmp_path, seektrain, size):
+    argv = ["export", "--run", trained_run, "--out", tmp_path / "hf", "--max-shard-gb", size]
+    code, out, err = seektrain(*argv)
+    assert code == 2 and len(err.splitlines()) == 1 and "--max-shard-gb must be a finite positive" in err, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_import_of_a_config_that_is_not_a_json_object_is_one_error_line(exported, tmp_path, seektrain):
+    src = tmp_path / "listed"
+    src.mkdir()
+    for f in exported.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    (src / "config.json").write_text("[1, 2]\n")
+    code, out, err = seektrain("import", "--hf", src, "--out", tmp_path / "run")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"{src / 'config.json'} is not a JSON object" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_during_export_removes_the_temp_directory(trained_run, tmp_path):
+    """SIGTERM (kill, a scheduler) is handled as Ctrl-C is: the hidden temp directory goes, exit 143.
+    One shard per tensor keeps the export writing for about a second after its temp directory appears."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "hf"
+    argv = ["export", "--run", trained_run, "--out", out, "--max-shard-gb", "1e-9", "--dtype", "fp32"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "seektrain", *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".hf.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=120)
+    err = proc.stderr.read().decode()
+    assert code == 128 + signal.SIGTERM and err == "terminated\n", (code, err)
+    assert not list(tmp_path.iterdir())  # neither the target nor a temp directory
+
+
+def test_export_removes_what_a_killed_one_left(trained_run, tmp_path, seektrain):
+    """A SIGKILLed export cannot clean up: the next export to that target removes its temp directory
+    (as prepare does), and leaves one of a live process alone."""
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    stale = tmp_path / f".hf.tmp-{int(dead.stdout)}"
+    (stale / "checkpoints").mkdir(parents=True)
+    live = tmp_path / f".hf.tmp-{os.getppid()}"
+    live.mkdir()
+    code, out, err = seektrain("export", "--run", trained_run, "--out", tmp_path / "hf", "--dtype", "fp32")
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["hf", live.name])

@@ -37,6 +37,14 @@ def test_seeded_sampling_from_the_cli_is_reproducible(trained_run, seektrain):
     assert seektrain(*args, "--no-cache") == first  # the full-forward reference path samples the same
 
 
+def test_a_tiny_temperature_generates_the_greedy_text(trained_run, seektrain):
+    """--temperature 1e-40 is valid and in effect greedy (it used to end in a RuntimeError about inf/nan
+    probabilities after the prompt was printed)."""
+    args = ["generate", "--run", trained_run, "--prompt", "def ", "--max-new-tokens", "12", "--seed", "0"]
+    greedy = seektrain(*args, "--temperature", "0")
+    assert greedy[0] == 0 and seektrain(*args, "--temperature", "1e-40") == greedy
+
+
 def test_bad_input_gives_one_error_line(trained_run, tmp_path, seektrain):
     truncated = tmp_path / "truncated" / "checkpoints" / "step_00000001"
     shutil.copytree(next((trained_run / "checkpoints").iterdir()), truncated)
@@ -48,6 +56,8 @@ def test_bad_input_gives_one_error_line(trained_run, tmp_path, seektrain):
         "exceeds the model's context of 2048 tokens": ["--run", trained_run, "--prompt", "word " * 3000],
         "--temperature must be >= 0": ["--run", trained_run, "--prompt", "x", "--temperature", "-1"],
         "the prompt is empty": ["--run", trained_run, "--prompt", ""],
+        # bytes that are not UTF-8 (`--prompt $'abc\xff'`) reach argv as a lone surrogate
+        "--prompt is not valid UTF-8 text": ["--run", trained_run, "--prompt", "abc\udcff"],
     }
     for message, args in cases.items():
         code, out, err = seektrain("generate", *args)

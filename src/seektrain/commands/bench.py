@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from seektrain.errors import UserError
@@ -63,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--{name} must be 0 or more, got {getattr(args, name)}")
     if args.trace and not args.profile:
         raise UserError("--trace writes the profiled step's timeline: add --profile ROWS")
-    if args.trace and not Path(args.trace).resolve().parent.is_dir():
-        raise UserError(f"--trace {args.trace}: no such directory {Path(args.trace).resolve().parent}")
+    if args.trace:
+        check_trace_target(args.trace)
     if args.cuda_graphs and args.compile is False:
         raise UserError("--cuda-graphs replays the compiled blocks: drop --no-compile")
     if args.cuda_graphs and args.activation_checkpointing != "none":
@@ -103,3 +104,20 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(key, "—" if value is None else str(value))
     Console().print(table)
     return 0
+
+
+def check_trace_target(trace: str) -> None:
+    """The trace is written after the whole benchmark: a path that cannot take it fails now, with one
+    line. The folder is probed with a file that vanishes on close, since permission bits say nothing to
+    root and nothing about a read-only or special filesystem."""
+    path = Path(trace)
+    folder = path.resolve().parent
+    if path.is_dir():
+        raise UserError(f"--trace {trace} is a directory: name a file, e.g. {path / 'trace.json'}")
+    if not folder.is_dir():
+        raise UserError(f"--trace {trace}: no such directory {folder}")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"--trace {trace}: cannot write in {folder}: {e.strerror}") from e

@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from seektrain.infer.kv_cache import latent_bytes_per_token, naive_bytes_per_token
     from seektrain.infer.runs import load_run, run_tokenizer
 
+    check_prompt(args.prompt)
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -93,3 +94,14 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def check_prompt(prompt: str) -> None:
+    """UserError unless --prompt is text: bytes that are not UTF-8 reach argv as lone surrogates, which
+    neither the tokenizer nor stdout can take (checked before anything is loaded or printed)."""
+    from seektrain.errors import UserError
+
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError("--prompt is not valid UTF-8 text") from e

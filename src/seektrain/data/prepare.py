@@ -47,7 +47,7 @@ from seektrain.data.tokenizer import (
     train_bpe,
 )
 from seektrain.errors import UserError
-from seektrain.paths import check_dir_target
+from seektrain.paths import check_dir_target, recover_interrupted
 
 DEDUP_MODES = ("none", "exact", "minhash")
 REPORT = "prepare_report.json"
@@ -300,29 +300,6 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _recover_interrupted(out: Path) -> None:
-    """Clean up after a prepare that was killed: delete its temp dir; if it died between the two renames
-    of the swap, put the previous complete data dir back in place."""
-    for leftover in sorted(out.parent.glob(f".{out.name}.*-*")):
-        kind, _, pid = leftover.name[len(out.name) + 2 :].partition("-")
-        if kind not in ("tmp", "old") or not pid.isdigit() or _pid_alive(int(pid)):
-            continue
-        if kind == "old" and not out.exists() and (leftover / MANIFEST).exists():
-            os.replace(leftover, out)
-        else:
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
 def resolve_out(out_dir: str) -> Path:
     """The real absolute path to write `out_dir` to: a symlink is followed (the link then points at the new
     data, and the temp dir sits on its target's filesystem); a dangling one is refused, as its target may
@@ -371,7 +348,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     t0 = time.perf_counter()
     out = resolve_out(cfg.out_dir)
     if out.parent.is_dir():
-        _recover_interrupted(out)
+        recover_interrupted(out, MANIFEST)
     check_out_dir(out, [i for i in cfg.inputs if i != STDLIB])
     files = discover(cfg.inputs)[cfg.slice_index :: cfg.num_slices]
     if not files:

@@ -43,7 +43,7 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
     """logits (B, V) -> next token ids (B,) int64."""
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / cfg.temperature
+    logits = _scale(logits, cfg.temperature)
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
         kth = logits.topk(cfg.top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -57,6 +57,14 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
         )
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _scale(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature without inf - inf = nan for a tiny temperature: shifted so that the largest is
+    0 (0 / t stays 0, the rest tend to -inf, so a near-0 temperature picks the greedy token), in fp64,
+    where every positive Python float stays positive (in fp32, 1e-46 would round to 0 and give 0 / 0)."""
+    logits = logits.double()
+    return (logits - logits.amax(dim=-1, keepdim=True)) / temperature
 
 
 def generate(
