@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from seektrain.errors import UserError
+from seektrain.errors import UserError, first_line
 from seektrain.paths import check_dir_target, recover_interrupted
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -162,9 +162,14 @@ def _check_empty_target(out: Path, what: str) -> None:
 def _build_atomically(out: Path, write) -> Path:
     """Call write(tmp) on a temporary sibling of `out`, then rename it to `out` (an absent or empty dir)."""
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    from safetensors import SafetensorError
+
     try:
         _make_temp_dir(out, tmp)
-        write(tmp)
+        try:
+            write(tmp)
+        except (OSError, SafetensorError) as e:  # a full disk or a quota, halfway through
+            raise UserError(f"cannot write {out}: {first_line(e)}") from e
         _make_readable(tmp)
         _check_empty_target(out, "target")  # it may have been filled meanwhile
         os.replace(tmp, out)  # POSIX rename replaces an empty directory

@@ -325,3 +325,22 @@ def test_export_removes_what_a_killed_one_left(trained_run, tmp_path, seektrain)
     code, out, err = seektrain("export", "--run", trained_run, "--out", tmp_path / "hf", "--dtype", "fp32")
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["hf", live.name])
+
+
+def test_a_write_that_fails_halfway_is_one_error_line_and_leaves_nothing(trained_run, tmp_path):
+    """A full disk, simulated by a 1 MiB limit on file size (RLIMIT_FSIZE, with SIGXFSZ ignored so the
+    write fails with EFBIG instead of killing the process): one error line, no temp directory left."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+        "from seektrain.cli import main\n"
+        f"sys.exit(main(['export', '--run', {str(trained_run)!r}, '--out', {str(tmp_path / 'hf')!r}]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: cannot write {tmp_path / 'hf'}: ") and "too large" in proc.stderr
+    assert not list(tmp_path.iterdir())
