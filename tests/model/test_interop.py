@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -205,6 +206,24 @@ def test_published_v3_config_reads_as_the_v3_preset():
     fp8 = {**PUBLISHED_V3, "quantization_config": {"quant_method": "fp8", "fmt": "e4m3"}}
     with pytest.raises(UserError, match="fp8-quantized"):
         config_from_hf(fp8)
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"rope_parameters": [1]}, "rope_parameters=[1]; expected an object"),
+        ({"rope_scaling": "yarn"}, "rope_scaling='yarn'; expected an object"),
+        ({"quantization_config": "fp8"}, "quantization_config='fp8'; expected an object"),
+        ({"rope_theta": "10000"}, "rope_theta='10000'; expected a number"),
+        ({"num_nextn_predict_layers": 1.5}, "num_nextn_predict_layers=1.5; expected an integer"),
+    ],
+)
+def test_a_config_json_with_a_wrongly_typed_entry_is_one_error_line(change, words):
+    """These were AttributeError / ValueError tracebacks from `seektrain import`."""
+    from seektrain.model.hf import config_from_hf
+
+    with pytest.raises(UserError, match=re.escape(words)):
+        config_from_hf({**PUBLISHED_V3, **change})
 
 
 def test_directory_saved_by_transformers_loads_back(tmp_path):

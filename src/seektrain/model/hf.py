@@ -173,7 +173,7 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
             f"config.json has model_type {d.get('model_type')!r}; only 'deepseek_v3' can be imported"
         )
     if d.get("quantization_config"):
-        method = d["quantization_config"].get("quant_method", "?")
+        method = _table(d, "quantization_config").get("quant_method", "?")
         raise UserError(f"config.json describes a {method}-quantized checkpoint; dequantize it to bf16 first")
     for key, want in (("rope_interleave", True), ("attention_bias", False), ("hidden_act", "silu"),
                       ("scoring_func", "sigmoid")):  # fmt: skip
@@ -185,9 +185,8 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
     kw["topk_group"] = kw.get("topk_group") or 1
     if isinstance(kw.get("eos_token_id"), list):
         kw["eos_token_id"] = kw["eos_token_id"][0]
-    rope = d.get("rope_parameters") or {}
-    legacy = d.get("rope_scaling") or {}
-    kw["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+    rope, legacy = _table(d, "rope_parameters"), _table(d, "rope_scaling")
+    kw["rope_theta"] = _number("rope_theta", rope.get("rope_theta", d.get("rope_theta", 10000.0)), float)
     kind = rope.get("rope_type") or legacy.get("type") or legacy.get("rope_type") or "default"
     if kind == "yarn":
         src = rope if rope.get("rope_type") == "yarn" else legacy
@@ -197,7 +196,23 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
         }
     elif kind != "default":
         raise UserError(f"config.json uses rope type {kind!r}; seektrain supports 'default' and 'yarn'")
-    kw["num_mtp_layers"] = int(d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 0)) or 0)
-    kw.update(d.get("seektrain", {}))
+    mtp = d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 0)) or 0
+    kw["num_mtp_layers"] = _number("num_nextn_predict_layers", mtp, int)
+    kw.update(_table(d, "seektrain"))
     return ModelConfig.from_dict(kw)
+
+
+def _table(d: dict[str, Any], key: str) -> dict[str, Any]:
+    """A nested object of config.json ({} when absent or null); one error line when it is another type."""
+    value = d.get(key) or {}
+    if not isinstance(value, dict):
+        raise UserError(f"config.json has {key}={value!r}; expected an object")
+    return value
+
+
+def _number(key: str, value: Any, kind: type) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or kind(value) != value:
+        expected = "an integer" if kind is int else "a number"
+        raise UserError(f"config.json has {key}={value!r}; expected {expected}")
+    return kind(value)
 
