@@ -176,6 +176,22 @@ def test_eval_epoch_is_finite_and_split_across_ranks(prepared):
     assert rows == sorted(tuple(row.tolist()) for x in full for row in x)
 
 
+def test_ranks_taking_turns_read_the_one_process_pass(prepared):
+    """micro_batches(range(r, n, R)) for r < R, interleaved, is epoch()'s pass in one process, the short
+    last micro-batch included."""
+    data_dir, _ = prepared
+    ld = TokenLoader(data_dir, "val", seq_len=T, micro_batch_size=3, shuffle=False)
+    full = list(ld.epoch())
+    assert len(full[-1][0]) < 3 or ld.num_sequences % 3 == 0
+    got = {}
+    for rank in range(2):
+        mine = range(rank, len(full), 2)
+        got.update(zip(mine, ld.micro_batches(mine), strict=True))
+    assert sorted(got) == list(range(len(full)))
+    for i, (want_x, want_y) in enumerate(full):
+        assert torch.equal(got[i][0], want_x) and torch.equal(got[i][1], want_y)
+
+
 def test_bad_shapes_and_missing_or_corrupt_data(prepared, tmp_path):
     data_dir, _ = prepared
     with pytest.raises(UserError, match="multiple of micro batch size"):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +238,15 @@ class TokenLoader:
         self.position, self.micro = consumed, micro
 
     # --- one finite pass (evaluation) ----------------------------------------------------------------
+    def micro_batches(self, indices: Iterable[int]) -> Iterator:
+        """The micro-batches at `indices` of one in-order pass over the split, as one process numbers them
+        (batch i holds windows [i·mb, (i+1)·mb), the last one may be short): ranks that take turns at
+        scoring a split read only their own batches."""
+        for i in indices:
+            start = i * self.micro_batch_size
+            stop = min(start + self.micro_batch_size, self.num_sequences)
+            yield self._gather(self._window_ids(np.arange(start, stop, dtype=np.int64)))
+
     def epoch(self) -> Iterator:
         """One pass over the split's windows (epoch 0 order), this rank's share of each global batch;
         the last global batch may be short and split unevenly."""

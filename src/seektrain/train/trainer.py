@@ -15,7 +15,6 @@ fails on all ranks or none (`agree`), so a bad input is reported once, by rank 0
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import os
 import random
@@ -442,7 +441,7 @@ class Trainer:
         n_batches = -(-val.num_sequences // t.micro_batch_size)
         if t.eval_batches:
             n_batches = min(n_batches, t.eval_batches)
-        mine = itertools.islice(val.epoch(), rank, n_batches, ranks)
+        mine = val.micro_batches(range(rank, n_batches, ranks))
         model = self.stepper.model
         model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, target count)
