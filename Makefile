@@ -1,6 +1,7 @@
 # Two entry points (see README): `make train` runs the main job, `make test` runs the suite.
 # Both create .venv and install what they need; on a machine without an NVIDIA GPU the CPU build
-# of torch is installed first so that pip never pulls the multi-GB CUDA build.
+# of torch is installed first so that pip never pulls the multi-GB CUDA build. PyPI has no `+cpu`
+# build: the first try takes one where pip already finds it (a local wheel), else torch's CPU index.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,7 +16,9 @@ $(STAMP): pyproject.toml
 	  echo "NVIDIA GPU found: installing torch from PyPI (CUDA build)"; $(BIN)/pip install -q "torch>=2.6"; \
 	else \
 	  echo "no GPU: installing the CPU build of torch"; \
-	  $(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q "torch>=2.6" --index-url https://download.pytorch.org/whl/cpu; \
+	  $(BIN)/pip install -q "torch==2.13.0+cpu" 2>/dev/null \
+	    || $(BIN)/pip install -q "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu \
+	    || $(BIN)/pip install -q "torch>=2.6" --index-url https://download.pytorch.org/whl/cpu; \
 	fi
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
