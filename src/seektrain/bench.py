@@ -133,7 +133,7 @@ def run_bench(cfg: BenchConfig, device: torch.device | None = None) -> dict:
         "tokens_per_s": round(tokens_per_s),
         "tflops": round(tflops, 2),
         "mfu": round(tflops * 1e12 / peak, 4) if peak else None,
-        "peak_mem_gib": round(memory_gib(device), 2) if device.type == "cuda" else None,
+        "peak_mem_gib": round(memory_gib(device), 2),  # on CPU the process's peak RSS, as in the trainer
         "loss": round(loss, 4),
         "graph_breaks": sum(counters["graph_break"].values()) if cfg.compile else None,
         # graphs inductor declined to record (reasons in its log); the code then runs without them

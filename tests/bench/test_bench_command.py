@@ -21,6 +21,7 @@ def test_bench_json_reports_a_training_step(capsys):
     # tokens_per_s is rounded to an integer (±0.5) and step_ms to 0.1 ms (±0.05)
     assert result["tokens_per_s"] == pytest.approx(2 * 16 / (result["step_ms"] / 1e3), rel=0.01, abs=0.5)
     assert result["mfu"] is None  # no known peak on CPU
+    assert result["peak_mem_gib"] >= 0.05  # the process's peak RSS: torch alone takes more than 50 MiB
     assert 0 < result["loss"] < 20
 
 
