@@ -30,7 +30,11 @@ bench 180 --preset "$PRESET" --cuda-graphs --profile 40 2> >(tail -n 55 >> "$OUT
 echo "== seektrain small (MoE), compiled, CUDA graphs, AdamW moments in bf16 (optim.state_dtype)"
 bench 150 --preset "$PRESET" --cuda-graphs --optimizer-states bf16
 echo "== transformers peer"
-timeout 150 $PY .gpu/peer_transformers.py ${PEER_ARGS:-} | tee "$OUT/peer.txt"
+if [ -f .gpu/peer_transformers.py ]; then
+  timeout 150 $PY .gpu/peer_transformers.py ${PEER_ARGS:-} | tee "$OUT/peer.txt"
+else
+  echo "skipped: copy the team's shared/bench/peer_transformers.py to .gpu/ first"
+fi
 echo "== seektrain dense (MoE off, 24 layers ~ the 375M Llama peer), compiled, CUDA graphs, with a profile"
 echo "== dense" >> "$OUT/profiles.txt"
 bench 150 --preset "$PRESET" --dense --layers "${DENSE_LAYERS:-24}" --cuda-graphs --profile 30 \
