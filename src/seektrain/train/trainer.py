@@ -519,8 +519,10 @@ class Trainer:
             return stop.signum is not None
         flag = torch.tensor([stop.signum or 0], device=self.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        stop.signum = int(flag) or None
-        return stop.signum is not None
+        if not int(flag):
+            return False  # and a signal that came in during the all-reduce stays set, for the next step
+        stop.signum = int(flag)
+        return True
 
     def _announce(self) -> None:
         m, t = self.model_cfg, self.cfg.train
