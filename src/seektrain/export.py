@@ -149,7 +149,7 @@ def _claim_target(out: Path, what: str) -> None:
     """`_check_empty_target`, after removing the temp directory a killed export or import (SIGKILL, a
     power cut) left beside `out`, as a later prepare does for a killed one."""
     if out.parent.is_dir():
-        recover_interrupted(out, "config.json")
+        recover_interrupted(out)  # its own `.tmp-` dirs only: export and import never swap
     _check_empty_target(out, what)
 
 
@@ -161,14 +161,18 @@ def _check_empty_target(out: Path, what: str) -> None:
 
 def _build_atomically(out: Path, write) -> Path:
     """Call write(tmp) on a temporary sibling of `out`, then rename it to `out` (an absent or empty dir)."""
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     from safetensors import SafetensorError
 
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         _make_temp_dir(out, tmp)
         try:
             write(tmp)
-        except (OSError, SafetensorError) as e:  # a full disk or a quota, halfway through
+        except OSError as e:  # a full disk or a quota halfway through; or an input that went away
+            source = e.filename and not Path(e.filename).is_relative_to(tmp)
+            what = f"read {e.filename}" if source else f"write {out}"
+            raise UserError(f"cannot {what}: {e.strerror or first_line(e)}") from e
+        except SafetensorError as e:  # safetensors' own writer: its I/O errors carry no file name
             raise UserError(f"cannot write {out}: {first_line(e)}") from e
         _make_readable(tmp)
         _check_empty_target(out, "target")  # it may have been filled meanwhile

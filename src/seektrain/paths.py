@@ -23,22 +23,25 @@ def check_dir_target(path: str | Path, what: str) -> None:
             return
 
 
-def recover_interrupted(out: Path, complete_marker: str) -> None:
+def recover_interrupted(out: Path, swap_marker: str | None = None) -> None:
     """Clean up beside `out` after a command that was killed (SIGKILL, a power cut) while building it
-    under a temporary sibling name (`.NAME.tmp-PID`): delete that temp dir; if it died between the two
-    renames of a swap, put the previous complete dir (`.NAME.old-PID` holding `complete_marker`) back.
-    Leftovers of a process that is still running are not touched."""
+    under a temporary sibling name (`.NAME.tmp-PID`): delete that temp dir. With `swap_marker` (for a
+    command that swaps a complete dir in: prepare), one that died between the two renames of its swap gets
+    the previous complete dir (`.NAME.old-PID` holding that file) put back; without it, `.old-` dirs are
+    left alone. Leftovers of a process that is still running are not touched."""
+    kinds = ("tmp", "old") if swap_marker else ("tmp",)
     for leftover in sorted(out.parent.glob(f".{out.name}.*-*")):
         kind, _, pid = leftover.name[len(out.name) + 2 :].partition("-")
-        if kind not in ("tmp", "old") or not pid.isdigit() or _pid_alive(int(pid)):
+        if kind not in kinds or not pid.isdigit() or _pid_alive(int(pid)):
             continue
-        if kind == "old" and not out.exists() and (leftover / complete_marker).exists():
+        if kind == "old" and not out.exists() and (leftover / swap_marker).exists():
             os.replace(leftover, out)
         else:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (signal 0 checks without sending)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

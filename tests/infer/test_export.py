@@ -322,9 +322,12 @@ def test_export_removes_what_a_killed_one_left(trained_run, tmp_path, seektrain)
     (stale / "checkpoints").mkdir(parents=True)
     live = tmp_path / f".hf.tmp-{os.getppid()}"
     live.mkdir()
+    swapped = tmp_path / f".hf.old-{int(dead.stdout)}"  # a killed prepare's previous data: not export's
+    swapped.mkdir()
+    (swapped / "manifest.json").write_text("{}")
     code, out, err = seektrain("export", "--run", trained_run, "--out", tmp_path / "hf", "--dtype", "fp32")
     assert code == 0, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["hf", live.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["hf", live.name, swapped.name])
 
 
 def test_a_write_that_fails_halfway_is_one_error_line_and_leaves_nothing(trained_run, tmp_path):
