@@ -280,7 +280,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
-        return _apply(cls(), d, "from_dict").validate()
+        return _apply(cls(), d, "").validate()
 
     def to_toml(self) -> str:
         return dumps_toml(self.to_dict())
@@ -410,11 +410,7 @@ def _check_fraction_schedule(entries: list, key: str, value_name: str) -> None:
 
     last = -math.inf
     for entry in entries:
-        ok = (
-            isinstance(entry, list)
-            and len(entry) == 2
-            and all(is_finite_number(v) for v in entry)
-        )
+        ok = isinstance(entry, list) and len(entry) == 2 and all(is_finite_number(v) for v in entry)
         if not ok or not (0 <= entry[0] <= 1 and entry[0] > last) or entry[1] < 0:
             raise UserError(
                 f"{key}: bad entry {entry!r}; expected [[fraction, {value_name}], …] with increasing "

@@ -370,3 +370,15 @@ def test_a_non_finite_last_step_rolls_back_rather_than_ending_the_run(make, tmp_
     rollbacks = [r for r in read_metrics(run / "metrics.jsonl") if r.get("event") == "rollback"]
     assert len(rollbacks) == 1 and rollbacks[0]["at_step"] == 6 and "last step" in rollbacks[0]["reason"]
     assert tr.counters.step == 6 and all(torch.isfinite(p).all() for p in tr.model.parameters())
+
+
+def test_a_resume_rewrites_older_bare_nan_lines_as_strict_json(tmp_path):
+    """metrics.jsonl of a run from before the strict-JSON change holds bare NaN; the lines a resume keeps
+    come back strict, and the lines past the checkpoint (and a line cut by a kill) go."""
+    from seektrain.train.metrics import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    lines = ['{"step": 1, "loss": NaN}', '{"step": 2, "loss": 2.5}', '{"step": 3, "loss": 2.0}', '{"st']
+    path.write_text("\n".join(lines))
+    truncate_metrics(path, keep_through_step=2)
+    assert path.read_text() == '{"step": 1, "loss": null}\n{"step": 2, "loss": 2.5}\n'

@@ -190,9 +190,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """The state dict saved by `CheckpointManager.save` (tensors on CPU)."""
     try:
         return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # torch's message would advise weights_only=False: not for a damaged file
-        damaged = f"{STATE_FILE} is damaged or not a checkpoint"
-        raise UserError(f"cannot read checkpoint {path}: {damaged}") from None
+    except pickle.UnpicklingError as e:  # torch's message advises weights_only=False: not for this file
+        why = next((line.split("error: ", 1)[-1].split(". ")[0] for line in str(e).splitlines()
+                    if "Unsupported global" in line), "damaged or not a checkpoint")  # fmt: skip
+        raise UserError(f"cannot read checkpoint {path}: {STATE_FILE}: {why}") from None
     except Exception as e:  # truncated or foreign file
         raise UserError(f"cannot read checkpoint {path}: {first_line(e)}") from None
 

@@ -211,6 +211,7 @@ def _table(d: dict[str, Any], key: str) -> dict[str, Any]:
 
 
 def _number(key: str, value: Any, kind: type) -> Any:
+    """A config.json number as `kind` (int or float); one error line for a string, bool or fraction."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or kind(value) != value:
         expected = "an integer" if kind is int else "a number"
         raise UserError(f"config.json has {key}={value!r}; expected {expected}")

@@ -84,8 +84,8 @@ def truncate_metrics(path: Path, keep_through_step: int) -> None:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a kill -9
-        if record.get("step", math.inf) <= keep_through_step:
-            kept.append(line + "\n")
+        if record.get("step", math.inf) <= keep_through_step:  # rewritten strict (older runs wrote NaN)
+            kept.append(json.dumps(strict_json(record), allow_nan=False) + "\n")
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)

@@ -60,6 +60,7 @@ class Counters:
 
 
 def _check_sharded_fp16(cfg: RunConfig, dist: DistEnv, whose: str = "") -> None:
+    """fp16's loss scaler needs the whole gradient to find an overflow: refused with FSDP/HSDP shards."""
     if dist.distributed and cfg.parallel.dp_mode != "ddp" and cfg.train.precision == "fp16":
         raise UserError(
             f"{whose}train.precision=fp16 with parallel.dp_mode={cfg.parallel.dp_mode} is not supported "
@@ -447,8 +448,8 @@ class Trainer:
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, target count)
         for _ in range(-(-n_batches // ranks)):
             x, y = next(mine, (None, None))
-            if x is None:
-                x = torch.zeros(1, self.cfg.data.seq_len, dtype=torch.int64)
+            if x is None:  # a training micro-batch's shape: no new shape for compiled blocks to take
+                x = torch.zeros(t.micro_batch_size, self.cfg.data.seq_len, dtype=torch.int64)
                 y = torch.full_like(x, IGNORE_INDEX)
             if self.stepper.cuda_graphs:
                 # One graph generation per forward. Unmarked, every block call without a pending backward
