@@ -30,8 +30,9 @@ def recover_interrupted(out: Path, swap_marker: str | None = None) -> None:
     the previous complete dir (`.NAME.old-PID` holding that file) put back; without it, `.old-` dirs are
     left alone. Leftovers of a process that is still running are not touched."""
     kinds = ("tmp", "old") if swap_marker else ("tmp",)
-    for leftover in sorted(out.parent.glob(f".{out.name}.*-*")):
-        kind, _, pid = leftover.name[len(out.name) + 2 :].partition("-")
+    prefix = f".{out.name}."  # compared as text: a name may hold glob characters (`data[1]`, `d?`)
+    for leftover in sorted(p for p in out.parent.iterdir() if p.name.startswith(prefix)):
+        kind, _, pid = leftover.name[len(prefix) :].partition("-")
         if kind not in kinds or not pid.isdigit() or _pid_alive(int(pid)):
             continue
         if kind == "old" and not out.exists() and (leftover / swap_marker).exists():

@@ -190,12 +190,16 @@ def test_ranks_taking_turns_read_the_one_process_pass(prepared):
     assert sorted(got) == list(range(len(full)))
     for i, (want_x, want_y) in enumerate(full):
         assert torch.equal(got[i][0], want_x) and torch.equal(got[i][1], want_y)
+    with pytest.raises(IndexError, match=f"micro-batch {len(full)} of a pass that has {len(full)}"):
+        next(ld.micro_batches([len(full)]))  # not an empty batch
 
 
 def test_bad_shapes_and_missing_or_corrupt_data(prepared, tmp_path):
     data_dir, _ = prepared
     with pytest.raises(UserError, match="multiple of micro batch size"):
         TokenLoader(data_dir, seq_len=T, micro_batch_size=3, global_batch_size=8, world_size=2)
+    with pytest.raises(UserError, match="global_batch_size=-2"):  # was accepted: the position never moved
+        TokenLoader(data_dir, seq_len=T, micro_batch_size=2, global_batch_size=-2)
     with pytest.raises(UserError, match="seektrain prepare"):
         TokenLoader(tmp_path / "nothing", seq_len=T)
     with pytest.raises(UserError, match="fewer than seq_len"):

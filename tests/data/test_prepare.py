@@ -1,5 +1,6 @@
 """prepare end to end on toy corpora: round trip, determinism, sources, atomicity, slices + merge."""
 
+import dataclasses
 import gzip
 import json
 import shutil
@@ -15,6 +16,7 @@ from seektrain.data.clean import CleanConfig
 from seektrain.data.merge import merge
 from seektrain.data.prepare import prepare
 from seektrain.data.shards import MANIFEST, load_manifest
+from seektrain.data.sources import discover
 from seektrain.errors import UserError
 from seektrain.paths import recover_interrupted
 
@@ -120,6 +122,12 @@ def test_bad_jsonl_line_fails_or_is_counted(tmp_path):
         prepare(small_config([tmp_path / "in.jsonl"], tmp_path / "out"))
     report = prepare(small_config([tmp_path / "in.jsonl"], tmp_path / "out", skip_bad_lines=True))
     assert report["bad_jsonl_lines"] == 1 and report["documents_kept"] == 6
+    lines[3] = "[" * 100_000  # nested deeper than json's recursion limit: was a RecursionError traceback
+    (tmp_path / "deep.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=r"deep.jsonl:4: JSONL line is not valid"):
+        prepare(small_config([tmp_path / "deep.jsonl"], tmp_path / "deep"))
+    report = prepare(small_config([tmp_path / "deep.jsonl"], tmp_path / "deep", skip_bad_lines=True))
+    assert report["bad_jsonl_lines"] == 1 and report["documents_kept"] == 6
 
 
 def test_failed_rerun_keeps_existing_data_dir(tmp_path, corpus_docs):
@@ -175,6 +183,14 @@ def test_interrupted_runs_are_cleaned_up(prepared, tmp_path, corpus_docs):
     assert (tmp_path / "out/manifest.json").read_bytes() == (data_dir / "manifest.json").read_bytes()
     prepare(small_config([src], tmp_path / "out", tokenizer=str(data_dir / "tokenizer.json")))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-1", "out", "src"]
+
+    # Names are compared as text, not as glob patterns: `d?` must not take `dx`'s swapped-out data
+    # (it used to be moved into `d?`, then replaced), and `data[1]`'s own leftovers are found.
+    shutil.copytree(data_dir, tmp_path / f".dx.old-{dead}")
+    (tmp_path / f".data[1].tmp-{dead}").mkdir()
+    recover_interrupted(tmp_path / "d?", MANIFEST)
+    recover_interrupted(tmp_path / "data[1]", MANIFEST)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".dx.old-" + str(dead), ".out.tmp-1", "out", "src"]
 
 
 def test_minhash_prepare_drops_near_copies_only(tmp_path):
@@ -300,6 +316,22 @@ def test_parquet_text_column_must_hold_strings_and_nulls_are_counted(tmp_path):
     assert report["dropped"] == {"exact_duplicate": 0, "null_text": 2, "too_short": 1}
 
 
+def test_linked_folders_are_followed_once_and_path_inputs_work(tmp_path, corpus_docs):
+    """A folder linked into an input folder was skipped without a word (os.walk does not follow links);
+    now it is read, and a link back to an ancestor does not loop. `pathlib.Path` inputs reached the
+    manifest as such and failed at the very end (not JSON)."""
+    main = write_corpus(tmp_path / "main", corpus_docs[:3])
+    other = write_corpus(tmp_path / "other", corpus_docs[3:8])
+    (main / "linked").symlink_to(other)
+    (other / "back").symlink_to(tmp_path / "main")  # a cycle through the link
+    found = discover([str(main)])
+    assert len(found) == 8 and len({f.path.resolve() for f in found}) == 8
+    cfg = small_config([main], tmp_path / "out")
+    report = prepare(dataclasses.replace(cfg, inputs=[main]))  # a Path, not a str
+    assert report["documents_in"] == 8
+    assert load_manifest(tmp_path / "out")["sources"]["inputs"] == [str(main)]
+
+
 def test_merge_refuses_a_slice_twice_and_out_over_its_own_input(prepared, tmp_path, corpus_docs):
     data_dir, _ = prepared
     src = write_corpus(tmp_path / "src", corpus_docs[:20])
@@ -314,6 +346,12 @@ def test_merge_refuses_a_slice_twice_and_out_over_its_own_input(prepared, tmp_pa
     with pytest.raises(UserError, match="two copies of one slice"):
         merge([str(parts[0]), str(parts[1]), str(tmp_path / "copy")], str(tmp_path / "merged"))
     shutil.rmtree(tmp_path / "copy")
+    shutil.copytree(parts[1], tmp_path / "broken")
+    shard = next((tmp_path / "broken" / "train").iterdir())
+    shard.unlink()  # was a FileNotFoundError traceback
+    with pytest.raises(UserError, match=f"shard missing: {shard}"):
+        merge([str(parts[0]), str(tmp_path / "broken")], str(tmp_path / "merged"))
+    shutil.rmtree(tmp_path / "broken")
     with pytest.raises(UserError, match="is or holds the input"):
         merge([str(p) for p in parts], str(parts[0]))
     (parts[1] / "more").mkdir()  # text kept inside a data dir, then prepared into that same dir

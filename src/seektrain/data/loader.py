@@ -84,10 +84,16 @@ class TokenLoader:
         if split not in manifest["splits"]:
             raise UserError(f"{data_dir} has no split {split!r} (has: {', '.join(manifest['splits'])})")
         global_batch_size = global_batch_size or micro_batch_size * world_size
-        if seq_len < 1 or micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        if (
+            seq_len < 1
+            or micro_batch_size < 1
+            or global_batch_size < 1
+            or world_size < 1
+            or not 0 <= rank < world_size
+        ):
             raise UserError(
                 f"bad loader shape: seq_len={seq_len}, micro_batch_size={micro_batch_size}, "
-                f"rank={rank}, world_size={world_size}"
+                f"global_batch_size={global_batch_size}, rank={rank}, world_size={world_size}"
             )
         if global_batch_size % (micro_batch_size * world_size):
             raise UserError(
@@ -242,7 +248,10 @@ class TokenLoader:
         """The micro-batches at `indices` of one in-order pass over the split, as one process numbers them
         (batch i holds windows [i·mb, (i+1)·mb), the last one may be short): ranks that take turns at
         scoring a split read only their own batches."""
+        count = -(-self.num_sequences // self.micro_batch_size)
         for i in indices:
+            if not 0 <= i < count:
+                raise IndexError(f"micro-batch {i} of a pass that has {count}")
             start = i * self.micro_batch_size
             stop = min(start + self.micro_batch_size, self.num_sequences)
             yield self._gather(self._window_ids(np.arange(start, stop, dtype=np.int64)))

@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from seektrain.data.prepare import REPORT, _swap_into_place, check_out_dir, make_parent, resolve_out
-from seektrain.data.shards import MANIFEST, atomic_write_json, load_manifest
+from seektrain.data.shards import MANIFEST, atomic_write_json, load_manifest, verify_shards
 from seektrain.errors import UserError
 
 
@@ -35,6 +35,9 @@ def _check_distinct(slice_dirs: list[str], manifests: list[dict]) -> None:
 def merge(slice_dirs: list[str], out_dir: str) -> dict:
     """Join the slices' shards and statistics into `out_dir` (atomically); returns the merged report."""
     manifests = [load_manifest(d) for d in slice_dirs]
+    for d, m in zip(slice_dirs, manifests, strict=True):
+        for split in m["splits"]:  # every shard there, at its size (checksums are kept, read by the loader)
+            verify_shards(d, m, split, checksums=False)
     _check_distinct(slice_dirs, manifests)
     first = manifests[0]
     for d, m in zip(slice_dirs[1:], manifests[1:], strict=True):

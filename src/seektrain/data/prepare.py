@@ -79,8 +79,9 @@ class PrepareConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.inputs, str):
+        if isinstance(self.inputs, (str, os.PathLike)):
             self.inputs = [self.inputs]
+        self.inputs = [os.fspath(i) for i in self.inputs]  # pathlib.Path too (the manifest is JSON)
         if not self.inputs:
             raise UserError("no inputs given")
         if self.dedup not in DEDUP_MODES:

@@ -132,8 +132,14 @@ def discover(inputs: list[str]) -> list[SourceFile]:
                 )
             files.append(_source_file(path, kind))
             continue
-        found = []
-        for dirpath, dirnames, filenames in os.walk(path, onerror=_unreadable_folder):
+        found, seen = [], set()
+        # Linked folders are followed (a corpus assembled from links is read whole), each real folder
+        # once, so a link back to an ancestor cannot loop.
+        for dirpath, dirnames, filenames in os.walk(path, onerror=_unreadable_folder, followlinks=True):
+            if os.path.realpath(dirpath) in seen:
+                dirnames[:] = []
+                continue
+            seen.add(os.path.realpath(dirpath))
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for f in sorted(filenames):
                 p = Path(dirpath) / f
@@ -190,7 +196,7 @@ def iter_jsonl(path: Path, text_field: str, skip_bad_lines: bool, stats: dict) -
             text = obj[text_field]
             if not isinstance(text, str):
                 raise TypeError(f"field {text_field!r} is {type(text).__name__}, not a string")
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: nested too deep
             if skip_bad_lines:
                 stats["bad_jsonl_lines"] = stats.get("bad_jsonl_lines", 0) + 1
                 continue
