@@ -17,11 +17,12 @@ import argparse
 import importlib
 import signal
 import sys
+import threading
 import time
 import traceback
 
 from seektrain.distributed.env import launch_rank, under_torchrun
-from seektrain.errors import UserError, detach_stdout
+from seektrain.errors import Terminated, UserError, detach_stdout
 
 ERROR_GRACE_S = 10.0  # how long a rank > 0 leaves rank 0 to report an error that all ranks share
 
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = _terminate_on_sigterm()
     try:
         return int(args._run(args) or 0)
     except UserError as e:
@@ -87,9 +89,30 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:  # stdout's reader went away (`seektrain generate … | head`): end quietly
         detach_stdout()
         return 128 + signal.SIGPIPE
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_on_sigterm():
+    """SIGTERM (kill, a timeout, a scheduler) is handled as Ctrl-C is: an exception where the program is,
+    so a command cleans up its temp dirs on the way out (the default action would end it on the spot).
+    The trainer sets its own handler while it trains (checkpoint, then exit). Returns the handler to
+    restore, or None off the main thread (which may not set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handle(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup short
+        raise Terminated
+
+    return signal.signal(signal.SIGTERM, handle)
 
 
 def _wait_unless_rank_zero() -> str:

@@ -9,6 +9,11 @@ class UserError(Exception):
     """Bad input (config, paths, data). Raised with a message a user can act on."""
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is (as Ctrl-C raises KeyboardInterrupt), so that the `finally`
+    blocks that remove half-written temp dirs run; a BaseException, so no `except Exception` swallows it."""
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type's name when empty): a library's multi-line
     error must not break the one-line report."""

@@ -13,15 +13,10 @@ weights; without one it holds the weights only (enough for generate, eval and ex
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import shutil
-import signal
-import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -191,35 +186,6 @@ def _make_temp_dir(out: Path, tmp: Path) -> None:
         tmp.mkdir()
     except OSError as e:
         raise UserError(f"cannot write {out}: {e.strerror}") from e
-
-
-class _Terminated(BaseException):
-    """Raised by the SIGTERM handler; a BaseException, so that no `except Exception` on the way out
-    swallows it (as KeyboardInterrupt)."""
-
-
-@contextlib.contextmanager
-def exit_on_sigterm() -> Iterator[None]:
-    """SIGTERM (kill, systemd, a batch scheduler) ends a process without running its `finally` blocks, so
-    an export or import would leave its hidden temp directory behind. Within this block it raises instead,
-    as Ctrl-C raises KeyboardInterrupt: the temp directory goes on the way out, and the process then says
-    `terminated` and exits 143 (128 + SIGTERM)."""
-    if threading.current_thread() is not threading.main_thread():  # only it may set handlers
-        yield
-        return
-
-    def handle(signum, frame) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup short
-        raise _Terminated
-
-    old = signal.signal(signal.SIGTERM, handle)
-    try:
-        yield
-    except _Terminated:
-        print("terminated", file=sys.stderr)
-        raise SystemExit(128 + signal.SIGTERM) from None
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def _make_readable(root: Path) -> None:

@@ -174,3 +174,26 @@ def test_unusable_out_paths_and_inputs_give_one_error_line(run, tmp_path, monkey
             run("--input", src, "--out", tmp_path / "d", "--clean-option", option), "must be at least 1"
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "here", "src"]
+
+
+def test_sigterm_ends_prepare_like_ctrl_c(tmp_path):
+    """SIGTERM (kill, a timeout, a scheduler) used to end prepare on the spot: its temp dir stayed until a
+    later run, and each pool worker printed a traceback. Now: `terminated`, exit 143, nothing left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = ["prepare", "--input", "stdlib", "--out", tmp_path / "out", "--workers", "2", "--no-progress"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "seektrain", *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".out.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(1.0)  # into the cleaning pass, with both workers busy
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=60)
+    err = proc.stderr.read().decode()
+    assert code == 128 + signal.SIGTERM and err.endswith("terminated\n") and "Traceback" not in err, err
+    assert not list(tmp_path.iterdir())

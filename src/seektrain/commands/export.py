@@ -28,19 +28,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from seektrain.errors import UserError
-    from seektrain.export import exit_on_sigterm, export_run
+    from seektrain.export import export_run
 
     if not (args.max_shard_gb > 0 and math.isfinite(args.max_shard_gb)):  # also rejects nan
         raise UserError(f"--max-shard-gb must be a finite positive number, got {args.max_shard_gb}")
-    with exit_on_sigterm():  # its temp directory is removed on SIGTERM too
-        out = export_run(
-            args.run,
-            args.out,
-            dtype=args.dtype,
-            checkpoint=args.checkpoint,
-            max_shard_bytes=int(args.max_shard_gb * 2**30),
-            tokenizer_file=args.tokenizer,
-        )
+    out = export_run(
+        args.run,
+        args.out,
+        dtype=args.dtype,
+        checkpoint=args.checkpoint,
+        max_shard_bytes=int(args.max_shard_gb * 2**30),
+        tokenizer_file=args.tokenizer,
+    )
     print(
         f"exported {args.run} to {out} ({args.dtype}); load it with "
         f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})"

@@ -25,10 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from seektrain.export import exit_on_sigterm, import_hf
+    from seektrain.export import import_hf
 
-    with exit_on_sigterm():  # its temp directory is removed on SIGTERM too
-        out = import_hf(args.hf, args.out, data=args.data, overrides=args.overrides)
+    out = import_hf(args.hf, args.out, data=args.data, overrides=args.overrides)
     follow = (
         f"seektrain train --config {out}/config.toml --run-dir {out}"
         if args.data
