@@ -197,3 +197,18 @@ def test_sigterm_ends_prepare_like_ctrl_c(tmp_path):
     err = proc.stderr.read().decode()
     assert code == 128 + signal.SIGTERM and err.endswith("terminated\n") and "Traceback" not in err, err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_tokenizer_that_cannot_encode_the_corpus_is_one_error_line(run, tmp_path):
+    """A given WordPiece tokenizer without its [UNK] token fails on the first unknown word: that was the
+    library's traceback (from a pool worker too, with --workers 2: the error travels back pickled)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordPiece(vocab={"<|eos|>": 0, "a": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|eos|>"])
+    tok.save(str(tmp_path / "wordpiece.json"))
+    src = write_corpus(tmp_path / "src", make_docs(6, seed=12))
+    result = run("--input", src, "--out", tmp_path / "d", "--tokenizer", tmp_path / "wordpiece.json")
+    _assert_one_error(result, "the tokenizer cannot encode the corpus: WordPiece error: Missing [UNK]")
+    assert not (tmp_path / "d").exists()

@@ -17,6 +17,7 @@ import numpy as np
 
 from seektrain.data.clean import CleanConfig, Cleaned, clean_document
 from seektrain.data.dedup import MinHasher
+from seektrain.errors import UserError, first_line
 
 _state: dict = {}  # this worker process's configuration (set once by the pool initializer)
 
@@ -47,7 +48,10 @@ def tokenize_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of the documents, each followed by EOS: ((N,) ids, (D,) per-document lengths incl. EOS)."""
     tok = _state["tok"]
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast skips offsets (tokenizers >= 0.20)
-    encodings = encode(texts, add_special_tokens=False)
+    try:
+        encodings = encode(texts, add_special_tokens=False)
+    except Exception as e:  # a given tokenizer that cannot encode some text (a WordPiece without [UNK])
+        raise UserError(f"the tokenizer cannot encode the corpus: {first_line(e)}") from None
     lens = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
     ids = np.empty(int(lens.sum()), dtype=_state["dtype"])
     pos = 0
