@@ -111,6 +111,9 @@ def test_cleaning_thresholds_and_special_tokens_from_the_cli(run, tmp_path):
     _assert_one_error(run(*argv, "--clean-option", "max_dup=0.3"), "expected KEY=VALUE with KEY one of")
     _assert_one_error(run(*argv, "--clean-option", "min_chars=many"), "bad value for min_chars")
     _assert_one_error(run(*argv, "--special-tokens", "<s>,<s>,<pad>"), "three distinct special tokens")
+    # plain words or letters: BPE could form them from text, putting special ids inside documents
+    _assert_one_error(run(*argv, "--special-tokens", "BOS,EOS,PAD"), "special token 'BOS' is a piece")
+    _assert_one_error(run(*argv, "--special-tokens", "<s>,b,<pad>"), "special token 'b' is a piece")
 
 
 def test_damaged_gzip_inputs_give_one_error_line(run, tmp_path):

@@ -35,6 +35,21 @@ class TokenizerConfig:
     def __post_init__(self) -> None:
         if self.path is None and not 260 <= self.vocab_size <= 1 << 24:
             raise UserError(f"vocab size must be at least 260 (256 bytes + specials), got {self.vocab_size}")
+        if self.path is None:
+            for token in (self.bos_token, self.eos_token, self.pad_token):
+                if len(_pre_tokenizer().pre_tokenize_str(token)) < 2:
+                    raise UserError(
+                        f"special token {token!r} is a piece ordinary text can form (BPE may learn it from "
+                        f"the corpus, and its id would then appear inside documents): use a bracketed form "
+                        f"such as <|{token.strip('<|>') or 'eos'}|>"
+                    )
+
+
+def _pre_tokenizer():
+    """How a trained BPE cuts text before merging: special tokens must span several of its pieces."""
+    from tokenizers import pre_tokenizers
+
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
 
 def train_bpe(batches: Iterable[list[str]], cfg: TokenizerConfig):
@@ -42,7 +57,7 @@ def train_bpe(batches: Iterable[list[str]], cfg: TokenizerConfig):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = _pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,
