@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -77,9 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    previous = _terminate_on_sigterm()
     try:
-        return int(args._run(args) or 0)
+        previous = _terminate_on_sigterm()
+        try:
+            return int(args._run(args) or 0)
+        finally:  # while an error is reported (a rank waiting for rank 0's), SIGTERM ends it as before
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
     except UserError as e:
         prefix = _wait_unless_rank_zero()
         if args.debug:
@@ -95,20 +100,25 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # stdout's reader went away (`seektrain generate … | head`): end quietly
         detach_stdout()
         return 128 + signal.SIGPIPE
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _terminate_on_sigterm():
     """SIGTERM (kill, a timeout, a scheduler) is handled as Ctrl-C is: an exception where the program is,
     so a command cleans up its temp dirs on the way out (the default action would end it on the spot).
-    The trainer sets its own handler while it trains (checkpoint, then exit). Returns the handler to
-    restore, or None off the main thread (which may not set handlers)."""
-    if threading.current_thread() is not threading.main_thread():
+    The trainer sets its own handler while it trains (checkpoint, then exit). Not in a launched rank
+    (RANK set): a Python handler runs only between bytecodes, so a rank blocked in a rendezvous or a
+    collective would ignore its launcher's SIGTERM until SIGKILL; the default action ends it at once.
+    Returns the handler to restore, or None where none was set (also off the main thread)."""
+    if "RANK" in os.environ or threading.current_thread() is not threading.main_thread():
         return None
 
+    main_pid = os.getpid()
+
     def handle(signum, frame) -> None:
+        if os.getpid() != main_pid:  # a forked worker (prepare's pools): ended as by default, quietly
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup short
         raise Terminated
 

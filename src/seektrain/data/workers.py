@@ -9,7 +9,6 @@ in submission order, so the output never depends on the number of workers.
 from __future__ import annotations
 
 import os
-import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 
@@ -62,13 +61,6 @@ def tokenize_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return ids, lens
 
 
-def _init_worker(initializer: Callable, *initargs) -> None:
-    """A worker takes SIGTERM's default action: the pool ends its workers with SIGTERM, and the CLI's
-    handler (inherited through fork) would make each print a traceback instead of exiting."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    initializer(*initargs)
-
-
 def ordered_map(
     fn: Callable, tasks: Iterable, workers: int, initializer: Callable, initargs: tuple
 ) -> Iterator:
@@ -81,8 +73,7 @@ def ordered_map(
     import multiprocessing as mp
 
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    context = mp.get_context(method)
-    with context.Pool(workers, initializer=_init_worker, initargs=(initializer, *initargs)) as pool:
+    with mp.get_context(method).Pool(workers, initializer=initializer, initargs=initargs) as pool:
         pending: deque = deque()
         for task in tasks:
             pending.append(pool.apply_async(fn, (task,)))
