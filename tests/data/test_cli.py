@@ -82,6 +82,7 @@ def test_slices_and_merge_from_the_cli(run, tmp_path):
         assert rc == 0
     rc, out, _ = run("--merge", tmp_path / "p0", tmp_path / "p1", "--out", tmp_path / "merged")
     assert rc == 0 and "merged 2 slices" in out and "kept      12 documents" in out
+    assert "uint16 ids" in out  # as prepare prints it (was the manifest's `<u2`)
     whole = json.loads((tmp_path / "whole/manifest.json").read_text())["splits"]
     merged = json.loads((tmp_path / "merged/manifest.json").read_text())["splits"]
     assert {s: v["tokens"] for s, v in merged.items()} == {s: v["tokens"] for s, v in whole.items()}

@@ -12,6 +12,8 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from seektrain.data.prepare import REPORT, _swap_into_place, check_out_dir, make_parent, resolve_out
 from seektrain.data.shards import MANIFEST, atomic_write_json, load_manifest, verify_shards
 from seektrain.errors import UserError
@@ -94,7 +96,7 @@ def merge(slice_dirs: list[str], out_dir: str) -> dict:
             "documents": {s: v["documents"] for s, v in splits.items()},
             "shards": {s: len(v["shards"]) for s, v in splits.items()},
             "vocab_size": first["vocab_size"],
-            "dtype": first["dtype"],
+            "dtype": np.dtype(first["dtype"]).name,  # as prepare's report says it: uint16, not <u2
             "tokenizer_trained": False,
             "workers": 1,
             "seconds": {"total": 0.0},
