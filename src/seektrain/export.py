@@ -143,8 +143,7 @@ def import_hf(
 def _claim_target(out: Path, what: str) -> None:
     """`_check_empty_target`, after removing the temp directory a killed export or import (SIGKILL, a
     power cut) left beside `out`, as a later prepare does for a killed one."""
-    if out.parent.is_dir():
-        recover_interrupted(out)  # its own `.tmp-` dirs only: export and import never swap
+    recover_interrupted(out)  # its own `.tmp-` dirs only: export and import never swap
     _check_empty_target(out, what)
 
 

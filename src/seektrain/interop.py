@@ -68,27 +68,28 @@ def save_hf(
     return out
 
 
+_INDEX = "a safetensors index (a JSON object with a weight_map of file names)"
+
+
 def _indexed_files(index: Path) -> list[str]:
     """The weight files a sharded directory's index names; UserError when it is not such an index."""
-    try:
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        if not all(isinstance(f, str) for f in files):
-            raise TypeError("weight_map values are not file names")
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-        why = first_line(e)
-        raise UserError(f"{index} is not a safetensors index (JSON with a weight_map): {why}") from e
+    weight_map = _read_json_object(index, _INDEX).get("weight_map")
+    files = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else None
+    if files is None or not all(isinstance(f, str) for f in files):
+        raise UserError(f"{index} is not {_INDEX}")
     return files
 
 
-def _read_config(path: Path) -> dict:
-    """config.json as a dict; UserError when it is not a JSON object (valid JSON such as a list included)."""
+def _read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in `path`; UserError naming `what` it should be when it does not parse or is not an
+    object (a list, say)."""
     try:
-        config = json.loads(path.read_text())
+        obj = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {first_line(e)}") from e
-    if not isinstance(config, dict):
-        raise UserError(f"{path} is not a JSON object of model settings (a transformers config.json)")
-    return config
+        raise UserError(f"{path} is not {what}: {first_line(e)}") from e
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} is not a JSON object: not {what}")
+    return obj
 
 
 def load_hf(
@@ -102,7 +103,7 @@ def load_hf(
     src = Path(hf_dir)
     if not (src / "config.json").is_file():
         raise UserError(f"{src} is not a transformers model directory (no config.json)")
-    cfg = config_from_hf(_read_config(src / "config.json"))
+    cfg = config_from_hf(_read_json_object(src / "config.json", "a transformers config.json"))
     if (src / INDEX_NAME).is_file():
         files = _indexed_files(src / INDEX_NAME)
     elif (src / SINGLE_NAME).is_file():

@@ -29,6 +29,8 @@ def recover_interrupted(out: Path, swap_marker: str | None = None) -> None:
     command that swaps a complete dir in: prepare), one that died between the two renames of its swap gets
     the previous complete dir (`.NAME.old-PID` holding that file) put back; without it, `.old-` dirs are
     left alone. Leftovers of a process that is still running are not touched."""
+    if not out.parent.is_dir():
+        return  # nothing was ever built there
     kinds = ("tmp", "old") if swap_marker else ("tmp",)
     prefix = f".{out.name}."  # compared as text: a name may hold glob characters (`data[1]`, `d?`)
     for leftover in sorted(p for p in out.parent.iterdir() if p.name.startswith(prefix)):

@@ -70,7 +70,7 @@ def test_a_diverged_models_perplexity_is_infinite_and_its_json_strict(data_dir):
     from seektrain.config import load_config
     from seektrain.infer.evaluate import EvalConfig, evaluate_model
     from seektrain.model.transformer import Transformer
-    from seektrain.train.metrics import strict_json
+    from seektrain.train.metrics import strict_dumps
     from toy_model import TOY_MODEL
 
     cfg = load_config(overrides=[*TOY_MODEL, "model.vocab_size=512"]).model_config()
@@ -82,5 +82,5 @@ def test_a_diverged_models_perplexity_is_infinite_and_its_json_strict(data_dir):
     result = evaluate_model(model, data_dir, 32, token_byte_lengths(tok), eval_cfg)
     assert result["loss"] > 710 and result["perplexity"] == math.inf
 
-    printed = json.dumps(strict_json(result), allow_nan=False)  # as `seektrain eval` prints it
+    printed = strict_dumps(result)  # as `seektrain eval` prints it
     assert json.loads(printed)["perplexity"] is None

@@ -191,8 +191,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # torch's message advises weights_only=False: not for this file
-        why = next((line.split("error: ", 1)[-1].split(". ")[0] for line in str(e).splitlines()
-                    if "Unsupported global" in line), "damaged or not a checkpoint")  # fmt: skip
+        foreign = [line for line in str(e).splitlines() if "Unsupported global" in line]
+        # "WeightsUnpickler error: Unsupported global: GLOBAL x.Y was not an allowed global by default. …"
+        why = foreign[0].split("error: ", 1)[-1].split(". ")[0] if foreign else "damaged or not a checkpoint"
         raise UserError(f"cannot read checkpoint {path}: {STATE_FILE}: {why}") from None
     except Exception as e:  # truncated or foreign file
         raise UserError(f"cannot read checkpoint {path}: {first_line(e)}") from None

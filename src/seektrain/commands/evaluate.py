@@ -7,7 +7,6 @@ checkpoint; the data directory defaults to the run's own (data.path) and must sh
 from __future__ import annotations
 
 import argparse
-import json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from seektrain.distributed.env import pick_device
     from seektrain.infer.evaluate import EvalConfig, evaluate_run
-    from seektrain.train.metrics import strict_json
+    from seektrain.train.metrics import strict_dumps
 
     device = pick_device(args.device)
     cfg = EvalConfig(
@@ -39,6 +38,5 @@ def run(args: argparse.Namespace) -> int:
         max_batches=args.max_batches,
         device=device,
     )
-    result = evaluate_run(args.run, cfg, checkpoint=args.checkpoint)
-    print(json.dumps(strict_json(result), allow_nan=False, indent=2))
+    print(strict_dumps(evaluate_run(args.run, cfg, checkpoint=args.checkpoint), indent=2))
     return 0

@@ -37,17 +37,16 @@ def _check_distinct(slice_dirs: list[str], manifests: list[dict]) -> None:
 def merge(slice_dirs: list[str], out_dir: str) -> dict:
     """Join the slices' shards and statistics into `out_dir` (atomically); returns the merged report."""
     manifests = [load_manifest(d) for d in slice_dirs]
+    first = manifests[0]
     for d, m in zip(slice_dirs, manifests, strict=True):
         for split in m["splits"]:  # every shard there, at its size (checksums are kept, read by the loader)
             verify_shards(d, m, split, checksums=False)
-    _check_distinct(slice_dirs, manifests)
-    first = manifests[0]
-    for d, m in zip(slice_dirs[1:], manifests[1:], strict=True):
         if m["tokenizer"]["sha256"] != first["tokenizer"]["sha256"] or m["dtype"] != first["dtype"]:
             raise UserError(
                 f"{d} was prepared with another tokenizer than {slice_dirs[0]}: slices must share "
                 f"one (--tokenizer FILE)"
             )
+    _check_distinct(slice_dirs, manifests)
     out = resolve_out(out_dir)
     check_out_dir(out, slice_dirs)
     make_parent(out)

@@ -348,8 +348,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     """Run the whole pipeline into `cfg.out_dir`; returns the report (also saved as prepare_report.json)."""
     t0 = time.perf_counter()
     out = resolve_out(cfg.out_dir)
-    if out.parent.is_dir():
-        recover_interrupted(out, MANIFEST)
+    recover_interrupted(out, MANIFEST)
     check_out_dir(out, [i for i in cfg.inputs if i != STDLIB])
     files = discover(cfg.inputs)[cfg.slice_index :: cfg.num_slices]
     if not files:

@@ -136,10 +136,11 @@ def discover(inputs: list[str]) -> list[SourceFile]:
         # Linked folders are followed (a corpus assembled from links is read whole), each real folder
         # once, so a link back to an ancestor cannot loop.
         for dirpath, dirnames, filenames in os.walk(path, onerror=_unreadable_folder, followlinks=True):
-            if os.path.realpath(dirpath) in seen:
+            real = os.path.realpath(dirpath)
+            if real in seen:
                 dirnames[:] = []
                 continue
-            seen.add(os.path.realpath(dirpath))
+            seen.add(real)
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for f in sorted(filenames):
                 p = Path(dirpath) / f

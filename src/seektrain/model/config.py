@@ -312,7 +312,7 @@ def _value_problems(c: ModelConfig) -> list[str]:
             out.append(f"rope_scaling has unknown keys {unknown}; allowed: {sorted(YARN_KEYS)}")
         elif kind != "yarn":
             out.append(f"rope_scaling type must be 'yarn', got {kind!r}")
-        elif not isinstance(rs.get("factor"), (int, float)) or not 1 <= rs["factor"] < math.inf:
+        elif not is_finite_number(rs.get("factor")) or rs["factor"] < 1:
             out.append(f"rope_scaling.factor must be a finite number >= 1, got {rs.get('factor')!r}")
         else:
             for key, v in sorted(rs.items()):

@@ -52,7 +52,7 @@ class MetricsLog:
         self._open(keep_through_step)
 
     def write(self, record: dict[str, Any], tb_prefix: str | None = None) -> None:
-        self._file.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
+        self._file.write(strict_dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None and tb_prefix is not None:
             for key, value in record.items():
@@ -65,13 +65,14 @@ class MetricsLog:
             self._tb.close()
 
 
-def strict_json(record: dict[str, Any]) -> dict[str, Any]:
-    """NaN and ±inf as null: Python's json writes them as bare `NaN`/`Infinity`, which jq, JavaScript and
-    most JSON readers reject. TensorBoard still gets the value itself."""
-    return {
+def strict_dumps(record: dict[str, Any], indent: int | None = None) -> str:
+    """`record` as strict JSON, NaN and ±inf as null: Python's json writes them as bare `NaN`/`Infinity`,
+    which jq, JavaScript and most JSON readers reject. TensorBoard still gets the value itself."""
+    finite = {
         key: None if isinstance(value, float) and not math.isfinite(value) else value
         for key, value in record.items()
     }
+    return json.dumps(finite, allow_nan=False, indent=indent)
 
 
 def truncate_metrics(path: Path, keep_through_step: int) -> None:
@@ -85,7 +86,7 @@ def truncate_metrics(path: Path, keep_through_step: int) -> None:
         except json.JSONDecodeError:
             continue  # a line cut by a kill -9
         if record.get("step", math.inf) <= keep_through_step:  # rewritten strict (older runs wrote NaN)
-            kept.append(json.dumps(strict_json(record), allow_nan=False) + "\n")
+            kept.append(strict_dumps(record) + "\n")
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)
