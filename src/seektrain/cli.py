@@ -23,7 +23,7 @@ import time
 import traceback
 
 from seektrain.distributed.env import launch_rank, under_torchrun
-from seektrain.errors import Terminated, UserError, detach_stdout
+from seektrain.errors import Terminated, UserError, detach_stdout, out_of_memory
 
 ERROR_GRACE_S = 10.0  # how long a rank > 0 leaves rank 0 to report an error that all ranks share
 
@@ -36,6 +36,13 @@ COMMANDS = {
     "export": "export",
     "import": "import_hf",
     "bench": "bench",
+}
+
+# what to change when a command runs out of memory (an allocation that failed is reported in one line)
+MEMORY_HINTS = {
+    "train": "lower train.micro_batch_size or data.seq_len, or set train.activation_checkpointing",
+    "bench": "lower --batch or --seq, use a smaller --preset or --layers, or add --activation-checkpointing",
+    "eval": "lower --batch-size",
 }
 
 
@@ -85,11 +92,16 @@ def main(argv: list[str] | None = None) -> int:
         finally:  # while an error is reported (a rank waiting for rank 0's), SIGTERM ends it as before
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-    except UserError as e:
+    except Exception as e:
+        message = str(e) if isinstance(e, UserError) else out_of_memory(e)
+        if message is None:
+            raise
+        if not isinstance(e, UserError) and args.command in MEMORY_HINTS:
+            message += f" ({MEMORY_HINTS[args.command]})"
         prefix = _wait_unless_rank_zero()
         if args.debug:
             traceback.print_exc()
-        print(f"error: {prefix}{e}", file=sys.stderr)
+        print(f"error: {prefix}{message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

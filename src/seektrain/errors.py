@@ -2,6 +2,7 @@
 helpers that keep a failure's report to that one line."""
 
 import os
+import re
 import sys
 
 
@@ -27,3 +28,18 @@ def detach_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """One line for an allocation that failed (a GPU's, the host's, numpy's), None for any other error.
+    Running out of memory is a matter of sizes the user chose, so it is reported like bad input."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(e, torch.OutOfMemoryError):  # "CUDA out of memory. Tried to …"
+        return f"out of GPU memory: {first_line(e)}"
+    if isinstance(e, MemoryError):  # numpy: "Unable to allocate 4.00 GiB for an array with shape …"
+        return f"out of host memory: {first_line(e)}"
+    if isinstance(e, RuntimeError) and "can't allocate memory" in str(e):  # torch's CPU allocator
+        size = re.search(r"tried to allocate (\d+) bytes", str(e))
+        wanted = f": could not allocate {int(size.group(1)) / 2**30:,.1f} GiB" if size else ""
+        return f"out of host memory{wanted}"
+    return None

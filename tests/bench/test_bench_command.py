@@ -3,11 +3,13 @@
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from seektrain import cli
 from seektrain.bench import BenchConfig, bench_model_config, busy_time, device_intervals, profile_table
+from seektrain.commands import bench as bench_command
 from seektrain.errors import UserError
 from seektrain.train.precision import native_bf16
 
@@ -121,3 +123,34 @@ def test_an_unknown_flag_points_to_the_verbs_help(capsys):
         cli.main(["bench", "--frob"])
     assert stop.value.code == 2
     assert capsys.readouterr().err == "error: unrecognized arguments: --frob (see `seektrain bench --help`)\n"
+
+
+def _cuda_out_of_memory():
+    # what the CUDA caching allocator raises (torch.OutOfMemoryError); no GPU here to run out of
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.\nGPU 0 has …")
+
+
+@pytest.mark.parametrize(
+    "allocate, expected",
+    [
+        (
+            lambda: torch.empty(2**50, dtype=torch.uint8),
+            "error: out of host memory: could not allocate 1,048,576.0 GiB",
+        ),
+        (lambda: np.empty(2**50, dtype=np.uint8), "error: out of host memory: Unable to allocate 1.00 PiB"),
+        (_cuda_out_of_memory, "error: out of GPU memory: CUDA out of memory. Tried to allocate 20.00 GiB."),
+    ],
+    ids=["torch-cpu", "numpy", "cuda"],
+)
+def test_running_out_of_memory_is_one_error_line_with_what_to_change(allocate, expected, monkeypatch, capsys):
+    monkeypatch.setattr(bench_command, "run", lambda args: allocate())  # a real allocation that fails
+    assert cli.main(["bench"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(expected) and err.count("\n") == 1
+    assert "lower --batch or --seq" in err
+
+
+def test_other_runtime_errors_still_raise(monkeypatch):
+    monkeypatch.setattr(bench_command, "run", lambda args: torch.zeros(2) @ torch.zeros(3))
+    with pytest.raises(RuntimeError, match="size mismatch|shapes cannot be multiplied|inconsistent"):
+        cli.main(["bench"])
