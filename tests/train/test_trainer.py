@@ -333,6 +333,44 @@ def test_resume_accepts_model_fields_no_weight_depends_on(make, tmp_path):
         make(run, *base, "train.steps=4", "model.moe_intermediate_size=16")
 
 
+def test_optimizer_settings_changed_on_resume_take_effect(make, tmp_path):
+    """Weight decay, betas and eps set anew on resume are the ones the optimizer uses (loading the
+    checkpoint's optimizer state brings the old ones along), in both optimizers and both AdamW forms;
+    changing the optimizer itself is refused. The learning rate is set every step anyway."""
+    from seektrain.errors import UserError
+
+    base = ("train.steps=2", "checkpoint.every=2", "train.eval_every=0")
+    changed = ("optim.weight_decay=0.0", "optim.beta1=0.8", "optim.beta2=0.5", "optim.eps=1e-5")
+    for optimizer in ("optim.state_dtype=fp32", "optim.state_dtype=bf16", "optim.name=lamb"):
+        run = tmp_path / optimizer.replace("=", "-")
+        assert make(run, *base, optimizer).fit() == 0
+        resumed = make(run, *base, optimizer, "train.steps=3", *changed)
+        assert resumed.counters.step == 2
+        groups = resumed.optimizer.param_groups
+        assert [g["weight_decay"] for g in groups] == [0.0, 0.0]
+        assert {(g["betas"], g["eps"]) for g in groups} == {((0.8, 0.5), 1e-5)}
+        assert all(s["exp_avg"].abs().sum() > 0 for s in resumed.optimizer.state.values())  # state kept
+        assert resumed.fit() == 0
+    with pytest.raises(UserError, match="optim.name was 'adamw', now 'lamb'"):
+        make(tmp_path / "optim.state_dtype-fp32", *base, "train.steps=4", "optim.name=lamb")
+
+
+def test_fp16_resumes_a_bf16_or_fp32_run_with_a_fresh_loss_scale(make, tmp_path):
+    """A run started in fp32 (its checkpoint holds the disabled scaler's empty state) continues in fp16:
+    the loss scale starts afresh, as in a new fp16 run; and back to fp32 from fp16."""
+    run = tmp_path / "run"
+    base = ("train.steps=2", "checkpoint.every=1", "train.eval_every=0", "train.device=cpu")
+    assert make(run, *base, "train.precision=fp32").fit() == 0
+    resumed = make(run, *base, "train.steps=3", "train.precision=fp16")
+    fresh = make(tmp_path / "new", *base, "train.precision=fp16")
+    assert resumed.counters.step == 2
+    assert resumed.stepper.scaler.get_scale() == fresh.stepper.scaler.get_scale()
+    assert resumed.fit() == 0
+    again = make(run, *base, "train.steps=4", "train.precision=fp32")
+    assert again.counters.step == 3 and not again.stepper.scaler.is_enabled()
+    assert again.fit() == 0
+
+
 def nan_from(tr, first_step, times=None):
     """Patch the model so that training steps from `first_step` on give a NaN loss (`times` steps at most,
     counted per forward call)."""

@@ -142,6 +142,7 @@ class Trainer:
         if self.resume_from is not None:
             self.resume_state = load_checkpoint(self.resume_from)
             _check_same_model(self.resume_state["config"]["model"], self.cfg, self.resume_from)
+            _check_same_optimizer(self.resume_state["config"]["optim"], self.cfg, self.resume_from)
             self.loader.load_state_dict(self.resume_state["loader"])  # validates the data stream too
 
     def _settle_precision(self) -> None:
@@ -244,12 +245,16 @@ class Trainer:
     def _load_state(self, path: Path, state: dict, restore_loader: bool) -> None:
         """Restore the checkpoint at `path` (`state`: its state.pt). One process reading a one-process
         checkpoint loads it directly; any other pairing (sharded, or N -> M ranks) goes through DCP."""
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         if not self.dist.distributed and "model" in state:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         else:
             load_training_state(path, self.stepper.model, self.optimizer, state)
-        self.stepper.scaler.load_state_dict(state["scaler"])
+        _keep_group_settings(self.optimizer, settings)
+        if state["scaler"] or not self.stepper.scaler.is_enabled():
+            self.stepper.scaler.load_state_dict(state["scaler"])
+        # else: fp16 now, bf16 or fp32 before (a disabled scaler saves {}): the scale starts afresh
         if restore_loader:
             self.loader.load_state_dict(state["loader"])
         _set_rng_state(state["rng"])
@@ -635,6 +640,31 @@ def _check_same_model(saved: dict, cfg: RunConfig, path: Path) -> None:
             f"cannot resume from {path}: the model differs ({'; '.join(diffs[:4])}"
             f"{' …' if len(diffs) > 4 else ''}); use the same model config or a new --run-dir"
         )
+
+
+def _check_same_optimizer(saved: dict, cfg: RunConfig, path: Path) -> None:
+    """AdamW's moments mean something else to LAMB's trust ratio and back: the optimizer stays."""
+    if saved.get("name", cfg.optim.name) != cfg.optim.name:
+        raise UserError(
+            f"cannot resume from {path}: optim.name was {saved['name']!r}, now {cfg.optim.name!r} "
+            "(its state would not carry over); keep the optimizer or start a new --run-dir"
+        )
+
+
+def _keep_group_settings(optimizer: torch.optim.Optimizer, settings: list[dict]) -> None:
+    """After loading a checkpoint's optimizer state, which brings its param groups' settings along: the
+    settings of this run's config again (weight decay, betas, eps may change on resume). A step count
+    that a fused or capturable kernel reads goes to its parameter's device (the load placed it by the
+    checkpoint's settings)."""
+    for group, wanted in zip(optimizer.param_groups, settings, strict=True):
+        params = group["params"]
+        group.clear()
+        group.update(wanted, params=params)
+        if wanted.get("fused") or wanted.get("capturable"):
+            for p in params:
+                state = optimizer.state.get(p, {})
+                if "step" in state:
+                    state["step"] = state["step"].to(torch.float32).to(p.device)
 
 
 def _seed_everything(seed: int) -> None:
