@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from seektrain.errors import UserError
@@ -21,6 +22,20 @@ def check_dir_target(path: str | Path, what: str) -> None:
             if not parent.is_dir():
                 raise UserError(f"{what} {path}: {parent} is not a directory")
             return
+
+
+def check_writable_dir(path: str | Path, what: str) -> None:
+    """`check_dir_target`, and the directory (or its nearest existing ancestor, where it would be created)
+    takes a new file: probed with an unnamed temporary file, so that a read-only or full filesystem, a
+    folder without write permission or a pseudo-filesystem fails here, before the work, in one line."""
+    check_dir_target(path, what)
+    path = Path(path)
+    place = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    try:
+        with tempfile.TemporaryFile(dir=place):
+            pass
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot write in {place} ({e.strerror or e})") from e
 
 
 def recover_interrupted(out: Path, swap_marker: str | None = None) -> None:

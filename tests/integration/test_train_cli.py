@@ -268,3 +268,48 @@ def test_config_and_checkpoint_hold_the_resolved_config(finished_run):
     ckpt = tomllib.loads((finished_run / "checkpoints" / "step_00000003" / "config.toml").read_text())
     assert ckpt == saved
     assert os.path.isdir(finished_run / "checkpoints")
+
+
+def test_a_run_dir_that_cannot_be_written_fails_before_any_work(toy, capsys):
+    """/proc takes no new files, even from root: one line, naming the place, before data or model."""
+    run = Path("/proc/seektrain_test_run")
+    args = ["train", "--run-dir", str(run), *sum((["--set", o] for o in toy), [])]
+    assert main(args) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --run-dir {run}: cannot write in /proc (")
+
+
+def _file_size_limit(limit):
+    def apply():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_partial_copy(toy, tmp_path):
+    """Files may grow to the size of the step-1 checkpoint's state and no further (RLIMIT_FSIZE: writes
+    past it fail as on a full disk), so the step-2 checkpoint, whose optimizer state holds the moments,
+    cannot be written: one line, exit 2, the temp dir gone, and the run resumes from step 1's checkpoint."""
+    probe = tmp_path / "probe"
+    overrides = [*toy, "train.steps=2", "checkpoint.every=1", "train.eval_every=0", "train.device=cpu"]
+    one_step = cli(probe, [*overrides, "train.steps=1"])
+    done = subprocess.run(one_step, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    limit = (probe / "checkpoints" / "step_00000001" / "state.pt").stat().st_size
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        cli(run, overrides), capture_output=True, text=True, timeout=300, preexec_fn=_file_size_limit(limit)
+    )
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1, proc.stderr
+    assert err[0].startswith(f"error: cannot write checkpoint {run / 'checkpoints' / 'step_00000002'} (")
+    assert err[0].endswith("MiB free there); the checkpoints before it are intact")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001"]
+    resumed = subprocess.run(cli(run, overrides), capture_output=True, text=True, timeout=300)  # room again
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resum" in resumed.stdout and "step 1" in resumed.stdout
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]

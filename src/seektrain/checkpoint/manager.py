@@ -62,13 +62,25 @@ class CheckpointManager:
 
     def save(self, step: int, state: dict[str, Any], config_toml: str, meta: dict[str, Any]) -> Path:
         """Write a checkpoint for `step` (replacing one of the same step) and apply retention."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._remove_stale()
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
-        tmp.mkdir()
-        _write(tmp / STATE_FILE, lambda f: torch.save(state, f))
-        return self._finish(tmp, final, step, config_toml, meta)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._remove_stale()
+            tmp.mkdir()
+            _write(tmp / STATE_FILE, lambda f: torch.save(state, f))
+            return self._finish(tmp, final, step, config_toml, meta)
+        except (OSError, RuntimeError) as e:  # a full disk: torch.save's writer raises RuntimeError
+            shutil.rmtree(tmp, ignore_errors=True)  # the space it held goes back; older checkpoints stay
+            raise UserError(self._write_failed(final, e)) from e
+
+    def _write_failed(self, final: Path, e: Exception) -> str:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        try:
+            free = f", {shutil.disk_usage(self.root).free / 2**20:,.0f} MiB free there"
+        except OSError:
+            free = ""
+        return f"cannot write checkpoint {final} ({reason}{free}); the checkpoints before it are intact"
 
     def save_sharded(
         self,

@@ -32,7 +32,7 @@ from seektrain.config import RunConfig
 from seektrain.distributed import parallelize
 from seektrain.distributed.env import DistEnv, agree, build_mesh, detect, init_process_group, pick_device
 from seektrain.errors import UserError
-from seektrain.paths import check_dir_target
+from seektrain.paths import check_writable_dir
 from seektrain.train import balance
 from seektrain.train.display import Display
 from seektrain.train.guard import OK, ROLLBACK, SKIP, Guard
@@ -90,7 +90,7 @@ class Trainer:
     def _find_inputs(self, cfg: RunConfig, resume: str) -> Path | None:
         """The checkpoint to resume from (None: a new run), after refusing to start a new run over one
         already in the run directory; rank 0 prepares the default corpus when it is missing."""
-        check_dir_target(self.run_dir, "--run-dir")
+        check_writable_dir(self.run_dir, "--run-dir")
         resume_from = resolve_resume(resume, self.run_dir)
         if resume == "never" or (resume_from is not None and not _belongs_to(resume_from, self.run_dir)):
             _refuse_to_overwrite(self.run_dir, resume)
@@ -288,13 +288,16 @@ class Trainer:
             return 0
         if self.dist.is_main:
             abandoned = []
-            if self.resume_from is not None and _belongs_to(self.resume_from, self.run_dir):
-                abandoned = self.checkpoints.set_aside_after(c.step)  # as metrics.jsonl is cut back
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.run_dir / "config.toml", self.cfg.to_toml())
-            self.metrics = MetricsLog(
-                self.run_dir, c.step if self.resume_from else -1, self.cfg.log.tensorboard
-            )
+            try:
+                if self.resume_from is not None and _belongs_to(self.resume_from, self.run_dir):
+                    abandoned = self.checkpoints.set_aside_after(c.step)  # as metrics.jsonl is cut back
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                _atomic_write(self.run_dir / "config.toml", self.cfg.to_toml())
+                self.metrics = MetricsLog(
+                    self.run_dir, c.step if self.resume_from else -1, self.cfg.log.tensorboard
+                )
+            except OSError as e:
+                raise UserError(f"--run-dir {self.run_dir}: cannot write {e.filename}: {e.strerror}") from e
             self.display = Display(t.steps, c.step, self.cfg.log.progress)
             for path in abandoned:
                 self.display.print(
@@ -309,6 +312,9 @@ class Trainer:
                 self._evaluate()
             exit_code = self._loop(stop)
             self.checkpoints.finish_pending()  # an asynchronous checkpoint still being written
+        except OSError as e:  # a full disk under metrics.jsonl or TensorBoard, a data shard gone: one line
+            where = e.filename or self.run_dir
+            raise UserError(f"{where}: {e.strerror or e} (checkpoints already written are intact)") from e
         finally:
             stop.restore()
             self.display.close()
