@@ -400,6 +400,38 @@ def test_a_run_that_stays_non_finite_stops_instead_of_finishing(make, tmp_path):
     assert max(int(p.name[5:]) for p in (run / "checkpoints").iterdir()) == 4
 
 
+def test_the_rollback_limit_counts_across_a_resume(make, tmp_path):
+    """The rollbacks to one checkpoint are counted in the checkpoints, so a run that stopped at the limit
+    and is resumed (or one interrupted between rollbacks) does not get three more: resumed into the same
+    divergence, it stops at its first rollback, as the uninterrupted run would have."""
+    from seektrain.errors import UserError
+
+    run = tmp_path / "run"
+    overrides = ("train.steps=30", "checkpoint.every=2", "checkpoint.keep=5", "train.eval_every=0")
+    tr = make(run, *overrides)
+    nan_from(tr, 5)
+    with pytest.raises(UserError, match="rolled back to step 4 3 times"):
+        tr.fit()
+    events = [r for r in read_metrics(run / "metrics.jsonl") if r.get("event") == "rollback"]
+    resumed = make(run, *overrides)
+    assert resumed.counters.step == 4 and resumed.rollback_targets == {4: 3}
+    nan_from(resumed, 5)
+    with pytest.raises(UserError, match="rolled back to step 4 3 times"):
+        resumed.fit()
+    assert [r for r in read_metrics(run / "metrics.jsonl") if r.get("event") == "rollback"] == events
+
+
+def test_a_checkpoint_put_off_by_a_bad_streak_is_not_written_after_its_rollback(make, tmp_path):
+    """Steps 5.. are non-finite until the guard rolls back to step 4 (which writes a checkpoint); the
+    checkpoints put off during the streak are not owed any more: the run goes on saving on schedule."""
+    run = tmp_path / "run"
+    tr = make(run, "train.steps=10", "checkpoint.every=2", "checkpoint.keep=10", "train.eval_every=0")
+    nan_from(tr, 5, times=2 * tr.cfg.train.max_bad_steps)  # two micro-batches per step
+    assert tr.fit() == 0 and tr.counters.rollbacks == 1
+    saved = sorted(int(p.name[5:]) for p in (run / "checkpoints").iterdir())
+    assert saved == [2, 4, 6, 8, 10]
+
+
 def test_a_non_finite_last_step_rolls_back_rather_than_ending_the_run(make, tmp_path):
     run = tmp_path / "run"
     tr = make(run, "train.steps=6", "checkpoint.every=4", "train.eval_every=0")

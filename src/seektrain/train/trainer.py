@@ -237,6 +237,7 @@ class Trainer:
                 "rng": _rng_state(),
                 "counters": dataclasses.asdict(self.counters),
                 "guard": self.guard.state_dict(),
+                "rollbacks_to": {str(k): v for k, v in self.rollback_targets.items()},  # the limit's count
                 "config": self.cfg.to_dict(),
             }
         )
@@ -260,6 +261,7 @@ class Trainer:
         _set_rng_state(state["rng"])
         self.counters = Counters(**state["counters"])
         self.guard.load_state_dict(state["guard"])
+        self.rollback_targets = {int(k): v for k, v in state.get("rollbacks_to", {}).items()}
 
     def save_checkpoint(self) -> Path:
         c = self.counters
@@ -349,6 +351,7 @@ class Trainer:
             if decision == ROLLBACK:
                 self.stepper.discard()  # every forward_backward ends in apply() or discard()
                 self._rollback(step, self.guard.last_reason)
+                checkpoint_due = False  # the rollback wrote one
                 continue
             c.step = step
             if decision == SKIP:
@@ -500,8 +503,9 @@ class Trainer:
                 f"rolled back to step {to_step} {MAX_ROLLBACKS_TO_ONE_CHECKPOINT} times and the "
                 f"loss still diverges ({reason}); lower optim.lr"
             )
-        old = self.counters
+        old, targets = self.counters, self.rollback_targets
         self._load_state(latest, state, restore_loader=False)
+        self.rollback_targets = targets  # the count goes on (the checkpoint holds the one before)
         self.counters.skipped_steps, self.counters.bad_steps = old.skipped_steps, old.bad_steps
         self.counters.rollbacks = old.rollbacks + 1
         self.guard.reset_bad()
