@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:  # while an error is reported (a rank waiting for rank 0's), SIGTERM ends it as before
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+    except BrokenPipeError:  # stdout's reader went away (`seektrain generate … | head`): end quietly
+        detach_stdout()
+        return 128 + signal.SIGPIPE
     except Exception as e:
         message = str(e) if isinstance(e, UserError) else out_of_memory(e)
         if message is None:
@@ -109,9 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print("terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
-    except BrokenPipeError:  # stdout's reader went away (`seektrain generate … | head`): end quietly
-        detach_stdout()
-        return 128 + signal.SIGPIPE
 
 
 def _terminate_on_sigterm():
