@@ -84,3 +84,35 @@ def test_a_diverged_models_perplexity_is_infinite_and_its_json_strict(data_dir):
 
     printed = strict_dumps(result)  # as `seektrain eval` prints it
     assert json.loads(printed)["perplexity"] is None
+
+
+def sentencepiece_style_tokenizer() -> Tokenizer:
+    """A Llama-style BPE (as `prepare --tokenizer` and `import` accept): spaces as "▁", a "▁" prepended
+    to the text, byte fallback for characters outside the vocabulary, and a decoder that strips the
+    decoded text's first space."""
+    from tokenizers import decoders, models, normalizers
+
+    vocab = {f"<0x{b:02X}>": b for b in range(256)}
+    for piece in ["▁", *"abcdefghijklmnopqrstuvwxyz():=", "▁▁", "▁▁▁▁", "▁i", "▁if", "▁r", "▁re", "▁x"]:
+        vocab[piece] = len(vocab)
+    merges = [("▁", "▁"), ("▁▁", "▁▁"), ("▁", "i"), ("▁i", "f"), ("▁", "r"), ("▁r", "e"), ("▁", "x")]
+    tok = Tokenizer(models.BPE(vocab, merges, byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return tok
+
+
+def test_byte_lengths_of_sentencepiece_style_tokens_add_up_to_the_decoded_text():
+    """The scored targets (every token after the first) count the bytes their text adds to the decoded
+    sequence: "▁▁▁▁" is four spaces (decoded alone, three: the decoder strips the text's first space),
+    and a byte-fallback token is one byte (alone it decodes to U+FFFD, three)."""
+    tok = sentencepiece_style_tokenizer()
+    lengths = token_byte_lengths(tok)
+    assert lengths[tok.token_to_id("▁▁▁▁")] == 4 and lengths[tok.token_to_id("<0xC3>")] == 1
+    for text in ["if x:\n    return é", "x = f(a)    if é→x\n\n  re"]:
+        ids = tok.encode(text).ids
+        assert tok.token_to_id("▁▁▁▁") in ids and tok.token_to_id("<0xC3>") in ids
+        added = len(tok.decode(ids).encode()) - len(tok.decode(ids[:1]).encode())
+        assert lengths[ids[1:]].sum() == added

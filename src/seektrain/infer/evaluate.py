@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,10 @@ class EvalConfig:
 
 def token_byte_lengths(tokenizer) -> np.ndarray:
     """(V,) UTF-8 bytes of each token's text; 0 for special tokens. Exact for byte-level BPE (each
-    character of a token stands for one byte); other tokenizers decode each token on its own."""
+    character of a token stands for one byte). Other tokenizers decode each token after an anchor token
+    and count what it adds: decoded alone, a SentencePiece-style token ("▁if") loses its leading space to
+    the decoder's strip of the text's start. A byte-fallback token (`<0xE2>`) is one byte, which decoded
+    alone, or after an anchor, is an invalid UTF-8 sequence shown as U+FFFD (three bytes)."""
     from tokenizers import decoders, pre_tokenizers
 
     vocab = tokenizer.get_vocab(with_added_tokens=True)
@@ -49,14 +53,32 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
     specials = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
     byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
     byte_chars = set(pre_tokenizers.ByteLevel.alphabet())
+    anchor = _anchor_token(tokenizer, vocab, specials)
+    anchor_bytes = len(tokenizer.decode([anchor]).encode()) if anchor is not None else 0
     for token, i in vocab.items():
         if token in specials:
             continue
         if byte_level and set(token) <= byte_chars:
             lengths[i] = len(token)
+        elif _BYTE_FALLBACK.fullmatch(token) and tokenizer.decode([i]) != token:
+            lengths[i] = 1
+        elif anchor is not None:
+            lengths[i] = len(tokenizer.decode([anchor, i]).encode()) - anchor_bytes
         else:
             lengths[i] = len(tokenizer.decode([i], skip_special_tokens=True).encode())
     return lengths
+
+
+_BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _anchor_token(tokenizer, vocab: dict[str, int], specials: set[str]) -> int | None:
+    """A token that decodes to one plain letter, to stand before each token being measured."""
+    for text in ("a", "e", "x", "▁a", "Ġa"):
+        i = vocab.get(text)
+        if i is not None and text not in specials and tokenizer.decode([i]).strip().isalpha():
+            return i
+    return None
 
 
 _LOG_FLOAT_MAX = math.log(sys.float_info.max)  # a diverged model's perplexity overflows a float
