@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from seektrain import cli
 from seektrain.config import load_config
@@ -117,3 +118,21 @@ def seektrain(capsys):
         return code, out, err
 
     return call
+
+
+def sentencepiece_style_tokenizer() -> Tokenizer:
+    """A Llama-style BPE (as `prepare --tokenizer` and `import` accept): spaces as "▁", a "▁" prepended
+    to the text, byte fallback for characters outside the vocabulary, and a decoder that strips the
+    decoded text's first space."""
+    from tokenizers import decoders, models, normalizers
+
+    vocab = {f"<0x{b:02X}>": b for b in range(256)}
+    for piece in ["▁", *"abcdefghijklmnopqrstuvwxyz():=", "▁▁", "▁▁▁▁", "▁i", "▁if", "▁r", "▁re", "▁x"]:
+        vocab[piece] = len(vocab)
+    merges = [("▁", "▁"), ("▁▁", "▁▁"), ("▁", "i"), ("▁i", "f"), ("▁", "r"), ("▁r", "e"), ("▁", "x")]
+    tok = Tokenizer(models.BPE(vocab, merges, byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return tok

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 from seektrain.data.loader import TokenLoader
 from seektrain.infer.evaluate import token_byte_lengths
 
-from .conftest import final_val_loss
+from .conftest import final_val_loss, sentencepiece_style_tokenizer
 
 
 def test_eval_reproduces_the_trainers_val_loss(trained_run, seektrain):
@@ -84,24 +84,6 @@ def test_a_diverged_models_perplexity_is_infinite_and_its_json_strict(data_dir):
 
     printed = strict_dumps(result)  # as `seektrain eval` prints it
     assert json.loads(printed)["perplexity"] is None
-
-
-def sentencepiece_style_tokenizer() -> Tokenizer:
-    """A Llama-style BPE (as `prepare --tokenizer` and `import` accept): spaces as "▁", a "▁" prepended
-    to the text, byte fallback for characters outside the vocabulary, and a decoder that strips the
-    decoded text's first space."""
-    from tokenizers import decoders, models, normalizers
-
-    vocab = {f"<0x{b:02X}>": b for b in range(256)}
-    for piece in ["▁", *"abcdefghijklmnopqrstuvwxyz():=", "▁▁", "▁▁▁▁", "▁i", "▁if", "▁r", "▁re", "▁x"]:
-        vocab[piece] = len(vocab)
-    merges = [("▁", "▁"), ("▁▁", "▁▁"), ("▁", "i"), ("▁i", "f"), ("▁", "r"), ("▁r", "e"), ("▁", "x")]
-    tok = Tokenizer(models.BPE(vocab, merges, byte_fallback=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
-    return tok
 
 
 def test_byte_lengths_of_sentencepiece_style_tokens_add_up_to_the_decoded_text():

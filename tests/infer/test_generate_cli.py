@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
+import torch
 from tokenizers import Tokenizer
 
-from seektrain.infer.generate import SamplingConfig, generate
+from seektrain.commands.generate import tokenizer_eos
+from seektrain.errors import UserError
+from seektrain.infer.generate import SamplingConfig, generate, sample_next, stream_text
 from seektrain.infer.runs import load_run
 
-from .conftest import one_thread
+from .conftest import one_thread, sentencepiece_style_tokenizer
 
 
 def test_generate_prints_prompt_and_greedy_continuation(trained_run, data_dir, seektrain):
@@ -79,3 +83,38 @@ def test_a_closed_stdout_ends_generate_quietly(trained_run):
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and err == "", err
+
+
+def test_streamed_text_keeps_the_space_a_sentencepiece_decoder_strips_from_a_texts_start():
+    """"x =" then "▁f" must print "x = f", not "x =f": each piece is decoded after the prompt's last
+    tokens, where the decoder's strip of the text's start does not reach it; a multi-byte character
+    split over byte-fallback tokens comes out whole."""
+    tok = sentencepiece_style_tokenizer()
+    prompt = tok.encode("x =").ids
+    for continuation in [" f(a)    if x", "    re é→x"]:
+        new = tok.encode("x =" + continuation).ids[len(prompt) :]
+        assert tok.decode(new).startswith(continuation[1:])  # alone, the first space is lost
+        pieces = list(stream_text(tok, prompt, iter(new)))
+        assert "".join(pieces) == continuation
+        assert "\ufffd" not in "".join(pieces[:-1])
+
+
+def test_nan_logits_stop_generation_with_one_error():
+    """A diverged checkpoint's logits: sampling (multinomial of NaN) and greedy (argmax of NaN) both end
+    in the UserError the CLI prints as one line, instead of a traceback or garbage."""
+    logits = torch.full((1, 8), float("nan"))
+    for temperature in (0.0, 1.0):
+        with pytest.raises(UserError, match="logits are NaN"):
+            sample_next(logits, SamplingConfig(temperature=temperature), None)
+
+
+def test_an_infinite_temperature_is_refused():
+    with pytest.raises(UserError, match="--temperature must be >= 0 and finite"):
+        SamplingConfig(temperature=float("inf"))
+
+
+def test_a_model_without_an_eos_id_stops_at_the_tokenizers_eos(data_dir):
+    """A transformers config.json may lack eos_token_id: generation then stops at the tokenizer's
+    end-of-document token, found by name."""
+    tok = Tokenizer.from_file(str(data_dir / "tokenizer.json"))
+    assert tokenizer_eos(tok) == tok.token_to_id("<|eos|>")

@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from seektrain.distributed.env import pick_device
-    from seektrain.infer.generate import SamplingConfig, generate
+    from seektrain.infer.generate import SamplingConfig, generate, stream_text
     from seektrain.infer.kv_cache import latent_bytes_per_token, naive_bytes_per_token
     from seektrain.infer.runs import load_run, run_tokenizer
 
@@ -61,20 +61,23 @@ def run(args: argparse.Namespace) -> int:
     cfg = loaded.model.cfg
 
     start = time.perf_counter()
-    tokens = generate(loaded.model, prompt, sampling, eos_id=cfg.eos_token_id, use_cache=not args.no_cache)
+    eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else tokenizer_eos(tokenizer)
     new: list[int] = []
-    printed = ""
-    sys.stdout.write(args.prompt)
     first_token_s = None
-    for token in tokens:
-        first_token_s = first_token_s or time.perf_counter() - start
-        new.append(token)
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):  # hold back a partly decoded multi-byte character
-            sys.stdout.write(text[len(printed) :])
-            sys.stdout.flush()
-            printed = text
-    sys.stdout.write(tokenizer.decode(new, skip_special_tokens=True)[len(printed) :] + "\n")
+
+    def timed(tokens):
+        nonlocal first_token_s
+        for token in tokens:
+            first_token_s = first_token_s or time.perf_counter() - start
+            new.append(token)
+            yield token
+
+    tokens = generate(loaded.model, prompt, sampling, eos_id=eos_id, use_cache=not args.no_cache)
+    sys.stdout.write(args.prompt)
+    for piece in stream_text(tokenizer, prompt, timed(tokens)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
     total = time.perf_counter() - start
 
     if args.verbose:
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"checkpoint {loaded.checkpoint} (step {loaded.step}) on {device}\n"
             f"prompt {len(prompt)} tokens, generated {len(new)} tokens"
-            f"{' (stopped at EOS)' if new and new[-1] == cfg.eos_token_id else ''}\n"
+            f"{' (stopped at EOS)' if new and new[-1] == eos_id else ''}\n"
             f"kv cache: {'none (full forward each step)' if args.no_cache else 'MLA latent'}; "
             f"{latent:,} bytes/token ({cfg.num_hidden_layers} layers x (kv_lora_rank {cfg.kv_lora_rank} + "
             f"rope {cfg.qk_rope_head_dim}) x {dtype.itemsize} B) vs {naive:,} for a per-head K/V cache "
@@ -105,3 +108,15 @@ def check_prompt(prompt: str) -> None:
         prompt.encode("utf-8")
     except UnicodeEncodeError as e:
         raise UserError("--prompt is not valid UTF-8 text") from e
+
+
+def tokenizer_eos(tokenizer) -> int | None:
+    """The end-of-document token's id found by name in the tokenizer (for a model whose config has none,
+    as a transformers checkpoint may lack `eos_token_id`), or None."""
+    from seektrain.data.tokenizer import TokenizerConfig, special_tokens
+    from seektrain.errors import UserError
+
+    try:
+        return special_tokens(tokenizer, TokenizerConfig())["eos"]["id"]
+    except UserError:
+        return None

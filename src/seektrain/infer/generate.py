@@ -9,7 +9,7 @@ cached path is tested and benchmarked against.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +31,8 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
             raise UserError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
-        if not self.temperature >= 0:  # also rejects nan
-            raise UserError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # also rejects nan; inf would flatten the logits
+            raise UserError(f"--temperature must be >= 0 and finite (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
             raise UserError(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -40,7 +40,10 @@ class SamplingConfig:
 
 
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,) int64."""
+    """logits (B, V) -> next token ids (B,) int64. NaN logits (a diverged checkpoint) are a UserError:
+    no token follows from them, greedy or sampled."""
+    if logits.isnan().any():
+        raise UserError("the model's logits are NaN (its weights have diverged): no token to generate")
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
     logits = _scale(logits, cfg.temperature)
@@ -117,3 +120,23 @@ def _decode(
         else:
             ids = torch.cat([ids, token.view(1, 1)], dim=1)
             logits = model(ids).logits[:, -1]
+
+
+def stream_text(tokenizer, prompt: list[int], tokens: Iterable[int], context: int = 8) -> Iterator[str]:
+    """The text of `tokens` generated after `prompt`, piece by piece as they come. Each piece is decoded
+    after the prompt's last `context` tokens, so that a decoder that strips the start of a text
+    (SentencePiece-style "▁Paris" after "The capital is") keeps the space; a partly decoded multi-byte
+    character is held back until it is complete (or the tokens end)."""
+    before = prompt[-context:]
+    offset = len(tokenizer.decode(before, skip_special_tokens=True))
+    new: list[int] = []
+    printed = ""
+    text = ""
+    for token in tokens:
+        new.append(token)
+        text = tokenizer.decode(before + new, skip_special_tokens=True)[offset:]
+        if not text.endswith("\ufffd"):
+            yield text[len(printed) :]
+            printed = text
+    if text[len(printed) :]:
+        yield text[len(printed) :]
