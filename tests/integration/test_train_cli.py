@@ -290,16 +290,17 @@ def _file_size_limit(limit):
 
 
 def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_partial_copy(toy, tmp_path):
-    """Files may grow to the size of the step-1 checkpoint's state and no further (RLIMIT_FSIZE: writes
-    past it fail as on a full disk), so the step-2 checkpoint, whose optimizer state holds the moments,
-    cannot be written: one line, exit 2, the temp dir gone, and the run resumes from step 1's checkpoint."""
-    probe = tmp_path / "probe"
-    overrides = [*toy, "train.steps=2", "checkpoint.every=1", "train.eval_every=0", "train.device=cpu"]
-    one_step = cli(probe, [*overrides, "train.steps=1"])
-    done = subprocess.run(one_step, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    limit = (probe / "checkpoints" / "step_00000001" / "state.pt").stat().st_size
+    """A run checkpointed at step 1 is resumed for a second step with files limited to half a checkpoint
+    (RLIMIT_FSIZE: writes past it fail as on a full disk, while config.toml and metrics.jsonl stay far
+    below it), so the step-2 checkpoint cannot be written: one line, exit 2, the temp dir gone, and once
+    there is room the run resumes from step 1's checkpoint."""
     run = tmp_path / "run"
+    overrides = [*toy, "checkpoint.every=1", "train.eval_every=0", "train.device=cpu"]
+    first = cli(run, [*overrides, "train.steps=1"])
+    done = subprocess.run(first, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    limit = (run / "checkpoints" / "step_00000001" / "state.pt").stat().st_size // 2
+    overrides.append("train.steps=2")
     proc = subprocess.run(
         cli(run, overrides), capture_output=True, text=True, timeout=300, preexec_fn=_file_size_limit(limit)
     )
