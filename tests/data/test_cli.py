@@ -216,3 +216,39 @@ def test_a_tokenizer_that_cannot_encode_the_corpus_is_one_error_line(run, tmp_pa
     result = run("--input", src, "--out", tmp_path / "d", "--tokenizer", tmp_path / "wordpiece.json")
     _assert_one_error(result, "the tokenizer cannot encode the corpus: WordPiece error: Missing [UNK]")
     assert not (tmp_path / "d").exists()
+
+
+def test_a_forked_worker_starts_with_sigterms_default_action():
+    """Under the CLI's SIGTERM handler, a forked child (a pool worker) runs from its first instruction
+    with SIGTERM's default action and unblocked, while the parent keeps its handler and its mask: a pool
+    terminate()d before its worker first ran once left that worker waiting forever (the signal was
+    dropped by the interpreter's after-fork reset) and prepare hanging in the join."""
+    import os
+    import signal
+
+    from seektrain import cli
+
+    previous = cli._terminate_on_sigterm()
+    try:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report and leave at once
+            default = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+            unblocked = signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            os.write(write, bytes([default, unblocked]))
+            os._exit(0)
+        os.close(write)
+        report = os.read(read, 2)
+        os.close(read)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert report == bytes([True, True])
+        assert signal.getsignal(signal.SIGTERM) is cli._raise_terminated
+        assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        pid = os.fork()  # and a SIGTERM that reaches such a child ends it as by default
+        if pid == 0:
+            signal.pause()
+            os._exit(0)
+        os.kill(pid, signal.SIGTERM)
+        assert os.waitpid(pid, 0)[1] == signal.SIGTERM  # killed by the signal, not exited
+    finally:
+        signal.signal(signal.SIGTERM, previous)
