@@ -120,48 +120,16 @@ def _terminate_on_sigterm():
     The trainer sets its own handler while it trains (checkpoint, then exit). Not in a launched rank
     (RANK set): a Python handler runs only between bytecodes, so a rank blocked in a rendezvous or a
     collective would ignore its launcher's SIGTERM until SIGKILL; the default action ends it at once.
-    Forked children (prepare's pool workers) get the default action (`_default_sigterm_in_children`).
+    (prepare's pool workers set their own actions: `data.workers.ordered_map`.)
     Returns the handler to restore, or None where none was set (also off the main thread)."""
     if "RANK" in os.environ or threading.current_thread() is not threading.main_thread():
         return None
-    _default_sigterm_in_children()
     return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def _raise_terminated(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup short
     raise Terminated
-
-
-_fork_state = threading.local()  # the signal mask a fork() in this thread is to restore
-_fork_hooks: list = []  # the at-fork hooks, once registered (they cannot be removed)
-
-
-def _default_sigterm_in_children() -> None:
-    """A pool worker must die of the pool's SIGTERM as by default. With `_raise_terminated` inherited,
-    one that the pool's terminate() signalled before it first ran (a busy machine, a short pool) lost the
-    signal: CPython drops the signals that arrive before its after-fork bookkeeping (bpo-9535), and the
-    worker then waited forever on the pool's queue, and prepare with it. So, while the handler is
-    installed, SIGTERM is blocked across fork() in the forking thread, and the child sets the default
-    action before unblocking it (one that came meanwhile then ends it). Registered once per process."""
-    if _fork_hooks:
-        return
-
-    def before() -> None:
-        ours = signal.getsignal(signal.SIGTERM) is _raise_terminated
-        _fork_state.mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if ours else None
-
-    def after_in_parent() -> None:
-        if getattr(_fork_state, "mask", None) is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, _fork_state.mask)
-
-    def after_in_child() -> None:
-        if getattr(_fork_state, "mask", None) is not None:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_SETMASK, _fork_state.mask)
-
-    _fork_hooks.extend([before, after_in_parent, after_in_child])
-    os.register_at_fork(before=before, after_in_parent=after_in_parent, after_in_child=after_in_child)
 
 
 def _wait_unless_rank_zero() -> str:

@@ -218,37 +218,60 @@ def test_a_tokenizer_that_cannot_encode_the_corpus_is_one_error_line(run, tmp_pa
     assert not (tmp_path / "d").exists()
 
 
-def test_a_forked_worker_starts_with_sigterms_default_action():
-    """Under the CLI's SIGTERM handler, a forked child (a pool worker) runs from its first instruction
-    with SIGTERM's default action and unblocked, while the parent keeps its handler and its mask: a pool
-    terminate()d before its worker first ran once left that worker waiting forever (the signal was
-    dropped by the interpreter's after-fork reset) and prepare hanging in the join."""
-    import os
+def _worker_signals(_task):
+    import signal
+
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    return (
+        signal.getsignal(signal.SIGINT),
+        signal.getsignal(signal.SIGTERM),
+        signal.SIGINT in mask,
+        signal.SIGTERM in mask,
+    )
+
+
+def test_pool_workers_ignore_ctrl_c_and_die_of_sigterm_even_under_the_clis_handler():
+    """A worker inheriting the CLI's Python SIGTERM handler could lose the pool's terminate() (signalled
+    before it first ran, or just before it blocked on the pool's queue) and hang prepare in the join;
+    and Ctrl-C, which reaches the whole process group, printed a traceback per worker. Workers now run
+    with SIGINT ignored and SIGTERM's default action, both unblocked; the parent keeps its handler and
+    its signal mask."""
     import signal
 
     from seektrain import cli
+    from seektrain.data.workers import ordered_map
 
     previous = cli._terminate_on_sigterm()
     try:
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: report and leave at once
-            default = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-            unblocked = signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
-            os.write(write, bytes([default, unblocked]))
-            os._exit(0)
-        os.close(write)
-        report = os.read(read, 2)
-        os.close(read)
-        assert os.waitpid(pid, 0)[1] == 0
-        assert report == bytes([True, True])
+        seen = set(ordered_map(_worker_signals, range(8), 2, print, ()))
+        assert seen == {(signal.SIG_IGN, signal.SIG_DFL, False, False)}
         assert signal.getsignal(signal.SIGTERM) is cli._raise_terminated
-        assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
-        pid = os.fork()  # and a SIGTERM that reaches such a child ends it as by default
-        if pid == 0:
-            signal.pause()
-            os._exit(0)
-        os.kill(pid, signal.SIGTERM)
-        assert os.waitpid(pid, 0)[1] == signal.SIGTERM  # killed by the signal, not exited
+        assert not {signal.SIGINT, signal.SIGTERM} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_ctrl_c_to_the_process_group_ends_prepare_with_one_line(tmp_path):
+    """A terminal's Ctrl-C signals every process of the foreground group, the workers too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = ["prepare", "--input", "stdlib", "--out", tmp_path / "out", "--workers", "2", "--no-progress"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "seektrain", *map(str, argv)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group, as a shell job's
+    )
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".out.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(1.0)  # into the cleaning pass, with both workers busy
+    os.killpg(proc.pid, signal.SIGINT)
+    code = proc.wait(timeout=60)
+    err = proc.stderr.read().decode()
+    assert code == 130 and err == "interrupted\n", err
+    assert not list(tmp_path.iterdir())

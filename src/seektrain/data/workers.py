@@ -9,6 +9,7 @@ in submission order, so the output never depends on the number of workers.
 from __future__ import annotations
 
 import os
+import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 
@@ -73,7 +74,13 @@ def ordered_map(
     import multiprocessing as mp
 
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with mp.get_context(method).Pool(workers, initializer=initializer, initargs=initargs) as pool:
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)  # until `_start_worker`
+    try:
+        context = mp.get_context(method)
+        pool = context.Pool(workers, initializer=_start_worker, initargs=(initializer, initargs))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    with pool:
         pending: deque = deque()
         for task in tasks:
             pending.append(pool.apply_async(fn, (task,)))
@@ -81,3 +88,19 @@ def ordered_map(
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+
+
+# Workers are born with these blocked and set their own actions before unblocking them. Inherited, the
+# CLI's Python SIGTERM handler lost the pool's terminate() for a worker signalled before it first ran (on
+# a busy machine): CPython drops signals that arrive before its after-fork reset (bpo-9535), or leaves
+# one that lands just before `sem_wait` pending while the worker blocks on the pool's queue forever, and
+# prepare hung in the pool's join. Ctrl-C reaches the whole process group: each worker printed a
+# KeyboardInterrupt traceback.
+_WORKER_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _start_worker(initializer: Callable, initargs: tuple) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the pool on Ctrl-C
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool's terminate(): end at once, quietly
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
+    initializer(*initargs)
