@@ -275,3 +275,42 @@ def test_ctrl_c_to_the_process_group_ends_prepare_with_one_line(tmp_path):
     err = proc.stderr.read().decode()
     assert code == 130 and err == "interrupted\n", err
     assert not list(tmp_path.iterdir())
+
+
+def _file_size_limit(limit):
+    def apply():
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_write_that_fails_is_one_error_line_and_keeps_the_data_dir(run, tmp_path):
+    """A full disk (here: files limited to 16 KiB, so the cleaned text cannot be written) and an --out
+    where nothing can be created (/proc) end in one line; the data dir already there stays as it was and
+    no temp dir is left."""
+    import subprocess
+    import sys
+
+    src = write_corpus(tmp_path / "src", make_docs(60, seed=8))
+    out = tmp_path / "d"
+    assert run("--input", src, "--out", out, "--vocab-size", 300)[0] == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    argv = ["prepare", "--input", src, "--out", out, "--vocab-size", 300, "--no-progress", "--workers", "2"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "seektrain", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_file_size_limit(16 * 1024),
+    )
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert err == [f"error: cannot build {out}: File too large; it keeps what it held before"], proc.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "src"]
+    proc_out = "/proc/seektrain_test_out"
+    _assert_one_error(run("--input", src, "--out", proc_out), f"cannot build {proc_out}: ")

@@ -360,3 +360,20 @@ def test_merge_refuses_a_slice_twice_and_out_over_its_own_input(prepared, tmp_pa
         prepare(small_config([parts[1] / "more"], parts[1], tokenizer=tok))
     assert {p: p.read_bytes() for p in before} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["part0", "part1", "src"]
+
+
+def test_merge_cleans_up_after_a_killed_prepare_or_merge(prepared, tmp_path, corpus_docs):
+    """As prepare does: a temp dir of a killed run is removed, and a data dir swapped out by a run killed
+    between its two renames is put back before the merge replaces it (it used to stay hidden, full size)."""
+    data_dir, _ = prepared
+    src = write_corpus(tmp_path / "src", corpus_docs[:20])
+    tok = str(data_dir / "tokenizer.json")
+    parts = [str(tmp_path / f"part{i}") for i in range(2)]
+    for i, p in enumerate(parts):
+        prepare(small_config([src], p, tokenizer=tok, num_slices=2, slice_index=i))
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    (tmp_path / f".merged.tmp-{dead}").mkdir()
+    shutil.copytree(data_dir, tmp_path / f".merged.old-{dead}")
+    merge(parts, str(tmp_path / "merged"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "part0", "part1", "src"]
+    assert load_manifest(tmp_path / "merged")["sources"]["documents_kept"] == 20

@@ -14,9 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
-from seektrain.data.prepare import REPORT, _swap_into_place, check_out_dir, make_parent, resolve_out
+from seektrain.data.prepare import (
+    REPORT,
+    _swap_into_place,
+    build_failed,
+    check_out_dir,
+    make_parent,
+    resolve_out,
+)
 from seektrain.data.shards import MANIFEST, atomic_write_json, load_manifest, verify_shards
 from seektrain.errors import UserError
+from seektrain.paths import recover_interrupted
 
 
 def _check_distinct(slice_dirs: list[str], manifests: list[dict]) -> None:
@@ -48,6 +56,7 @@ def merge(slice_dirs: list[str], out_dir: str) -> dict:
             )
     _check_distinct(slice_dirs, manifests)
     out = resolve_out(out_dir)
+    recover_interrupted(out, MANIFEST)  # what a killed prepare or merge left beside `out`
     check_out_dir(out, slice_dirs)
     make_parent(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -106,5 +115,7 @@ def merge(slice_dirs: list[str], out_dir: str) -> dict:
         atomic_write_json(tmp / MANIFEST, manifest)
         _swap_into_place(tmp, out)
         return report
+    except OSError as e:
+        raise UserError(build_failed(e, out)) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

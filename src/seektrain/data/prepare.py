@@ -367,11 +367,11 @@ def prepare(cfg: PrepareConfig) -> dict:
     make_parent(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     stats = {"documents_in": 0, "bytes_in": 0, "dropped": Counter()}
     seconds: dict[str, float] = {}
     progress = _Progress(cfg.progress)
     try:
+        tmp.mkdir()
         scratch = tmp / "clean.scratch"
         t = time.perf_counter()
         offsets, keys, split_hashes, band_rows = _clean_pass(files, cfg, scratch, minhash, stats, progress)
@@ -461,9 +461,17 @@ def prepare(cfg: PrepareConfig) -> dict:
         atomic_write_json(tmp / MANIFEST, manifest)  # last: its presence marks a complete data dir
         _swap_into_place(tmp, out)
         return report
+    except OSError as e:  # writing: a full disk, a folder without write permission
+        raise UserError(build_failed(e, out)) from e
     finally:
         progress.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_failed(e: OSError, out: Path) -> str:
+    """One line for an OSError while a data dir is built beside `out` (reads raise their own UserError)."""
+    where = f" ({e.filename})" if e.filename else ""
+    return f"cannot build {out}: {e.strerror or e}{where}; it keeps what it held before"
 
 
 def _plural(n: int, word: str) -> str:
