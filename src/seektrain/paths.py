@@ -26,8 +26,8 @@ def check_dir_target(path: str | Path, what: str) -> None:
 
 def check_writable_dir(path: str | Path, what: str) -> None:
     """`check_dir_target`, and the directory (or its nearest existing ancestor, where it would be created)
-    takes a new file: probed with an unnamed temporary file, so that a read-only or full filesystem, a
-    folder without write permission or a pseudo-filesystem fails here, before the work, in one line."""
+    takes a new file: probed with an unnamed temporary file, so that a read-only filesystem, a folder
+    without write permission or a pseudo-filesystem fails here, before the work, in one line."""
     check_dir_target(path, what)
     path = Path(path)
     place = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())

@@ -25,6 +25,21 @@ def test_invalid_utf8_policy():
     assert decode(b"\xef\xbb\xbfhello", 0.01) == "hello"  # BOM removed
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32", "utf-32-be"])
+def test_utf16_and_utf32_files_with_a_bom_are_decoded(encoding):
+    """Windows "Unicode" text: read as UTF-8 its NULs are valid bytes that normalization removed, and the
+    BOM's 2 invalid bytes stayed under the 1% limit, so the file was kept as "\ufffd\ufffdFirst line\n\n…".
+    With its BOM it is decoded in its own encoding; a stray bad unit still counts as invalid."""
+    text = "First line\r\nSecond line é→日本\r\nThird " + GOOD
+    raw = text.encode(encoding)
+    if not raw.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")):  # the -be codecs write none
+        raw = ("\ufeff" + text).encode(encoding)
+    assert decode(raw, 0.01) == text
+    r = clean_document(raw, CleanConfig())
+    assert r.reason is None and r.text == normalize(text, "NFC")
+    assert decode(raw[:-1], 0.01).endswith("\ufffd")  # a truncated last code unit
+
+
 def test_normalization_forms_and_control_characters():
     decomposed = "Cafe\u0301 \x00\x07bad\x1b ctrl\r\nline\u2028next   \n\n\n\n\n\nend\x0c"
     out = normalize(decomposed, "NFC")

@@ -3,7 +3,10 @@
 Everything here is a pure function of one document so that it runs in worker processes. Each dropped
 document carries one reason (the first filter that rejected it), counted in `prepare_report.json`.
 
-Decoding policy: bytes are decoded as UTF-8 (a leading BOM removed); invalid sequences become U+FFFD,
+Decoding policy: bytes are decoded as UTF-8 (a leading BOM removed), or as UTF-16/UTF-32 where their BOM
+opens the file (Windows editors save "Unicode" text so; read as UTF-8, its NUL bytes are valid and vanish in
+normalization while the BOM counts only 2 invalid bytes, so it was kept as doubled-newline text with two
+U+FFFD); invalid sequences become U+FFFD,
 and a document is dropped as `invalid_utf8` when more than `max_invalid_utf8_frac` of its bytes were
 invalid (a binary or wrongly encoded file), otherwise kept with the replacements. Text that is already
 decoded (JSONL) can still hold lone surrogates (an escaped `\ud800` without its pair, as truncated emoji
@@ -12,6 +15,7 @@ leave in scraped data): each is one invalid character under the same policy.
 
 from __future__ import annotations
 
+import codecs
 import re
 import unicodedata
 from collections import Counter
@@ -111,14 +115,23 @@ def decode(raw: bytes | str, max_invalid_frac: float) -> str | None:
         except UnicodeEncodeError:
             text, invalid = _SURROGATE.subn("\ufffd", raw)
             return None if invalid > max_invalid_frac * len(text.encode()) else text
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
+    codec = next((c for bom, c in _BOMS if raw.startswith(bom)), "utf-8-sig")
     try:
-        return raw.decode("utf-8")
+        return raw.decode(codec)
     except UnicodeDecodeError:
-        text = raw.decode("utf-8", errors="replace")
-        invalid = text.count("\ufffd") - raw.count("\ufffd".encode())
+        text = raw.decode(codec, errors="replace")
+        invalid = text.count("\ufffd") - raw.decode(codec, errors="ignore").count("\ufffd")
         return None if invalid > max_invalid_frac * max(len(raw), 1) else text
+
+
+# Byte-order marks of the encodings read besides UTF-8 (UTF-32's first: it begins with UTF-16's); each
+# codec removes its BOM, as "utf-8-sig" does UTF-8's.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
 
 
 def normalize(text: str, form: str) -> str:
