@@ -332,6 +332,19 @@ def test_linked_folders_are_followed_once_and_path_inputs_work(tmp_path, corpus_
     assert load_manifest(tmp_path / "out")["sources"]["inputs"] == [str(main)]
 
 
+def test_a_file_reached_twice_is_read_once(tmp_path, corpus_docs):
+    """A folder and its subfolder both given, a file named twice, a link to a file of the corpus: each
+    real file is read once (with `--dedup none` its documents were kept twice)."""
+    main = write_corpus(tmp_path / "main", corpus_docs[:4])
+    sub = write_corpus(main / "sub", corpus_docs[4:6])
+    (main / "alias.txt").symlink_to(sorted(sub.iterdir())[0])
+    one = sorted(main.glob("*.txt"))[0]
+    found = discover([str(main), str(sub), str(one)])
+    assert len(found) == 6 and len({f.path.resolve() for f in found}) == 6
+    report = prepare(small_config([main, sub, one], tmp_path / "out", dedup="none"))
+    assert report["documents_in"] == 6
+
+
 def test_merge_refuses_a_slice_twice_and_out_over_its_own_input(prepared, tmp_path, corpus_docs):
     data_dir, _ = prepared
     src = write_corpus(tmp_path / "src", corpus_docs[:20])

@@ -111,7 +111,8 @@ def _unreadable_folder(error: OSError) -> None:
 
 
 def discover(inputs: list[str]) -> list[SourceFile]:
-    """Expand inputs (files, folders searched recursively, or `stdlib`) into a sorted list of readable files.
+    """Expand inputs (files, folders searched recursively, or `stdlib`) into a sorted list of readable files,
+    each real file once.
 
     Raises UserError for a missing path or when nothing readable is found.
     """
@@ -152,7 +153,21 @@ def discover(inputs: list[str]) -> list[SourceFile]:
         files.extend(found)
     if not files:
         raise UserError("no input files")
-    return files
+    return _each_file_once(files)
+
+
+def _each_file_once(files: list[SourceFile]) -> list[SourceFile]:
+    """The first of each real file: one reached twice (a folder and its subfolder both given, a file
+    named twice, a link to a file of the corpus) would otherwise be read twice, which `--dedup none`
+    keeps as duplicated documents."""
+    seen: set[str] = set()
+    once = []
+    for f in files:
+        real = os.path.realpath(f.path)
+        if real not in seen:
+            seen.add(real)
+            once.append(f)
+    return once
 
 
 # What reading a file can raise: OSError (gzip.BadGzipFile too), EOFError (a truncated gzip stream),
