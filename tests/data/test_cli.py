@@ -314,3 +314,15 @@ def test_a_write_that_fails_is_one_error_line_and_keeps_the_data_dir(run, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "src"]
     proc_out = "/proc/seektrain_test_out"
     _assert_one_error(run("--input", src, "--out", proc_out), f"cannot build {proc_out}: ")
+
+
+def test_an_empty_split_is_warned_about(run, tmp_path):
+    """All documents in val (a large --val-fraction on a small corpus) leaves nothing to train on; none in
+    val, nothing to evaluate: the summary says which and what to change."""
+    src = write_corpus(tmp_path / "src", make_docs(4, seed=3))
+    rc, out, _ = run("--input", src, "--out", tmp_path / "a", "--vocab-size", 300, "--val-fraction", "0.999")
+    assert rc == 0 and "tokens    train 0 (0 docs" in out, out
+    assert "warning   the train split is empty: lower --val-fraction" in out
+    rc, out, _ = run("--input", src, "--out", tmp_path / "b", "--vocab-size", 300, "--val-fraction", "0")
+    assert rc == 0 and "warning   the val split is empty: raise --val-fraction" in out
+    assert "train split is empty" not in out

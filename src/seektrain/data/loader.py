@@ -125,7 +125,7 @@ class TokenLoader:
             raise UserError(
                 f"split {split!r} of {data_dir} has {self.num_tokens} tokens, fewer than seq_len+1 = "
                 f"{seq_len + 1}: use a shorter seq_len or more data"
-                + (" (or a larger --val-fraction in prepare)" if split == "val" else "")
+                + (f" (or a {'larger' if split == 'val' else 'smaller'} --val-fraction in prepare)")
             )
         self._fingerprint = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()[:16]
         self._chunk: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))  # window ids of one chunk

@@ -517,4 +517,6 @@ def print_summary(report: dict) -> None:
         )
     if not report["documents"]["val"]:
         lines.append("  warning   the val split is empty: raise --val-fraction to evaluate on held-out text")
+    if not report["documents"]["train"]:
+        lines.append("  warning   the train split is empty: lower --val-fraction (or give more documents)")
     print("\n".join(lines))
