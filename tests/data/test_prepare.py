@@ -128,6 +128,15 @@ def test_bad_jsonl_line_fails_or_is_counted(tmp_path):
         prepare(small_config([tmp_path / "deep.jsonl"], tmp_path / "deep"))
     report = prepare(small_config([tmp_path / "deep.jsonl"], tmp_path / "deep", skip_bad_lines=True))
     assert report["bad_jsonl_lines"] == 1 and report["documents_kept"] == 6
+    # A null text is no text, as a Parquet null is: counted, not fatal; another type is still a bad line.
+    lines[3] = json.dumps({"text": None})
+    (tmp_path / "null.jsonl").write_text("\n".join([*lines, json.dumps({"text": 3})]) + "\n")
+    with pytest.raises(UserError, match=r"null.jsonl:8: JSONL line is not valid: field 'text' is int"):
+        prepare(small_config([tmp_path / "null.jsonl"], tmp_path / "null"))
+    (tmp_path / "null.jsonl").write_text("\n".join(lines) + "\n")
+    report = prepare(small_config([tmp_path / "null.jsonl"], tmp_path / "null"))
+    assert report["dropped"]["null_text"] == 1 and report["documents_kept"] == 6
+    assert report["documents_in"] == 7 and report["bad_jsonl_lines"] == 0
 
 
 def test_failed_rerun_keeps_existing_data_dir(tmp_path, corpus_docs):

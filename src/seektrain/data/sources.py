@@ -198,8 +198,9 @@ def _read_lines(path: Path) -> Iterator[bytes]:
         raise UserError(f"cannot read {path}: {e}") from e
 
 
-def iter_jsonl(path: Path, text_field: str, skip_bad_lines: bool, stats: dict) -> Iterator[str]:
-    """Documents from a JSONL file, one object per line; `text_field` names the text.
+def iter_jsonl(path: Path, text_field: str, skip_bad_lines: bool, stats: dict) -> Iterator[str | None]:
+    """Documents from a JSONL file, one object per line; `text_field` names the text. A `null` text is
+    None, which the caller counts as Parquet's nulls are (`null_text`), not a bad line.
 
     A line that is not JSON (or lacks the field) fails with its line number unless `skip_bad_lines`,
     in which case it is counted in `stats["bad_jsonl_lines"]` and skipped.
@@ -210,7 +211,7 @@ def iter_jsonl(path: Path, text_field: str, skip_bad_lines: bool, stats: dict) -
         try:
             obj = json.loads(line)
             text = obj[text_field]
-            if not isinstance(text, str):
+            if text is not None and not isinstance(text, str):
                 raise TypeError(f"field {text_field!r} is {type(text).__name__}, not a string")
         except (ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: nested too deep
             if skip_bad_lines:
