@@ -371,6 +371,28 @@ def test_fp16_resumes_a_bf16_or_fp32_run_with_a_fresh_loss_scale(make, tmp_path)
     assert again.fit() == 0
 
 
+def test_a_failing_write_during_the_loop_is_one_error_but_a_closed_stdout_is_not(make, tmp_path, monkeypatch):
+    """An OSError out of the loop (a full disk under metrics.jsonl) becomes the one-line UserError naming
+    the file; a BrokenPipeError (stdout's reader gone) passes through for the CLI's quiet exit 141."""
+    from seektrain.errors import UserError
+
+    tr = make(tmp_path / "run", "train.steps=2", "train.eval_every=0")
+
+    def loop_raising(error):
+        def loop(stop):
+            raise error
+
+        return loop
+
+    full = OSError(28, "No space left on device", str(tmp_path / "run" / "metrics.jsonl"))
+    monkeypatch.setattr(tr, "_loop", loop_raising(full))
+    with pytest.raises(UserError, match=r"run/metrics.jsonl: No space left on device \(checkpoints"):
+        tr.fit()
+    monkeypatch.setattr(tr, "_loop", loop_raising(BrokenPipeError(32, "Broken pipe")))
+    with pytest.raises(BrokenPipeError):
+        tr.fit()
+
+
 def nan_from(tr, first_step, times=None):
     """Patch the model so that training steps from `first_step` on give a NaN loss (`times` steps at most,
     counted per forward call)."""

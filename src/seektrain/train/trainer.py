@@ -314,6 +314,8 @@ class Trainer:
                 self._evaluate()
             exit_code = self._loop(stop)
             self.checkpoints.finish_pending()  # an asynchronous checkpoint still being written
+        except BrokenPipeError:  # stdout's reader went away: the CLI ends quietly (141)
+            raise
         except OSError as e:  # a full disk under metrics.jsonl or TensorBoard, a data shard gone: one line
             where = e.filename or self.run_dir
             raise UserError(f"{where}: {e.strerror or e} (checkpoints already written are intact)") from e
