@@ -30,11 +30,18 @@ def detach_stdout() -> None:
     os.close(devnull)
 
 
+# What CUDA libraries raise when their own allocations fail (cuBLAS/cuDNN workspaces, a kernel launch),
+# as a RuntimeError or torch.AcceleratorError rather than the caching allocator's OutOfMemoryError.
+_GPU_OUT_OF_MEMORY = ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
 def out_of_memory(e: BaseException) -> str | None:
     """One line for an allocation that failed (a GPU's, the host's, numpy's), None for any other error.
     Running out of memory is a matter of sizes the user chose, so it is reported like bad input."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(e, torch.OutOfMemoryError):  # "CUDA out of memory. Tried to …"
+        return f"out of GPU memory: {first_line(e)}"
+    if isinstance(e, RuntimeError) and any(m in str(e) for m in _GPU_OUT_OF_MEMORY):  # outside the allocator
         return f"out of GPU memory: {first_line(e)}"
     if isinstance(e, MemoryError):  # numpy: "Unable to allocate 4.00 GiB for an array with shape …"
         return f"out of host memory: {first_line(e)}"

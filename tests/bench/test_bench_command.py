@@ -130,6 +130,11 @@ def _cuda_out_of_memory():
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.\nGPU 0 has …")
 
 
+def _cublas_out_of_memory():
+    # a CUDA library's own allocation failing (no caching-allocator OutOfMemoryError)
+    raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+
+
 @pytest.mark.parametrize(
     "allocate, expected",
     [
@@ -139,8 +144,9 @@ def _cuda_out_of_memory():
         ),
         (lambda: np.empty(2**50, dtype=np.uint8), "error: out of host memory: Unable to allocate 1.00 PiB"),
         (_cuda_out_of_memory, "error: out of GPU memory: CUDA out of memory. Tried to allocate 20.00 GiB."),
+        (_cublas_out_of_memory, "error: out of GPU memory: CUDA error: CUBLAS_STATUS_ALLOC_FAILED when"),
     ],
-    ids=["torch-cpu", "numpy", "cuda"],
+    ids=["torch-cpu", "numpy", "cuda", "cublas"],
 )
 def test_running_out_of_memory_is_one_error_line_with_what_to_change(allocate, expected, monkeypatch, capsys):
     monkeypatch.setattr(bench_command, "run", lambda args: allocate())  # a real allocation that fails

@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 
 import pytest
@@ -288,6 +289,7 @@ def _file_size_limit(limit):
     return apply
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
 def test_a_write_that_fails_is_one_error_line_and_keeps_the_data_dir(run, tmp_path):
     """A full disk (here: files limited to 16 KiB, so the cleaned text cannot be written) and an --out
     where nothing can be created (/proc) end in one line; the data dir already there stays as it was and

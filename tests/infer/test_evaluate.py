@@ -98,3 +98,15 @@ def test_byte_lengths_of_sentencepiece_style_tokens_add_up_to_the_decoded_text()
         assert tok.token_to_id("▁▁▁▁") in ids and tok.token_to_id("<0xC3>") in ids
         added = len(tok.decode(ids).encode()) - len(tok.decode(ids[:1]).encode())
         assert lengths[ids[1:]].sum() == added
+
+
+def test_byte_lengths_without_a_decoder_count_each_token_alone():
+    """decode() of a tokenizer without a decoder joins tokens with spaces that are not the text's: each
+    token's bytes are its own text's, as decoded alone (the anchor would add one space per token)."""
+    from tokenizers import models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"hello": 0, "world": 1, "é": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert tok.decoder is None
+    lengths = token_byte_lengths(tok)
+    assert list(lengths) == [5, 5, 2, 5]

@@ -270,6 +270,7 @@ def test_config_and_checkpoint_hold_the_resolved_config(finished_run):
     assert os.path.isdir(finished_run / "checkpoints")
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
 def test_a_run_dir_that_cannot_be_written_fails_before_any_work(toy, capsys):
     """/proc takes no new files, even from root: one line, naming the place, before data or model."""
     run = Path("/proc/seektrain_test_run")
@@ -314,3 +315,24 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_partial_c
     assert resumed.returncode == 0, resumed.stderr
     assert "resum" in resumed.stdout and "step 1" in resumed.stdout
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
+
+
+@pytest.mark.parametrize(
+    "limit, expected",
+    [
+        (1000, "error: --run-dir {run}: cannot write {run}/config.toml: File too large"),  # 1.5 kB
+        (4000, "error: {run}/metrics.jsonl: File too large (checkpoints already written are intact)"),
+    ],
+    ids=["config", "metrics"],
+)
+def test_a_run_file_that_cannot_be_written_is_one_line_naming_it(toy, tmp_path, limit, expected):
+    """Files limited in size as on a full disk: config.toml at the start, or metrics.jsonl a few logged
+    steps in (before any checkpoint). One line naming the file, exit 2, no temporary file left."""
+    run = tmp_path / "run"
+    overrides = [*toy, "train.steps=40", "train.log_every=1", "train.eval_every=0", "checkpoint.every=100"]
+    proc = subprocess.run(
+        cli(run, overrides), capture_output=True, text=True, timeout=300, preexec_fn=_file_size_limit(limit)
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [expected.format(run=run)], proc.stderr
+    assert not [p.name for p in run.iterdir() if ".tmp" in p.name]

@@ -31,7 +31,6 @@ from seektrain.data.shards import (
     FORMAT_VERSION,
     MANIFEST,
     ShardWriter,
-    atomic_write_bytes,
     atomic_write_json,
     is_data_dir,
     token_dtype,
@@ -47,7 +46,7 @@ from seektrain.data.tokenizer import (
     train_bpe,
 )
 from seektrain.errors import UserError
-from seektrain.paths import check_dir_target, recover_interrupted
+from seektrain.paths import atomic_write_bytes, check_dir_target, recover_interrupted
 
 DEDUP_MODES = ("none", "exact", "minhash")
 REPORT = "prepare_report.json"
@@ -291,12 +290,17 @@ def _tokenize_pass(batches, sizes, val, writers, tokenizer, eos: int, cfg: Prepa
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Replace `out` by the complete `tmp`; the old dir is removed only after the new one is in place."""
+    """Replace `out` by the complete `tmp`; the old dir is removed only after the new one is in place (and
+    put back when the new one cannot be: the caller reports `out` as it was)."""
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            os.replace(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)  # the new data is in place; a later run removes a rest
     else:
         os.replace(tmp, out)
 

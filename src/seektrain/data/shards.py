@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from seektrain.errors import UserError
+from seektrain.paths import atomic_write_bytes
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -25,16 +26,6 @@ MANIFEST = "manifest.json"
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id fits, else uint32 (always little-endian on disk)."""
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file and os.replace (readers never see a partial file)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_write_json(path: Path, obj) -> None:

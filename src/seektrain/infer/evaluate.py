@@ -53,7 +53,8 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
     specials = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
     byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
     byte_chars = set(pre_tokenizers.ByteLevel.alphabet())
-    anchor = _anchor_token(tokenizer, vocab, specials)
+    # without a decoder, decode() joins tokens with spaces that are not the text's: each token alone
+    anchor = _anchor_token(tokenizer, vocab, specials) if tokenizer.decoder is not None else None
     anchor_bytes = len(tokenizer.decode([anchor]).encode()) if anchor is not None else 0
     for token, i in vocab.items():
         if token in specials:

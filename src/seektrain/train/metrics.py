@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from seektrain.paths import atomic_write_bytes
+
 METRICS_FILE = "metrics.jsonl"
 
 # Dense bf16 tensor-core peaks (FLOP/s), matched against torch.cuda.get_device_name().
@@ -39,7 +41,9 @@ class MetricsLog:
 
     def _open(self, keep_through_step: int) -> None:
         truncate_metrics(self.path, keep_through_step)
-        self._file = open(self.path, "a")  # noqa: SIM115 (open for the run, closed by close())
+        # unbuffered: a line that cannot be written (a full disk) fails in write(), and close() has no
+        # buffered rest to fail on again
+        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 (open for the run, closed by close())
         self._tb = None
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -52,8 +56,12 @@ class MetricsLog:
         self._open(keep_through_step)
 
     def write(self, record: dict[str, Any], tb_prefix: str | None = None) -> None:
-        self._file.write(strict_dumps(record) + "\n")
-        self._file.flush()
+        line = memoryview((strict_dumps(record) + "\n").encode())
+        try:
+            while line:  # an unbuffered write may take only part of it
+                line = line[self._file.write(line) :]
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
         if self._tb is not None and tb_prefix is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -87,9 +95,7 @@ def truncate_metrics(path: Path, keep_through_step: int) -> None:
             continue  # a line cut by a kill -9
         if record.get("step", math.inf) <= keep_through_step:  # rewritten strict (older runs wrote NaN)
             kept.append(strict_dumps(record) + "\n")
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, "".join(kept).encode())
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

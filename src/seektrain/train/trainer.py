@@ -32,7 +32,7 @@ from seektrain.config import RunConfig
 from seektrain.distributed import parallelize
 from seektrain.distributed.env import DistEnv, agree, build_mesh, detect, init_process_group, pick_device
 from seektrain.errors import UserError
-from seektrain.paths import check_writable_dir
+from seektrain.paths import atomic_write_bytes, check_writable_dir
 from seektrain.train import balance
 from seektrain.train.display import Display
 from seektrain.train.guard import OK, ROLLBACK, SKIP, Guard
@@ -294,12 +294,13 @@ class Trainer:
                 if self.resume_from is not None and _belongs_to(self.resume_from, self.run_dir):
                     abandoned = self.checkpoints.set_aside_after(c.step)  # as metrics.jsonl is cut back
                 self.run_dir.mkdir(parents=True, exist_ok=True)
-                _atomic_write(self.run_dir / "config.toml", self.cfg.to_toml())
+                atomic_write_bytes(self.run_dir / "config.toml", self.cfg.to_toml().encode())
                 self.metrics = MetricsLog(
                     self.run_dir, c.step if self.resume_from else -1, self.cfg.log.tensorboard
                 )
             except OSError as e:
-                raise UserError(f"--run-dir {self.run_dir}: cannot write {e.filename}: {e.strerror}") from e
+                where = e.filename or self.run_dir
+                raise UserError(f"--run-dir {self.run_dir}: cannot write {where}: {e.strerror or e}") from e
             self.display = Display(t.steps, c.step, self.cfg.log.progress)
             for path in abandoned:
                 self.display.print(
@@ -704,9 +705,3 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
