@@ -393,6 +393,30 @@ def test_a_failing_write_during_the_loop_is_one_error_but_a_closed_stdout_is_not
         tr.fit()
 
 
+def test_the_first_step_of_a_start_is_left_out_of_the_logged_throughput(make, tmp_path, monkeypatch):
+    """The first step after a start compiles and warms up (17 s of a GPU run's first window): with log
+    lines every 4 steps, the first line's tokens/s is that of steps 2-4. Here the first step is made 3 s
+    slower; counted in, the line could not exceed 4 × 256 tokens / 3 s = 341 tokens/s. A step alone in
+    its window (log_every=1) still reports its own speed."""
+    import time
+
+    tr = make(tmp_path / "run", "train.steps=4", "train.log_every=4", "train.eval_every=0")
+    forward_backward, calls = tr.stepper.forward_backward, []
+
+    def slow_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(3.0)
+        return forward_backward(*args, **kwargs)
+
+    monkeypatch.setattr(tr.stepper, "forward_backward", slow_first)
+    assert tr.fit() == 0
+    (line,) = train_lines(tmp_path / "run")
+    assert line["step"] == 4 and line["tokens"] == 4 * 256 and line["tokens_per_s"] > 600
+    alone = make(tmp_path / "alone", "train.steps=1", "train.log_every=1", "train.eval_every=0")
+    assert alone.fit() == 0 and train_lines(tmp_path / "alone")[0]["tokens_per_s"] > 0
+
+
 def nan_from(tr, first_step, times=None):
     """Patch the model so that training steps from `first_step` on give a NaN loss (`times` steps at most,
     counted per forward call)."""
