@@ -41,10 +41,12 @@ CONFIGS = {
             "beta_slow": 1,
         },  # fmt: skip
     ),
-    # q low-rank, 8 groups of 2 with 3 kept, no dense layer, two MTP modules, tied embeddings
+    # q low-rank, 8 groups of 2 with 3 kept, no dense layer, two MTP modules, tied embeddings, and a large
+    # rms_norm_eps: the block norms take it, the latent norms (q_a, kv_a) keep 1e-6 as in transformers
     "q_lora_eight_groups_tied": dataclasses.replace(
         TINY,
         **TOY,
+        rms_norm_eps=1e-2,
         first_k_dense_replace=0,
         num_hidden_layers=3,
         n_group=8,
@@ -239,3 +241,38 @@ def test_directory_saved_by_transformers_loads_back(tmp_path):
         if not k.startswith("mtp."):
             assert torch.equal(want[k], got[k]), k
     assert not torch.equal(want["mtp.0.eh_proj.weight"], got["mtp.0.eh_proj.weight"])
+
+
+def test_keys_a_config_json_leaves_out_read_as_transformers_reads_them():
+    """Routing keys change no tensor shape: left out of a hand-written config.json, they took seektrain's
+    toy defaults (k=4, one group) while transformers loads the same directory with its own (k=8, 8 groups
+    of which 4): a different model, silently."""
+    from seektrain.model.hf import config_from_hf, hf_config
+
+    cfg = dataclasses.replace(TINY, n_routed_experts=32, n_group=8, topk_group=4, num_experts_per_tok=8)
+    trimmed = hf_config(cfg, torch.float32)
+    left_out = ("n_group", "topk_group", "num_experts_per_tok", "routed_scaling_factor", "norm_topk_prob")
+    for key in left_out:
+        del trimmed[key]
+    theirs = transformers.DeepseekV3Config(**trimmed)
+    ours = config_from_hf(trimmed)
+    assert {k: getattr(ours, k) for k in left_out} == {k: getattr(theirs, k) for k in left_out}
+
+
+@pytest.mark.parametrize(
+    "extra, refused",
+    [({"attention_factor": 1.5}, True), ({"truncate": False}, True), ({"partial_rotary_factor": 0.5}, True),
+     ({"truncate": True}, False), ({"attention_factor": None}, False)],
+)  # fmt: skip
+def test_rope_parameters_seektrain_does_not_implement_are_refused_on_import(extra, refused):
+    """transformers honours these YaRN keys; import dropped them and loaded another model (logits off by
+    ~2). A value that means what seektrain computes is accepted."""
+    from seektrain.model.hf import config_from_hf, hf_config
+
+    d = hf_config(CONFIGS["no_q_lora_one_group_yarn"], torch.float32)
+    d["rope_parameters"] = {**d["rope_parameters"], **extra}
+    if refused:
+        with pytest.raises(UserError, match=f"rope parameters set {next(iter(extra))}="):
+            config_from_hf(d)
+    else:
+        assert config_from_hf(d) == CONFIGS["no_q_lora_one_group_yarn"]

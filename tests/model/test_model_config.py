@@ -72,6 +72,9 @@ def test_unknown_key_names_the_closest_valid_ones():
         ModelConfig.from_preset("tinny")
 
 
+YARN = {"type": "yarn", "factor": 4}
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -84,6 +87,12 @@ def test_unknown_key_names_the_closest_valid_ones():
         (dict(hidden_size="256"), "hidden_size must be an integer"),
         (dict(rope_scaling={"type": "yarn", "factor": 4, "fctor": 2}), "unknown keys"),
         (dict(rope_scaling={"type": "linear", "factor": 4}), "must be 'yarn'"),
+        # YaRN fields that built a model whose first forward failed (log of 0 or of a negative number)
+        (dict(rope_scaling={**YARN, "original_max_position_embeddings": 0}), "integer >= 1"),
+        (dict(rope_scaling={**YARN, "original_max_position_embeddings": 64.9}), "integer"),
+        (dict(rope_scaling={**YARN, "beta_fast": -1}), "beta_fast must be > 0"),
+        (dict(rope_scaling={**YARN, "beta_slow": 0}), "beta_slow must be > 0"),
+        (dict(rope_scaling=YARN, rope_theta=1.0), "rope_theta must be > 1 under YaRN"),
         (dict(eos_token_id=9000), "eos_token_id"),
     ],
 )

@@ -15,6 +15,10 @@ from torch import nn
 from seektrain.model.config import ModelConfig
 from seektrain.model.layers import RMSNorm, apply_rope
 
+# The latent norms' epsilon is fixed, not `rms_norm_eps` (which the block and final norms take): so DeepSeek's
+# reference code and transformers' DeepseekV3 build them, and an export must compute what it computed.
+LATENT_NORM_EPS = 1e-6
+
 
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -29,10 +33,10 @@ class MLA(nn.Module):
             self.q_proj = nn.Linear(d, h * qk, bias=False)
         else:
             self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * qk, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(h * cfg.v_head_dim, d, bias=False)
 

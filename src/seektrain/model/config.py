@@ -195,6 +195,26 @@ class ModelConfig:
         return scale
 
 
+def _yarn_problems(rs: dict[str, Any], rope_theta: float) -> list[str]:
+    """What makes a YaRN table unusable beyond its type and factor: a non-numeric field, an original
+    length that is not a positive integer, a beta that is not positive, or rope_theta <= 1 (YaRN's
+    correction range divides by the logarithms of the betas' wavelengths and of rope_theta)."""
+    out = []
+    numbers = {k: v for k, v in sorted(rs.items()) if k not in ("type", "rope_type")}
+    for key, v in numbers.items():
+        if not is_finite_number(v):
+            out.append(f"rope_scaling.{key} must be a finite number, got {v!r}")
+    original = numbers.get("original_max_position_embeddings")
+    if is_finite_number(original) and (original < 1 or original != int(original)):
+        out.append(f"rope_scaling.original_max_position_embeddings must be an integer >= 1, got {original!r}")
+    for key in ("beta_fast", "beta_slow"):
+        if is_finite_number(numbers.get(key)) and numbers[key] <= 0:
+            out.append(f"rope_scaling.{key} must be > 0, got {numbers[key]!r}")
+    if rope_theta <= 1:
+        out.append(f"rope_theta must be > 1 under YaRN, got {rope_theta!r}")
+    return out
+
+
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
@@ -315,9 +335,7 @@ def _value_problems(c: ModelConfig) -> list[str]:
         elif not is_finite_number(rs.get("factor")) or rs["factor"] < 1:
             out.append(f"rope_scaling.factor must be a finite number >= 1, got {rs.get('factor')!r}")
         else:
-            for key, v in sorted(rs.items()):
-                if key not in ("type", "rope_type") and not is_finite_number(v):
-                    out.append(f"rope_scaling.{key} must be a finite number, got {v!r}")
+            out += _yarn_problems(rs, c.rope_theta)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         v = getattr(c, name)
         if v is not None and not 0 <= v < c.vocab_size:

@@ -180,9 +180,9 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
         if key in d and d[key] != want:
             raise UserError(f"config.json has {key}={d[key]!r}; seektrain supports only {want!r}")
     fields = {f for f in ModelConfig.__dataclass_fields__ if f not in NOT_HF_FIELDS}
-    kw: dict[str, Any] = {k: v for k, v in d.items() if k in fields}
-    kw["n_group"] = kw.get("n_group") or 1
-    kw["topk_group"] = kw.get("topk_group") or 1
+    kw: dict[str, Any] = {**HF_DEFAULTS, **{k: v for k, v in d.items() if k in fields}}
+    kw["n_group"] = kw["n_group"] or 1  # null: no grouping
+    kw["topk_group"] = kw["topk_group"] or 1
     if isinstance(kw.get("eos_token_id"), list):
         kw["eos_token_id"] = kw["eos_token_id"][0]
     rope, legacy = _table(d, "rope_parameters"), _table(d, "rope_scaling")
@@ -190,16 +190,47 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
     kind = rope.get("rope_type") or legacy.get("type") or legacy.get("rope_type") or "default"
     if kind == "yarn":
         src = rope if rope.get("rope_type") == "yarn" else legacy
+        _check_rope_extras(src)
         kw["rope_scaling"] = {
             "type": "yarn",
             **{k: v for k, v in src.items() if k in YARN_FIELDS and v is not None},
         }
     elif kind != "default":
         raise UserError(f"config.json uses rope type {kind!r}; seektrain supports 'default' and 'yarn'")
+    else:
+        _check_rope_extras(rope)
     mtp = d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 0)) or 0
     kw["num_mtp_layers"] = _number("num_nextn_predict_layers", mtp, int)
     kw.update(_table(d, "seektrain"))
     return ModelConfig.from_dict(kw)
+
+
+# transformers' DeepseekV3Config defaults for the keys a config.json may leave out: read as transformers
+# reads them (routing keys change no tensor shape, so a missing one would load a different model silently).
+# The token ids are not among them: a missing one is taken from the tokenizer.
+HF_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61, "num_attention_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256,
+    "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64,
+    "v_head_dim": 128, "qk_nope_head_dim": 128, "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
+    "first_k_dense_replace": 3, "norm_topk_prob": True, "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "initializer_range": 0.02,
+}  # fmt: skip
+
+# YaRN keys of transformers' rope parameters that seektrain does not implement, with the value that means
+# what seektrain computes (DeepSeek's YaRN: correction range rounded outward, attention factor from mscale).
+_ROPE_DEFAULTS = {"truncate": True, "partial_rotary_factor": 1.0, "attention_factor": None}
+
+
+def _check_rope_extras(rope: dict[str, Any]) -> None:
+    """UserError for a rope parameter that would make transformers compute another model than seektrain."""
+    for key, v in rope.items():
+        if key in YARN_FIELDS or key in ("type", "rope_type", "rope_theta") or v is None:
+            continue
+        if key not in _ROPE_DEFAULTS or v != _ROPE_DEFAULTS[key]:
+            raise UserError(
+                f"config.json's rope parameters set {key}={v!r}, which seektrain's YaRN does not implement"
+            )
 
 
 def _table(d: dict[str, Any], key: str) -> dict[str, Any]:
