@@ -25,6 +25,8 @@ def main() -> None:
     device = sorted(
         (e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"]
     )
+    if not device:
+        raise SystemExit(f"{args.trace} holds no kernels or device copies: a trace of a GPU step is needed")
     start, reach, busy, gaps, previous = device[0]["ts"], device[0]["ts"], 0.0, [], None
     for e in device:
         end = e["ts"] + e["dur"]
