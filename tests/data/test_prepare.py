@@ -325,6 +325,22 @@ def test_parquet_text_column_must_hold_strings_and_nulls_are_counted(tmp_path):
     assert report["dropped"] == {"exact_duplicate": 0, "null_text": 2, "too_short": 1}
 
 
+def test_parquet_text_that_is_not_utf8_follows_the_text_files_policy(tmp_path):
+    """A string column whose writer did not check UTF-8 (here: bytes viewed as strings): one bad byte in a
+    document is replaced, a mostly invalid document is dropped as invalid_utf8, as in a text file; the
+    run used to stop at the first bad value. Dictionary-encoded columns alike."""
+    docs = make_docs(4, seed=15)
+    raw = [docs[0].encode()[:500] + b"\xff" + docs[0].encode()[500:], bytes(range(128, 256)) * 8, None]
+    raw += [d.encode() for d in docs[1:]]
+    column = pa.array(raw, type=pa.binary()).view(pa.string())  # no validation: what a lax writer leaves
+    for name, values in [("plain", column), ("dict", column.dictionary_encode())]:
+        pq.write_table(pa.table({"text": values}), tmp_path / f"{name}.parquet")
+        report = prepare(small_config([tmp_path / f"{name}.parquet"], tmp_path / name, val_fraction=0.0))
+        assert report["documents_in"] == 6 and report["documents_kept"] == 4, name
+        assert report["dropped"]["invalid_utf8"] == 1 and report["dropped"]["null_text"] == 1
+        assert sum(doc.count("\ufffd") for doc in _documents(tmp_path / name, "train")) == 1
+
+
 def test_linked_folders_are_followed_once_and_path_inputs_work(tmp_path, corpus_docs):
     """A folder linked into an input folder was skipped without a word (os.walk does not follow links);
     now it is read, and a link back to an ancestor does not loop. `pathlib.Path` inputs reached the

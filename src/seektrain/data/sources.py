@@ -234,7 +234,7 @@ def _is_text_type(arrow_type) -> bool:
     return str(arrow_type) in ("string", "large_string", "string_view")
 
 
-def iter_parquet(path: Path, text_field: str) -> Iterator[str | None]:
+def iter_parquet(path: Path, text_field: str) -> Iterator[str | bytes | None]:
     """Documents from a Parquet column, streamed one row group at a time (memory stays bounded); None for
     a null value, so that the caller can count it."""
     import pyarrow.parquet as pq
@@ -256,10 +256,24 @@ def iter_parquet(path: Path, text_field: str) -> Iterator[str | None]:
         )
     try:
         for i in range(pf.num_row_groups):
-            column = pf.read_row_group(i, columns=[text_field]).column(0)
-            yield from column.to_pylist()
+            yield from _text_values(pf.read_row_group(i, columns=[text_field]).column(0))
     except Exception as e:
         raise UserError(f"cannot read Parquet file {path}: {e}") from e
+
+
+def _text_values(column) -> list[str | bytes | None]:
+    """A string column's values; where some are not valid UTF-8 (Parquet writers need not check), the
+    row group's raw bytes instead, which cleaning decodes under the same invalid-UTF-8 policy as a text
+    file's (a few bad bytes replaced, a mostly invalid document dropped) rather than stopping the run."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if pa.types.is_dictionary(column.type):
+            column = pa.chunked_array([chunk.dictionary_decode() for chunk in column.chunks])
+        return pc.cast(column, pa.large_binary()).to_pylist()
 
 
 def iter_documents(
