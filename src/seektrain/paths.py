@@ -11,26 +11,23 @@ from pathlib import Path
 from seektrain.errors import UserError
 
 
-def check_dir_target(path: str | Path, what: str) -> None:
+def check_dir_target(path: str | Path, what: str) -> Path:
     """UserError unless `path` is a directory or can become one: it must not be a file, and its nearest
-    existing ancestor must be a directory."""
+    existing ancestor must be a directory. Returns `path` where it exists, else that ancestor."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{what} {path} exists and is not a directory")
-    for parent in path.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"{what} {path}: {parent} is not a directory")
-            return
+    place = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())  # `/` at the latest
+    if not place.is_dir():
+        raise UserError(f"{what} {path}: {place} is not a directory")
+    return place
 
 
 def check_writable_dir(path: str | Path, what: str) -> None:
     """`check_dir_target`, and the directory (or its nearest existing ancestor, where it would be created)
     takes a new file: probed with an unnamed temporary file, so that a read-only filesystem, a folder
     without write permission or a pseudo-filesystem fails here, before the work, in one line."""
-    check_dir_target(path, what)
-    path = Path(path)
-    place = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    place = check_dir_target(path, what)
     try:
         with tempfile.TemporaryFile(dir=place):
             pass

@@ -12,6 +12,7 @@ import tempfile
 import pytest
 from data_helpers import make_docs, write_corpus
 
+from file_limits import file_size_limit
 from seektrain import cli
 
 
@@ -278,17 +279,6 @@ def test_ctrl_c_to_the_process_group_ends_prepare_with_one_line(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def _file_size_limit(limit):
-    def apply():
-        import resource
-        import signal
-
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return apply
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
 def test_a_write_that_fails_is_one_error_line_and_keeps_the_data_dir(run, tmp_path):
     """A full disk (here: files limited to 16 KiB, so the cleaned text cannot be written) and an --out
@@ -307,7 +297,7 @@ def test_a_write_that_fails_is_one_error_line_and_keeps_the_data_dir(run, tmp_pa
         capture_output=True,
         text=True,
         timeout=120,
-        preexec_fn=_file_size_limit(16 * 1024),
+        preexec_fn=file_size_limit(16 * 1024),
     )
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip().splitlines()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from file_limits import file_size_limit
 from seektrain.cli import main
 from seektrain.train.metrics import read_metrics
 
@@ -280,16 +281,6 @@ def test_a_run_dir_that_cannot_be_written_fails_before_any_work(toy, capsys):
     assert len(err) == 1 and err[0].startswith(f"error: --run-dir {run}: cannot write in /proc (")
 
 
-def _file_size_limit(limit):
-    def apply():
-        import resource
-
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return apply
-
-
 def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_partial_copy(toy, tmp_path):
     """A run checkpointed at step 1 is resumed for a second step with files limited to half a checkpoint
     (RLIMIT_FSIZE: writes past it fail as on a full disk, while config.toml and metrics.jsonl stay far
@@ -303,7 +294,7 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_partial_c
     limit = (run / "checkpoints" / "step_00000001" / "state.pt").stat().st_size // 2
     overrides.append("train.steps=2")
     proc = subprocess.run(
-        cli(run, overrides), capture_output=True, text=True, timeout=300, preexec_fn=_file_size_limit(limit)
+        cli(run, overrides), capture_output=True, text=True, timeout=300, preexec_fn=file_size_limit(limit)
     )
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip().splitlines()
@@ -331,7 +322,7 @@ def test_a_run_file_that_cannot_be_written_is_one_line_naming_it(toy, tmp_path, 
     run = tmp_path / "run"
     overrides = [*toy, "train.steps=40", "train.log_every=1", "train.eval_every=0", "checkpoint.every=100"]
     proc = subprocess.run(
-        cli(run, overrides), capture_output=True, text=True, timeout=300, preexec_fn=_file_size_limit(limit)
+        cli(run, overrides), capture_output=True, text=True, timeout=300, preexec_fn=file_size_limit(limit)
     )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [expected.format(run=run)], proc.stderr
