@@ -65,7 +65,8 @@ class LinearCrossEntropy(nn.Module):
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Per row: logsumexp(h_i W^T) - h_i·W_{t_i} (0 where t_i is ignored), computed slice by slice; with
-    `with_grad` the forward also leaves d(nll_i)/d(logits_i) in one (N, V) buffer of the compute dtype."""
+    `with_grad` the forward also leaves d(nll_i)/d(logits_i) in one (N, V) buffer of the compute dtype
+    (softmax - onehot; ignored rows hold their softmax there, and the backward gives them weight 0)."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, dtype: torch.dtype, with_grad: bool) -> torch.Tensor:
@@ -91,14 +92,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 keep = valid[a:b]
                 z_target = z.gather(1, picked[a:b])  # before z is overwritten
                 top = z.amax(-1, keepdim=True)
-                total = z.sub_(top).exp_().sum(-1, keepdim=True)  # z is now exp(z - top)
-                nll[a:b] = torch.where(keep, top + total.log() - z_target, 0.0)[:, 0]  # logsumexp - z_t
+                # softmax in place (torch's fused kernel: one pass fewer than exp, sum and scale); its
+                # largest entry is exp(top - logsumexp), at least 1/V, so logsumexp = top - log(p_max)
+                torch._softmax(z, -1, False, out=z)
+                lse = top - z.amax(-1, keepdim=True).log()
+                nll[a:b] = torch.where(keep, lse - z_target, 0.0)[:, 0]
                 if with_grad:
-                    # softmax - onehot on valid rows, 0 on ignored ones
-                    z.mul_(keep / total).scatter_add_(1, picked[a:b], -keep.float())
+                    z.scatter_add_(1, picked[a:b], -keep.float())  # softmax - onehot
                     if z is not logits:
                         logits.copy_(z)
-        ctx.save_for_backward(x, w, dlogits)
+        ctx.save_for_backward(x, w, dlogits, valid)
         ctx.dtypes = h.dtype, weight.dtype
         return nll
 
@@ -107,9 +110,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         """grad (N,): each row's incoming gradient, applied in fp32 (rows of dh after their GEMM, rows of
         x before dW's, which sums over rows), so each result is rounded once."""
-        x, w, dlogits = ctx.saved_tensors
+        x, w, dlogits, valid = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
-        g = grad.float()[:, None]  # (N, 1)
+        g = grad.float()[:, None] * valid  # (N, 1), 0 on ignored rows
         dh = dw = None
         if ctx.needs_input_grad[0]:
             dh = torch.mm(dlogits, w).float().mul_(g).to(h_dtype)
