@@ -34,11 +34,16 @@ TOY = [
 ]
 
 
-def launch(args: list[str], nproc: int = 2, check: bool = True) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc-per-node N ARGS` (ARGS: `-m seektrain train …` or a script)."""
+def launch(
+    args: list[str], nproc: int = 2, check: bool = True, preexec_fn=None
+) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node N ARGS` (ARGS: `-m seektrain train …` or a script);
+    `preexec_fn` runs in torchrun's process before it starts, so the ranks inherit what it sets."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env, preexec_fn=preexec_fn
+    )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"

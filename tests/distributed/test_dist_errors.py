@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 from dist_helpers import HERE, exit_codes, launch
+from file_limits import file_size_limit
 
 from seektrain.distributed.env import merge_by_rank
 
@@ -108,3 +109,21 @@ def test_auto_precision_that_resumes_fp16_is_refused_under_fsdp(toy, tmp_path):
     line = the_error(launch(train(tmp_path / "run", overrides, "--resume", str(step2)), check=False))
     assert line.startswith("error: the checkpoint's train.precision=fp16 with parallel.dp_mode=fsdp"), line
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_a_sharded_checkpoint_that_cannot_be_written_is_one_line_on_every_rank(toy, tmp_path, mode):
+    """Step 4's sharded checkpoint is written; the run resumes with files limited to half its largest
+    shard (RLIMIT_FSIZE, as on a full disk), so DCP fails to write step 8's shards. DCP raises its
+    CheckpointException (a BaseException) on every rank: once a traceback per rank. Now one line, exit 2,
+    no partial copy left, step 4 intact; and a failure of rank 0's own files cannot leave the other ranks
+    waiting in a barrier, as they agree on every phase's outcome."""
+    run = tmp_path / "run"
+    overrides = [*toy, f"parallel.dp_mode={mode}", "train.eval_every=0"]
+    launch(train(run, [*overrides, "train.steps=4"]))
+    step4 = run / "checkpoints" / "step_00000004"
+    limit = max(f.stat().st_size for f in (step4 / "dcp").iterdir()) // 2
+    line = the_error(launch(train(run, overrides), check=False, preexec_fn=file_size_limit(limit)))
+    assert line.startswith(f"error: cannot write checkpoint {run / 'checkpoints' / 'step_00000008'} ("), line
+    assert line.endswith("MiB free there); the checkpoints before it are intact"), line
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004"]

@@ -74,8 +74,10 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)  # the space it held goes back; older checkpoints stay
             raise UserError(self._write_failed(final, e)) from e
 
-    def _write_failed(self, final: Path, e: Exception) -> str:
+    def _write_failed(self, final: Path, e: BaseException) -> str:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        if "unexpected pos" in reason:  # torch.save's zip writer after a short write
+            reason = f"a write came up short: disk full or a file size limit; torch: {reason}"
         try:
             free = f", {shutil.disk_usage(self.root).free / 2**20:,.0f} MiB free there"
         except OSError:
@@ -94,17 +96,18 @@ class CheckpointManager:
         """Called by every rank: `write_shards(tmp_dir)` is the collective DCP write of model and
         optimizer; rank 0 (`is_main`) adds `state` (the rest, no model) and renames after a barrier.
         When `write_shards` returns a Future (an asynchronous write), that happens in `finish_pending`."""
-        import torch.distributed as dist
-
         self.finish_pending()
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{final.name}"  # one name for all ranks (pids differ)
-        if is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            self._remove_stale()
-            tmp.mkdir()
-        dist.barrier()
-        future = write_shards(tmp)
+
+        def make_tmp() -> None:
+            if is_main:
+                self.root.mkdir(parents=True, exist_ok=True)
+                self._remove_stale()
+                tmp.mkdir()
+
+        self._on_every_rank(make_tmp, tmp, final, is_main)
+        future = self._on_every_rank(lambda: write_shards(tmp), tmp, final, is_main)
         self._pending = (future, tmp, final, step, copy.deepcopy(state), config_toml, meta, is_main)
         if future is None:
             self.finish_pending()
@@ -115,19 +118,43 @@ class CheckpointManager:
         after a barrier, rank 0 writes the rest and renames the directory. None when nothing is pending."""
         if self._pending is None:
             return None
-        import torch.distributed as dist
-
         future, tmp, final, step, state, config_toml, meta, is_main = self._pending
         self._pending = None
-        if future is not None:
-            future.result()
-        dist.barrier()  # every rank's shards are written (and fsynced by DCP)
-        if is_main:
-            _write(tmp / STATE_FILE, lambda f: torch.save(state, f))
-            _fsync_dir(tmp / DCP_DIR)
-            self._finish(tmp, final, step, config_toml, meta)
-        dist.barrier()  # nobody reads checkpoints (rollback) before the rename
+        # every rank's shards are written (and fsynced by DCP) before rank 0 writes the rest
+        self._on_every_rank(lambda: future is None or future.result(), tmp, final, is_main)
+
+        def write_rest() -> None:
+            if is_main:
+                _write(tmp / STATE_FILE, lambda f: torch.save(state, f))
+                _fsync_dir(tmp / DCP_DIR)
+                self._finish(tmp, final, step, config_toml, meta)
+
+        self._on_every_rank(write_rest, tmp, final, is_main)  # nobody reads checkpoints before the rename
         return final
+
+    def _on_every_rank(self, phase: Callable[[], Any], tmp: Path, final: Path, is_main: bool) -> Any:
+        """`phase()` on this rank, then a collective in which the ranks learn whether it failed on any of
+        them (it doubles as the barrier between phases). A write that failed on one rank (a full disk
+        under a shard, a node's read-only mount) ends every rank with the same error, where a barrier
+        would leave the others waiting; rank 0 removes the temporary directory."""
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        from seektrain.distributed.env import merge_by_rank
+
+        result, error = None, None
+        try:
+            result = phase()
+        except (OSError, RuntimeError, CheckpointException) as e:  # DCP: a BaseException, all ranks
+            failures = getattr(e, "failures", None)  # rank -> (exception, traceback)
+            error = self._write_failed(final, next(iter(failures.values()))[0] if failures else e)
+        errors: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        if any(message is not None for message in errors):
+            if is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(merge_by_rank(errors))
+        return result
 
     def _finish(self, tmp: Path, final: Path, step: int, config_toml: str, meta: dict[str, Any]) -> Path:
         _write(tmp / CONFIG_FILE, lambda f: f.write(config_toml.encode()))
