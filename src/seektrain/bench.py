@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -168,19 +169,24 @@ def profile_table(
 
 
 def write_trace(prof: torch.profiler.profile, trace: str) -> None:
-    """Write the profiled step's Chrome trace to `trace` via a temp name, which is gone afterwards
-    whatever happens. The profiler only logs a file it cannot open, so a missing temp file tells."""
-    partial = Path(f"{trace}.partial")
+    """Write the profiled step's Chrome trace to `trace` (to a symlink's target, which the link keeps
+    pointing at) via a temp name of its own in the same folder; the temp files are gone afterwards
+    whatever happens. The profiler only logs a file it cannot write, so an empty temp file tells."""
+    target = Path(os.path.realpath(trace))
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    os.close(fd)
+    partial = Path(name)
     try:
-        prof.export_chrome_trace(str(partial))
-        if not partial.is_file():
-            raise UserError(f"cannot write the trace {trace}: the profiler wrote no {partial}")
-        os.replace(partial, trace)
+        prof.export_chrome_trace(name)  # the profiler writes NAME.tmp, then renames it to NAME
+        if partial.stat().st_size == 0:
+            raise UserError(f"cannot write the trace {trace}: the profiler wrote nothing")
+        os.replace(partial, target)
     except OSError as e:
         raise UserError(f"cannot write the trace {trace}: {e.strerror}") from e
     finally:
-        with contextlib.suppress(OSError):
-            partial.unlink(missing_ok=True)
+        for leftover in (partial, Path(f"{name}.tmp")):
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)
 
 
 def device_intervals(events) -> list[tuple[float, float]]:

@@ -13,6 +13,8 @@ from seektrain.commands import bench as bench_command
 from seektrain.errors import UserError
 from seektrain.train.precision import native_bf16
 
+gpu_absent = pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where no GPU is present")
+
 
 def test_bench_json_reports_a_training_step(capsys):
     code = cli.main(["bench", "--seq", "16", "--batch", "2", "--steps", "2", "--warmup", "1", "--json"])
@@ -49,12 +51,27 @@ def test_trace_writes_the_profiled_step_as_a_chrome_trace(tmp_path, capsys):
 
 def test_a_trace_that_cannot_be_written_is_one_error_and_leaves_no_partial_file(tmp_path):
     """Should the target go bad during the benchmark (here: a directory where the trace should go), the
-    failure is a UserError and the temp file `TRACE.partial` is removed."""
+    failure is a UserError and the temp files are removed."""
     target = tmp_path / "step.json"
     target.mkdir()
     with pytest.raises(UserError, match=f"cannot write the trace {target}"):
         profile_table(lambda: torch.ones(4) @ torch.ones(4), torch.device("cpu"), 3, str(target))
     assert [p.name for p in tmp_path.iterdir()] == ["step.json"]
+
+
+def test_a_trace_leaves_the_users_files_alone_and_writes_through_a_symlink(tmp_path):
+    """The temp name is the writer's own: a file or folder the user keeps at `TRACE.partial` (the fixed
+    temp name once used, which the trace deleted or failed on) stays; a symlink keeps pointing at its
+    target, which gets the trace."""
+    (tmp_path / "out").mkdir()
+    link = tmp_path / "step.json"
+    link.symlink_to(tmp_path / "out" / "real.json")
+    (tmp_path / "step.json.partial").write_text("precious")
+    (tmp_path / "out" / "real.json.partial").mkdir()
+    profile_table(lambda: torch.ones(4) @ torch.ones(4), torch.device("cpu"), 3, str(link))
+    assert link.is_symlink() and "traceEvents" in json.loads((tmp_path / "out" / "real.json").read_text())
+    assert (tmp_path / "step.json.partial").read_text() == "precious"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["real.json", "real.json.partial"]
 
 
 def test_busy_time_is_the_union_of_kernel_intervals():
@@ -104,8 +121,11 @@ def test_dense_variant_has_no_moe_layers_and_keeps_the_layer_override():
         ["--profile", "3", "--trace", "/nonexistent/dir/t.json"],
         ["--profile", "3", "--trace", "."],  # a directory: found before the benchmark, not after it
         ["--profile", "3", "--trace", "/proc/seektrain_test_trace.json"],  # unwritable, even for root
+        ["--trace", ""],
+        ["--profile", "3", "--trace", ""],
         ["--cuda-graphs", "--activation-checkpointing"],
         ["--cuda-graphs", "--no-compile"],
+        pytest.param(["--cuda-graphs"], marks=gpu_absent),  # GPU only: no misleading figures on a CPU
     ],
 )
 def test_bad_input_is_one_error_line(argv, capsys):

@@ -498,3 +498,13 @@ def test_a_resume_rewrites_older_bare_nan_lines_as_strict_json(tmp_path):
     path.write_text("\n".join(lines))
     truncate_metrics(path, keep_through_step=2)
     assert path.read_text() == '{"step": 1, "loss": null}\n{"step": 2, "loss": 2.5}\n'
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refused only off a GPU")
+def test_cuda_graphs_off_a_gpu_are_refused_before_anything_is_written(make, tmp_path):
+    """inductor would only skip recording them (and say so in a log); the setting is refused instead."""
+    from seektrain.errors import UserError
+
+    with pytest.raises(UserError, match="train.cuda_graphs needs a CUDA GPU; this run is on cpu"):
+        make(tmp_path / "run", "train.compile=true", "train.cuda_graphs=true")
+    assert not (tmp_path / "run").exists()

@@ -62,10 +62,14 @@ def run(args: argparse.Namespace) -> int:
     for name in ("warmup", "profile", "mtp"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be 0 or more, got {getattr(args, name)}")
-    if args.trace and not args.profile:
+    if args.trace == "":
+        raise UserError("--trace needs a file path")
+    if args.trace is not None and not args.profile:
         raise UserError("--trace writes the profiled step's timeline: add --profile ROWS")
-    if args.trace:
+    if args.trace is not None:
         check_trace_target(args.trace)
+    if args.cuda_graphs and not gpu:
+        raise UserError("--cuda-graphs needs a CUDA GPU; this machine has none")
     if args.cuda_graphs and args.compile is False:
         raise UserError("--cuda-graphs replays the compiled blocks: drop --no-compile")
     if args.cuda_graphs and args.activation_checkpointing != "none":

@@ -75,6 +75,8 @@ class Trainer:
         self.device = pick_device(cfg.train.device, self.dist.local_rank)
         if self.device.type == "cpu":
             keep_freed_host_memory()
+        if cfg.train.cuda_graphs and self.device.type != "cuda":
+            raise UserError(f"train.cuda_graphs needs a CUDA GPU; this run is on {self.device.type}")
         _check_sharded_fp16(cfg, self.dist)
         init_process_group(self.dist, self.device)
         # Ranks may see different files (a data dir on one node only): each phase fails on all or none.
