@@ -59,6 +59,14 @@ def test_bad_inputs_give_one_error_line(run, tmp_path):
         "does not parse",
     )
     _assert_one_error(
+        run("--input", tmp_path / "good", "--tokenizer", tmp_path / "nope.json", "--out", out),
+        f"tokenizer file not found: {tmp_path / 'nope.json'}",
+    )
+    _assert_one_error(
+        run("--input", tmp_path / "good", "--tokenizer", tmp_path, "--out", out),
+        f"tokenizer file is a directory: {tmp_path}",
+    )
+    _assert_one_error(
         run("--input", tmp_path / "good", "--val-fraction", 1.5, "--out", out), "--val-fraction"
     )
     assert not out.exists()
@@ -89,6 +97,14 @@ def test_slices_and_merge_from_the_cli(run, tmp_path):
     merged = json.loads((tmp_path / "merged/manifest.json").read_text())["splits"]
     assert {s: v["tokens"] for s, v in merged.items()} == {s: v["tokens"] for s, v in whole.items()}
     _assert_one_error(run("--input", src, "--num-slices", 2, "--out", tmp_path / "x"), "share one tokenizer")
+    # a merge takes the slices as they are: options that would change the data are refused, not ignored
+    merge_with = run("--merge", tmp_path / "p0", tmp_path / "p1", "--out", tmp_path / "m2", "--input", src)
+    _assert_one_error(merge_with, "--merge joins slices as they were prepared: drop --input")
+    _assert_one_error(
+        run("--merge", tmp_path / "p0", "--out", tmp_path / "m2", "--vocab-size", 300, "--dedup", "none"),
+        "drop --vocab-size, --dedup",
+    )
+    assert not (tmp_path / "m2").exists()
 
 
 def test_cleaning_thresholds_and_special_tokens_from_the_cli(run, tmp_path):

@@ -150,6 +150,14 @@ def test_mid_step_resume_same_ranks_only(prepared):
     changed = TokenLoader(data_dir, seq_len=T + 1, micro_batch_size=2, global_batch_size=8, seed=1)
     with pytest.raises(UserError, match="seq_len"):
         changed.load_state_dict(state)
+    # states no loader writes: a micro-batch past the step (the position would never move again), a
+    # negative position, or not a state at all
+    for bad in ({**state, "micro": 4}, {**state, "micro": -1}, {**state, "sequences_consumed": -8}):
+        with pytest.raises(UserError, match="loader state out of range"):
+            again.load_state_dict(bad)
+    for bad in ([1], None, {**state, "micro": "x"}):
+        with pytest.raises(UserError, match="not a TokenLoader state"):
+            again.load_state_dict(bad)
 
 
 def test_eval_epoch_is_finite_and_split_across_ranks(prepared):
@@ -200,6 +208,12 @@ def test_bad_shapes_and_missing_or_corrupt_data(prepared, tmp_path):
         TokenLoader(data_dir, seq_len=T, micro_batch_size=3, global_batch_size=8, world_size=2)
     with pytest.raises(UserError, match="global_batch_size=-2"):  # was accepted: the position never moved
         TokenLoader(data_dir, seq_len=T, micro_batch_size=2, global_batch_size=-2)
+    with pytest.raises(UserError, match="global_batch_size=0"):  # was taken as "not given"
+        TokenLoader(data_dir, seq_len=T, micro_batch_size=2, global_batch_size=0)
+    with pytest.raises(UserError, match="seq_len=64.0"):
+        TokenLoader(data_dir, seq_len=64.0)
+    with pytest.raises(UserError, match="seed='x'"):
+        TokenLoader(data_dir, seq_len=T, seed="x")
     with pytest.raises(UserError, match="seektrain prepare"):
         TokenLoader(tmp_path / "nothing", seq_len=T)
     with pytest.raises(UserError, match="fewer than seq_len"):

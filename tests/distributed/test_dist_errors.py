@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 from dist_helpers import HERE, exit_codes, launch
-from file_limits import file_size_limit
 
+from file_limits import file_size_limit
 from seektrain.distributed.env import merge_by_rank
 
 

@@ -113,6 +113,12 @@ def run(args: argparse.Namespace) -> int:
 
         if args.out is None:
             raise UserError("--merge needs --out DIR")
+        given = _options_given(args, keep={"merge", "out", "no_progress", "workers"})
+        if given:
+            raise UserError(
+                f"--merge joins slices as they were prepared: drop {', '.join(given)} "
+                "(a merge takes --out, and their tokenizer and options)"
+            )
         print_summary(merge(args.merge, args.out))
         return 0
     clean = CleanConfig(
@@ -144,3 +150,15 @@ def run(args: argparse.Namespace) -> int:
     )
     print_summary(prepare(cfg))
     return 0
+
+
+def _options_given(args: argparse.Namespace, keep: set[str]) -> list[str]:
+    """This verb's options (as flags) whose values differ from their defaults, except those in `keep`."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = vars(parser.parse_args([]))
+    return [
+        "--" + name.replace("_", "-")
+        for name, default in defaults.items()
+        if name not in keep and getattr(args, name, default) != default
+    ]

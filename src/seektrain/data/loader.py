@@ -83,8 +83,10 @@ class TokenLoader:
         manifest = load_manifest(data_dir)
         if split not in manifest["splits"]:
             raise UserError(f"{data_dir} has no split {split!r} (has: {', '.join(manifest['splits'])})")
-        global_batch_size = global_batch_size or micro_batch_size * world_size
-        if (
+        if global_batch_size is None:
+            global_batch_size = micro_batch_size * world_size
+        shape = (seq_len, micro_batch_size, global_batch_size, rank, world_size, seed)
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in shape) or (
             seq_len < 1
             or micro_batch_size < 1
             or global_batch_size < 1
@@ -92,8 +94,9 @@ class TokenLoader:
             or not 0 <= rank < world_size
         ):
             raise UserError(
-                f"bad loader shape: seq_len={seq_len}, micro_batch_size={micro_batch_size}, "
-                f"global_batch_size={global_batch_size}, rank={rank}, world_size={world_size}"
+                f"bad loader shape: seq_len={seq_len!r}, micro_batch_size={micro_batch_size!r}, "
+                f"global_batch_size={global_batch_size!r}, rank={rank!r}, world_size={world_size!r}, "
+                f"seed={seed!r} (integers; sizes and world size positive, 0 <= rank < world size)"
             )
         if global_batch_size % (micro_batch_size * world_size):
             raise UserError(
@@ -230,6 +233,12 @@ class TokenLoader:
                         f"now {mine[key]!r} (resuming would not continue the same token stream)"
                     )
             consumed, micro = int(state["sequences_consumed"]), int(state["micro"])
+            out_of_range = UserError(
+                f"loader state out of range: sequences_consumed={consumed}, micro={micro} "
+                f"(a step here has {self.micro_steps} micro-batches per rank)"
+            )
+            if consumed < 0 or micro < 0:
+                raise out_of_range
             if micro and (state["world_size"], state["micro_batch_size"], state["global_batch_size"]) != (
                 self.world_size,
                 self.micro_batch_size,
@@ -239,8 +248,12 @@ class TokenLoader:
                     "loader state was saved in the middle of a step: resume with the same world size, "
                     "micro and global batch size, or from a step boundary"
                 )
+            if micro >= self.micro_steps:
+                raise out_of_range
         except KeyError as e:
             raise UserError(f"loader state lacks {e}: not a TokenLoader state") from e
+        except (TypeError, ValueError) as e:
+            raise UserError(f"not a TokenLoader state: {type(state).__name__} ({e})") from e
         self.position, self.micro = consumed, micro
 
     # --- one finite pass (evaluation) ----------------------------------------------------------------

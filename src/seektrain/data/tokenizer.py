@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from seektrain.errors import UserError, first_line
 
@@ -74,10 +75,11 @@ def load_tokenizer(path: str):
     """An existing tokenizer.json; UserError when it is missing or does not parse."""
     from tokenizers import Tokenizer
 
+    if not Path(path).is_file():  # tokenizers reports these as a parse error
+        what = "is a directory" if Path(path).is_dir() else "not found"
+        raise UserError(f"tokenizer file {what}: {path}")
     try:
         return Tokenizer.from_file(str(path))
-    except FileNotFoundError as e:
-        raise UserError(f"tokenizer file not found: {path}") from e
     except Exception as e:  # tokenizers raises a plain Exception for a malformed file
         raise UserError(
             f"tokenizer file does not parse as a HF tokenizers JSON: {path} ({first_line(e)})"
