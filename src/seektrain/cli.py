@@ -23,7 +23,7 @@ import time
 import traceback
 
 from seektrain.distributed.env import launch_rank, under_torchrun
-from seektrain.errors import Terminated, UserError, detach_stdout, out_of_memory
+from seektrain.errors import RanksError, Terminated, UserError, detach_stdout, out_of_memory
 
 ERROR_GRACE_S = 10.0  # how long a rank > 0 leaves rank 0 to report an error that all ranks share
 
@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, UserError) and args.command in MEMORY_HINTS:
             message += f" ({MEMORY_HINTS[args.command]})"
         prefix = _wait_unless_rank_zero()
+        if isinstance(e, RanksError):  # names the ranks itself
+            prefix = ""
         if args.debug:
             traceback.print_exc()
         print(f"error: {prefix}{message}", file=sys.stderr)

@@ -10,6 +10,11 @@ class UserError(Exception):
     """Bad input (config, paths, data). Raised with a message a user can act on."""
 
 
+class RanksError(UserError):
+    """A UserError that every rank of a launch raises with the same message, which already names the ranks
+    it concerns where they differ (`distributed.env.agree`): reported without a `rank N: ` prefix."""
+
+
 class Terminated(BaseException):
     """SIGTERM, raised where the program is (as Ctrl-C raises KeyboardInterrupt), so that the `finally`
     blocks that remove half-written temp dirs run; a BaseException, so no `except Exception` swallows it."""

@@ -6,7 +6,7 @@ import pytest
 
 from seektrain.config import load_config
 from seektrain.distributed.env import DistEnv, detect
-from seektrain.errors import UserError
+from seektrain.errors import RanksError, UserError
 from seektrain.train.trainer import Trainer
 
 TORCHRUN = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "h"}
@@ -57,3 +57,27 @@ def test_fp16_with_sharding_is_refused_before_joining(monkeypatch, toy, tmp_path
 def test_dp_mode_is_checked(toy):
     with pytest.raises(UserError, match="parallel.dp_mode='zero3' is not one of ddp, fsdp, hsdp"):
         load_config(None, "tiny", [*toy, "parallel.dp_mode=zero3"])
+
+
+@pytest.mark.parametrize(
+    "error, line",
+    [
+        (UserError("config file r.toml does not exist"), "error: rank 1: config file r.toml does not exist"),
+        (RanksError("rank 1: no prepared data at data/x"), "error: rank 1: no prepared data at data/x"),
+    ],
+)
+def test_a_rank_names_itself_once_under_other_launchers(monkeypatch, capsys, error, line):
+    """Under a launcher that sets RANK but is not torchrun, ranks > 0 report at once with their rank; an
+    error the ranks agreed on names the ranks already (it read `rank 1: rank 1: …`)."""
+    import seektrain.commands.train as train_command
+    from seektrain import cli
+
+    set_env(monkeypatch, TORCHRUN)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(train_command, "run", fail)
+    assert cli.main(["train"]) == 2
+    assert capsys.readouterr().err == line + "\n"

@@ -161,6 +161,12 @@ def test_fsdp_with_bf16_moments_matches_one_process_and_resumes_on_one_rank(toy,
     trainer = train_here(bf16, resumed, resume=str(run / "checkpoints" / "step_00000004"))
     assert {s["exp_avg"].dtype for s in trainer.optimizer.state.values()} == {torch.bfloat16}
     assert_same_curve(resumed, single, range(5, 9))
+    # back to torch's AdamW (fp32 moments), whose param groups have settings the checkpoint lacks
+    # (amsgrad, fused, …): DCP refused the read ("Missing key"), while a one-process checkpoint loads
+    fp32 = tmp_path / "resumed-fp32-moments"
+    trainer = train_here(toy, fp32, resume=str(run / "checkpoints" / "step_00000004"))
+    assert {s["exp_avg"].dtype for s in trainer.optimizer.state.values()} == {torch.float32}
+    assert sorted(losses(fp32)) == list(range(5, 9))
 
 
 def test_one_process_checkpoint_resumes_on_two_ranks_with_the_cli(toy, reference, tmp_path):

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from seektrain.checkpoint.sharded import DCP_DIR, METADATA_FILE
-from seektrain.errors import UserError, first_line
+from seektrain.errors import RanksError, UserError, first_line
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -153,7 +153,7 @@ class CheckpointManager:
         if any(message is not None for message in errors):
             if is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(merge_by_rank(errors))
+            raise RanksError(merge_by_rank(errors))
         return result
 
     def _finish(self, tmp: Path, final: Path, step: int, config_toml: str, meta: dict[str, Any]) -> Path:

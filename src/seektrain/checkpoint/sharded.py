@@ -69,6 +69,9 @@ def load_training_state(
         import torch.distributed.checkpoint as dcp
 
         target = training_state(model, optimizer)  # tensors of the right shapes and shards to read into
+        with _reading(path):
+            layout = dcp.FileSystemReader(str(Path(path) / DCP_DIR)).read_metadata().state_dict_metadata
+        _drop_group_settings_not_in(target["optimizer"], layout)
         with _quiet_single_process(), _reading(path):
             dcp.load(target, checkpoint_id=Path(path) / DCP_DIR, no_dist=not dist.is_initialized())
         set_model_state_dict(model, target["model"])
@@ -78,6 +81,16 @@ def load_training_state(
     set_model_state_dict(model, state["model"], options=full)
     osd = _by_name(state["optimizer"], model, optimizer)
     set_optimizer_state_dict(model, optimizer, osd, options=full)
+
+
+def _drop_group_settings_not_in(osd: dict, layout: dict) -> None:
+    """Leave out of the read the param-group settings that the checkpoint's optimizer did not have
+    (AdamW with bf16 moments keeps lr, betas, eps and weight decay; torch's AdamW adds amsgrad, fused, …):
+    DCP refuses a key it cannot find, while the optimizer fills such a setting with its default, as it
+    does when loading a one-process checkpoint."""
+    for i, group in enumerate(osd["param_groups"]):
+        for key in [k for k in group if k != "params" and f"optimizer.param_groups.{i}.{k}" not in layout]:
+            del group[key]
 
 
 def _by_name(osd: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from seektrain.errors import UserError
+from seektrain.errors import RanksError, UserError
 
 T = TypeVar("T")
 
@@ -155,10 +155,10 @@ def agree(env: DistEnv, phase: Callable[[], T], what: str = "its result") -> T:
     dist.all_gather_object(outcomes, (None if error is None else str(error), shown))
     errors = [message for message, _ in outcomes]
     if any(message is not None for message in errors):
-        raise UserError(merge_by_rank(errors)) from error
+        raise RanksError(merge_by_rank(errors)) from error
     results = [value for _, value in outcomes]
     if len(set(results)) > 1:
-        raise UserError(f"the ranks disagree on {what}: {merge_by_rank(results)}")
+        raise RanksError(f"the ranks disagree on {what}: {merge_by_rank(results)}")
     return result
 
 
