@@ -22,7 +22,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # inductor fuses the plain form, forward and backward
+        if torch.compiler.is_compiling() or not torch.is_grad_enabled():  # inductor fuses the plain form
             return rms_norm(x, self.weight, self.eps)
         return _RMSNorm.apply(x, self.weight, self.eps)
 
