@@ -173,20 +173,20 @@ def write_trace(prof: torch.profiler.profile, trace: str) -> None:
     pointing at) via a temp name of its own in the same folder; the temp files are gone afterwards
     whatever happens. The profiler only logs a file it cannot write, so an empty temp file tells."""
     target = Path(os.path.realpath(trace))
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
-    os.close(fd)
-    partial = Path(name)
+    name = None
     try:
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+        os.close(fd)
         prof.export_chrome_trace(name)  # the profiler writes NAME.tmp, then renames it to NAME
-        if partial.stat().st_size == 0:
+        if Path(name).stat().st_size == 0:
             raise UserError(f"cannot write the trace {trace}: the profiler wrote nothing")
-        os.replace(partial, target)
+        os.replace(name, target)
     except OSError as e:
         raise UserError(f"cannot write the trace {trace}: {e.strerror}") from e
     finally:
-        for leftover in (partial, Path(f"{name}.tmp")):
+        for leftover in (name, f"{name}.tmp") if name else ():
             with contextlib.suppress(OSError):
-                leftover.unlink(missing_ok=True)
+                Path(leftover).unlink(missing_ok=True)
 
 
 def device_intervals(events) -> list[tuple[float, float]]:

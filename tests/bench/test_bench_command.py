@@ -59,6 +59,13 @@ def test_a_trace_that_cannot_be_written_is_one_error_and_leaves_no_partial_file(
     assert [p.name for p in tmp_path.iterdir()] == ["step.json"]
 
 
+def test_a_trace_folder_removed_during_the_run_is_one_error(tmp_path):
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    with pytest.raises(UserError, match=f"cannot write the trace {folder / 't.json'}: No such file"):
+        profile_table(lambda: folder.rmdir(), torch.device("cpu"), 3, str(folder / "t.json"))
+
+
 def test_a_trace_leaves_the_users_files_alone_and_writes_through_a_symlink(tmp_path):
     """The temp name is the writer's own: a file or folder the user keeps at `TRACE.partial` (the fixed
     temp name once used, which the trace deleted or failed on) stays; a symlink keeps pointing at its

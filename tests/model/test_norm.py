@@ -21,6 +21,7 @@ def test_backward_matches_autograd_in_float64():
 
     assert torch.equal(normed(x, weight), rms_norm(x, weight, 1e-6))
     assert torch.autograd.gradcheck(normed, (x, weight))
+    assert torch.autograd.gradcheck(normed, (x[0, 0].detach().requires_grad_(), weight))  # one row, (D,)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -69,11 +69,13 @@ def load_training_state(
         import torch.distributed.checkpoint as dcp
 
         target = training_state(model, optimizer)  # tensors of the right shapes and shards to read into
-        with _reading(path):
-            layout = dcp.FileSystemReader(str(Path(path) / DCP_DIR)).read_metadata().state_dict_metadata
-        _drop_group_settings_not_in(target["optimizer"], layout)
         with _quiet_single_process(), _reading(path):
-            dcp.load(target, checkpoint_id=Path(path) / DCP_DIR, no_dist=not dist.is_initialized())
+            dcp.load(
+                target,
+                checkpoint_id=Path(path) / DCP_DIR,
+                planner=_load_planner(),
+                no_dist=not dist.is_initialized(),
+            )
         set_model_state_dict(model, target["model"])
         set_optimizer_state_dict(model, optimizer, target["optimizer"])
         return
@@ -83,14 +85,30 @@ def load_training_state(
     set_optimizer_state_dict(model, optimizer, osd, options=full)
 
 
-def _drop_group_settings_not_in(osd: dict, layout: dict) -> None:
-    """Leave out of the read the param-group settings that the checkpoint's optimizer did not have
-    (AdamW with bf16 moments keeps lr, betas, eps and weight decay; torch's AdamW adds amsgrad, fused, …):
-    DCP refuses a key it cannot find, while the optimizer fills such a setting with its default, as it
-    does when loading a one-process checkpoint."""
-    for i, group in enumerate(osd["param_groups"]):
-        for key in [k for k in group if k != "params" and f"optimizer.param_groups.{i}.{k}" not in layout]:
-            del group[key]
+def _load_planner():
+    """DCP's default load planner, except that optimizer param-group settings the checkpoint lacks are not
+    asked for (AdamW with bf16 moments keeps lr, betas, eps and weight decay; torch's AdamW adds amsgrad,
+    fused, …): they keep this optimizer's values, as when a one-process checkpoint loads, where DCP would
+    refuse the key. It sees the checkpoint's layout inside DCP's collective load, so a layout that cannot
+    be read fails on every rank alike."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class GroupSettingsMayDiffer(DefaultLoadPlanner):
+        def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:
+            super().set_up_planner(state_dict, metadata, is_coordinator)
+            stored = metadata.state_dict_metadata if metadata is not None else {}
+            self.state_dict = {
+                key: value
+                for key, value in self.state_dict.items()
+                if key in stored or not _is_group_setting(key)
+            }
+
+    return GroupSettingsMayDiffer()
+
+
+def _is_group_setting(key: str) -> bool:
+    """A flattened optimizer param-group entry other than its parameter list."""
+    return key.startswith("optimizer.param_groups.") and not key.endswith(".params")
 
 
 def _by_name(osd: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile each block and the loss head (default: on a GPU, as the `small` "
                    "preset trains; --no-compile for eager)")
     p.add_argument("--cuda-graphs", action="store_true",
-                   help="compile each block (implies --compile) and, on a GPU, replay it as CUDA graphs")
+                   help="GPU only: compile each block (implies --compile) and replay it as CUDA graphs")
     p.add_argument("--activation-checkpointing", nargs="?", const="full", default="none",
                    choices=["none", "full", "selective"],
                    help="recompute activations in the backward: full (the flag alone) or selective")

@@ -57,7 +57,8 @@ class _RMSNorm(torch.autograd.Function):
             x_hat = x.to(wide) * rstd
             dweight = None
             if ctx.needs_input_grad[1]:
-                dweight = (grad * x_hat.to(x.dtype)).flatten(0, -2).sum(0, dtype=wide).to(weight.dtype)
+                rows = (grad * x_hat.to(x.dtype)).reshape(-1, x.shape[-1])
+                dweight = rows.sum(0, dtype=wide).to(weight.dtype)
             g = grad.to(wide) * weight.to(wide)
             dx = torch.addcmul(g, x_hat, (g * x_hat).mean(-1, keepdim=True), value=-1).mul_(rstd)
         return dx.to(x.dtype), dweight, None
