@@ -27,7 +27,7 @@ from seektrain.errors import UserError
 from seektrain.model.config import ModelConfig
 from seektrain.model.transformer import Transformer
 from seektrain.train.balance import update_expert_bias
-from seektrain.train.host_memory import keep_freed_host_memory
+from seektrain.train.host_memory import check_training_state_fits, keep_freed_host_memory
 from seektrain.train.metrics import flops_per_token, memory_gib, peak_flops
 from seektrain.train.optim import build_optimizer
 from seektrain.train.precision import resolve_precision
@@ -76,6 +76,13 @@ def run_bench(cfg: BenchConfig, device: torch.device | None = None) -> dict:
         keep_freed_host_memory()  # as the trainer does
     precision = resolve_precision(cfg.precision, device)
     model_cfg = bench_model_config(cfg)
+    if device.type == "cpu":
+        check_training_state_fits(
+            model_cfg.num_params(include_mtp=True),
+            state_bytes=8 if cfg.state_dtype == "fp32" else 4,
+            what=f"--preset {cfg.preset}",
+            hint="lower --layers or use a smaller --preset",
+        )
     torch.manual_seed(cfg.seed)
     with torch.device(device):
         model = Transformer(model_cfg)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import typing
@@ -166,9 +167,14 @@ class OptimConfig:
         _positive(self, "lr")
         if self.state_dtype != "fp32" and self.name != "adamw":
             raise UserError(f"optim.state_dtype={self.state_dtype} is for adamw, not {self.name}")
-        for name in ("weight_decay", "eps", "warmup_steps"):
+        _positive(self, "eps")  # 0 divides by sqrt(v) = 0 where a gradient was 0
+        for name in ("weight_decay", "warmup_steps"):
             _non_negative(self, name)
-        for name in ("beta1", "beta2", "min_lr_ratio", "decay_fraction"):
+        for name in ("beta1", "beta2"):  # 1 would never move the moments (torch refuses it)
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise UserError(f"optim.{name}={value} must be in [0, 1)")
+        for name in ("min_lr_ratio", "decay_fraction"):
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise UserError(f"optim.{name}={value} must be in [0, 1]")
@@ -316,7 +322,11 @@ def load_config(
         path = Path(config)
         if not path.is_file():
             raise UserError(f"config file {path} {'is not a file' if path.exists() else 'does not exist'}")
-        cfg = _apply(cfg, _parse_toml(path.read_text(), str(path)), str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 text (byte {e.start}), as TOML must be") from None
+        cfg = _apply(cfg, _parse_toml(text, str(path)), str(path))
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or "." not in key:
@@ -463,8 +473,8 @@ def _toml_value(v: Any) -> str:
         return str(v)
     if isinstance(v, float):
         return repr(v) if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, str):  # JSON's string escapes are TOML's too, except that TOML also escapes DEL
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):

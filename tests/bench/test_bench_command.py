@@ -145,6 +145,19 @@ def test_bad_input_is_one_error_line(argv, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1
 
 
+def test_a_model_whose_training_state_cannot_fit_in_host_memory_is_one_error_line(monkeypatch, capsys):
+    """Linux would not refuse the allocation (overcommit) but grow until the OOM killer ends the process:
+    on a machine with 64 MiB available, `tiny`'s 7.8 M parameters (16 B each) are refused up front."""
+    from seektrain.train import host_memory
+
+    monkeypatch.setattr(host_memory, "available_host_memory", lambda: 64 << 20)
+    assert cli.main(["bench", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("error: --preset tiny: 7.8 M parameters need 118 MiB of host memory")
+    assert "64 MiB is available (lower --layers or use a smaller --preset)" in err
+
+
 def test_an_unknown_flag_points_to_the_verbs_help(capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["bench", "--frob"])

@@ -82,6 +82,9 @@ def test_config_file_then_set(tmp_path):
         ("model.rms_norm_eps=inf", ["rms_norm_eps", "finite"]),
         ('model.rope_scaling={type="yarn", factor=nan}', ["rope_scaling.factor", "finite"]),
         ('model.rope_scaling={type="yarn", factor=4, beta_fast=inf}', ["rope_scaling.beta_fast", "finite"]),
+        ("optim.beta1=1.0", ["optim.beta1=1.0", "[0, 1)"]),  # torch refuses it mid-setup (a traceback)
+        ("optim.beta2=1", ["optim.beta2=1", "[0, 1)"]),  # bf16 moments took it: every step NaN
+        ("optim.eps=0", ["optim.eps", "positive"]),  # sqrt(v) = 0 where a gradient was 0: NaN
     ],
 )
 def test_bad_values_name_the_key(override, words):
@@ -111,6 +114,23 @@ def test_cuda_graphs_need_compile_and_no_activation_checkpointing():
 def test_bf16_moments_are_for_adamw():
     with pytest.raises(UserError, match="optim.state_dtype=bf16 is for adamw, not lamb"):
         load_config(overrides=["optim.name=lamb", "optim.state_dtype=bf16"])
+
+
+def test_a_config_file_that_is_not_utf8_is_one_error(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_bytes(b"# caf\xe9 (Latin-1)\n[train]\nsteps = 3\n")
+    with pytest.raises(UserError, match=f"^{f}: not UTF-8 text \\(byte 5\\), as TOML must be$"):
+        load_config(config=f)
+
+
+def test_strings_with_control_characters_survive_the_written_config():
+    """config.toml is read back on resume and by --config: a path with a carriage return, an escape or
+    DEL must be escaped (TOML forbids them raw; only \\, " and newline were)."""
+    path = 'runs/a\rb\x1bc\x7fd\te "q" \\ é\n'
+    cfg = load_config(overrides=["train.steps=5"])
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=path))
+    again = RunConfig.from_dict(tomllib.loads(cfg.to_toml()))
+    assert again.data.path == path
 
 
 def test_unknown_preset_and_missing_file(tmp_path):

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from seektrain.config import OptimConfig, TrainConfig
-from seektrain.train.schedule import global_batch_at, lr_factor, mtp_weight_at
+from seektrain.train.schedule import global_batch_at, lr_factor, mtp_weight_at, token_fraction
 
 
 def cfg(**kw):
@@ -62,6 +62,21 @@ def test_batch_ramp():
     t = TrainConfig(micro_batch_size=2, global_batch_size=24, batch_ramp_steps=4, batch_ramp_start=8)
     assert [global_batch_at(s, t, ranks=2) for s in range(1, 6)] == [8, 12, 16, 20, 24]
     assert [global_batch_at(s, t, ranks=4) for s in range(1, 6)] == [8, 8, 16, 16, 24]
+
+
+def test_token_fraction_matches_the_table_of_every_step_without_making_it():
+    """The sequences before each step over all of them, under a ramp and without; a run of 10^12 steps
+    (whose per-step table would not fit in memory) is answered at once."""
+    for ramp in (0, 7):
+        t = TrainConfig(
+            steps=20, micro_batch_size=2, global_batch_size=16, batch_ramp_steps=ramp, batch_ramp_start=4
+        )
+        sizes = [global_batch_at(s, t, ranks=2) for s in range(1, 21)]
+        fraction = token_fraction(t, ranks=2)
+        for step in range(1, 21):
+            assert fraction(step) == sum(sizes[: step - 1]) / sum(sizes)
+    huge = TrainConfig(steps=10**12, micro_batch_size=2, global_batch_size=16)
+    assert token_fraction(huge)(10**12 // 2 + 1) == 0.5
 
 
 def test_mtp_weight_schedule():

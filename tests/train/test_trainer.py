@@ -508,3 +508,35 @@ def test_cuda_graphs_off_a_gpu_are_refused_before_anything_is_written(make, tmp_
     with pytest.raises(UserError, match="train.cuda_graphs needs a CUDA GPU; this run is on cpu"):
         make(tmp_path / "run", "train.compile=true", "train.cuda_graphs=true")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_model_too_big_for_host_memory_is_refused_before_it_is_built(make, tmp_path, monkeypatch):
+    from seektrain.errors import UserError
+    from seektrain.train import host_memory
+
+    monkeypatch.setattr(host_memory, "available_host_memory", lambda: 1 << 20)
+    want = r"the model: .* M parameters need \d+ MiB of host memory .*1 MiB is available \(use a smaller"
+    with pytest.raises(UserError, match=want):
+        make(tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_special_token_ids_come_from_the_data_unless_set(make, tmp_path):
+    """v2-lite's preset ids (BOS 100000, EOS 100001) belong to DeepSeek's tokenizer: trained on other data
+    (here 512 tokens) the run takes BOS, EOS and PAD from the data's tokenizer (was: an invalid config,
+    BOS outside the vocabulary); an explicit id is kept."""
+    trainer = make(tmp_path / "v2", "model.preset=v2-lite", "model.n_routed_experts=8", "model.n_group=2")
+    model = trainer.model_cfg
+    assert (model.bos_token_id, model.eos_token_id, model.pad_token_id) == (0, 1, 2)
+    explicit = make(tmp_path / "tiny", "model.pad_token_id=none").model_cfg
+    assert (explicit.bos_token_id, explicit.pad_token_id) == (0, None)
+
+
+def test_a_run_config_built_in_python_is_validated_like_a_loaded_one(tmp_path):
+    from seektrain.config import RunConfig, TrainConfig
+    from seektrain.errors import UserError
+
+    cfg = RunConfig(train=TrainConfig(micro_batch_size=0))  # was a ZeroDivisionError deep in setup
+    with pytest.raises(UserError, match="train.micro_batch_size"):
+        Trainer(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

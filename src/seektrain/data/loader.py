@@ -112,6 +112,8 @@ class TokenLoader:
         )
         self.rank, self.world_size = rank, world_size
         self.vocab_size, self.eos_id = int(manifest["vocab_size"]), int(manifest["eos_id"])
+        specials = manifest.get("special_tokens", {})  # bos / eos / pad of the tokenizer, those it has
+        self.special_ids = {role: int(spec["id"]) for role, spec in specials.items()}
         self.tokens_per_step = global_batch_size * seq_len
         self.micro_steps = global_batch_size // (
             micro_batch_size * world_size

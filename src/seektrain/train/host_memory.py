@@ -1,4 +1,5 @@
-"""Keep freed host memory in the process, so a CPU training step reuses it instead of faulting it back in.
+"""Host memory on CPU: keep freed memory in the process, so a training step reuses it instead of faulting
+it back in; and refuse a model whose training state cannot fit at all.
 
 glibc's malloc serves blocks over its mmap threshold (128 KiB, adapting up to 32 MiB) with fresh mappings
 and returns them to the kernel on free, and trims its heap's free top likewise. A CPU training step
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import ctypes
 import sys
+
+from seektrain.errors import UserError
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
 # Blocks below 1 GiB come from the heap (some glibc versions accept at most 32 MiB: the fallback), and a free
@@ -32,3 +35,35 @@ def keep_freed_host_memory() -> bool:
     if not any(mallopt(_M_MMAP_THRESHOLD, threshold) for threshold in _MMAP_THRESHOLDS):
         return False
     return bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+
+
+def check_training_state_fits(n_params: int, state_bytes: int, what: str, hint: str) -> None:
+    """Refuse, in one line, a model whose fp32 weights, gradients and optimizer state (`state_bytes` per
+    parameter: 8 for fp32 moments) alone exceed the host memory available now. Linux overcommits, so
+    such a model is not refused when allocated: it grows until the OOM killer ends the process, or the
+    machine swaps. Activations come on top, so passing this is no promise; no-op where the figure is
+    unknown (no /proc/meminfo)."""
+    available = available_host_memory()
+    need = n_params * (4 + 4 + state_bytes)
+    if available is not None and need > available:
+        count = f"{n_params / 1e9:.2f} B" if n_params >= 1e9 else f"{n_params / 1e6:.1f} M"
+        raise UserError(
+            f"{what}: {count} parameters need {_size(need)} of host memory for weights, gradients and "
+            f"optimizer state alone; {_size(available)} is available ({hint})"
+        )
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
+
+
+def available_host_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes: what can be allocated without swapping."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

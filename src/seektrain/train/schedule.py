@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from itertools import accumulate
 
 from seektrain.config import OptimConfig, TrainConfig
 
@@ -56,6 +57,21 @@ def global_batch_at(step: int, cfg: TrainConfig, ranks: int = 1) -> int:
     start = cfg.batch_ramp_start
     value = start + (gb - start) * (step - 1) / cfg.batch_ramp_steps
     return max(start, int(value) // unit * unit)
+
+
+def token_fraction(cfg: TrainConfig, ranks: int = 1) -> Callable[[int], float]:
+    """step -> the fraction of the run's sequences in the steps before it (the multistep schedule's
+    milestones are in tokens), without a table of every step: the batch ramp's steps are summed once (at
+    most `batch_ramp_steps` of them) and every later step holds the full global batch."""
+    ramp = min(cfg.batch_ramp_steps, cfg.steps)
+    ramp_before = list(accumulate((global_batch_at(s, cfg, ranks) for s in range(1, ramp + 1)), initial=0))
+
+    def before(step: int) -> int:
+        done = min(step - 1, ramp)
+        return ramp_before[done] + max(0, step - 1 - ramp) * cfg.global_batch_size
+
+    total = max(before(cfg.steps + 1), 1)
+    return lambda step: before(step) / total
 
 
 def mtp_weight_at(step: int, total_steps: int, schedule: list, default: float) -> float:

@@ -36,11 +36,11 @@ from seektrain.paths import atomic_write_bytes, check_writable_dir
 from seektrain.train import balance
 from seektrain.train.display import Display
 from seektrain.train.guard import OK, ROLLBACK, SKIP, Guard
-from seektrain.train.host_memory import keep_freed_host_memory
+from seektrain.train.host_memory import check_training_state_fits, keep_freed_host_memory
 from seektrain.train.metrics import METRICS_FILE, MetricsLog, flops_per_token, memory_gib, peak_flops
 from seektrain.train.optim import build_optimizer
 from seektrain.train.precision import resolve_precision
-from seektrain.train.schedule import global_batch_at, lr_factor, mtp_weight_at
+from seektrain.train.schedule import global_batch_at, lr_factor, mtp_weight_at, token_fraction
 from seektrain.train.step import AUTOCAST_DTYPES, Stepper
 
 DEFAULT_DATA = Path("data/stdlib")
@@ -70,6 +70,7 @@ def _check_sharded_fp16(cfg: RunConfig, dist: DistEnv, whose: str = "") -> None:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | os.PathLike, resume: str = "auto"):
+        cfg = cfg.validate()  # as `load_config` does: a RunConfig built in Python is checked too
         self.run_dir = Path(run_dir)
         self.dist = detect()
         self.device = pick_device(cfg.train.device, self.dist.local_rank)
@@ -133,7 +134,8 @@ class Trainer:
             seed=t.seed,
             shuffle=True,
         )
-        self.cfg = _with_data_vocab(cfg, self.loader.vocab_size, self.loader.eos_id)
+        loader = self.loader
+        self.cfg = _with_data_vocab(cfg, loader.vocab_size, loader.eos_id, loader.special_ids)
         self.model_cfg = self.cfg.model_config()
         if cfg.data.seq_len > self.model_cfg.max_position_embeddings:
             raise UserError(
@@ -183,6 +185,14 @@ class Trainer:
         # FSDP2 shards the empty model first, so each rank allocates and initializes only its shards (a
         # tied head is re-tied by init_weights, which FSDP2 would not follow: that model is sharded after).
         shard_first = fsdp and not self.model_cfg.tie_word_embeddings
+        if self.device.type == "cpu" and not self.dist.distributed:
+            o = self.cfg.optim
+            check_training_state_fits(
+                self.model_cfg.num_params(include_mtp=True),
+                state_bytes=4 if o.name == "adamw" and o.state_dtype == "bf16" else 8,
+                what="the model",
+                hint="use a smaller model (model.* settings), or a machine with more memory",
+            )
         parallelize.materialize(model, self.device, mesh if shard_first else None, t.precision)
         wrapped = model
         if fsdp and not shard_first:
@@ -206,11 +216,7 @@ class Trainer:
         if self.dist.distributed and self.cfg.checkpoint.async_save:
             self.async_group = torch.distributed.new_group(backend="gloo")
         self.rollback_targets: dict[int, int] = {}
-        # sequences in each step (they vary under a batch ramp), and the fraction of all tokens before
-        # each step, for the multistep schedule
-        self.step_batches = [global_batch_at(s, t, self.dist.world_size) for s in range(1, t.steps + 1)]
-        sizes = np.array(self.step_batches, dtype=np.float64)
-        self._token_before = np.concatenate([[0.0], np.cumsum(sizes)]) / max(sizes.sum(), 1.0)
+        self._token_fraction = token_fraction(t, self.dist.world_size)  # for the multistep schedule
         if self.resume_state is not None:
             # the loader was restored above, before the model existed
             self._load_state(self.resume_from, self.resume_state, restore_loader=False)
@@ -338,14 +344,15 @@ class Trainer:
             c = self.counters
             started = time.perf_counter()
             step = c.step + 1
-            n_units = self.step_batches[step - 1] // (t.micro_batch_size * self.dist.world_size)
+            step_batch = global_batch_at(step, t, self.dist.world_size)  # varies under a batch ramp
+            n_units = step_batch // (t.micro_batch_size * self.dist.world_size)
             batches = [next(self.loader) for _ in range(n_units)]
             mtp_weight = mtp_weight_at(step, t.steps, t.mtp_weight_schedule, self.model_cfg.mtp_loss_weight)
             stats = self.stepper.forward_backward(batches, mtp_weight, self.model_cfg.num_mtp_layers)
             grad_norm = stats.grad_norm
             self.stepper.clip()
             lr = self.cfg.optim.lr * lr_factor(
-                step, t.steps, self.cfg.optim, lambda s: self._token_before[s - 1]
+                step, t.steps, self.cfg.optim, self._token_fraction
             )
             loss_ok = math.isfinite(stats.loss) and math.isfinite(stats.mtp_loss)
             if t.precision == "fp16" and loss_ok and not math.isfinite(grad_norm):
@@ -380,7 +387,7 @@ class Trainer:
 
             if step % t.log_every == 0 or step == t.steps:
                 speed = window_tokens / window_time if window_time > 0 else 0.0
-                self._log_step(stats, grad_norm, lr, mtp_weight, speed, self.step_batches[step - 1])
+                self._log_step(stats, grad_norm, lr, mtp_weight, speed, step_batch)
                 window_tokens, window_time = 0, 0.0
             self.display.update(step, stats.loss, None)
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
@@ -626,8 +633,12 @@ def _refuse_to_overwrite(run_dir: Path, resume: str) -> None:
     )
 
 
-def _with_data_vocab(cfg: RunConfig, vocab_size: int, eos_id: int) -> RunConfig:
-    """The model's vocab comes from the data's tokenizer (unless set at least as large explicitly)."""
+def _with_data_vocab(
+    cfg: RunConfig, vocab_size: int, eos_id: int, special_ids: dict[str, int]
+) -> RunConfig:
+    """The model's vocab comes from the data's tokenizer (unless set at least as large explicitly), and so
+    do its EOS, BOS and PAD ids unless set explicitly (a preset's, e.g. v2-lite's BOS 100000, belong to
+    another tokenizer; a role the tokenizer lacks is None)."""
     overrides = dict(cfg.model.overrides)
     wanted = overrides.get("vocab_size")
     if wanted is not None and wanted < vocab_size:
@@ -637,6 +648,8 @@ def _with_data_vocab(cfg: RunConfig, vocab_size: int, eos_id: int) -> RunConfig:
         )
     overrides.setdefault("vocab_size", vocab_size)
     overrides.setdefault("eos_token_id", eos_id)
+    overrides.setdefault("bos_token_id", special_ids.get("bos"))
+    overrides.setdefault("pad_token_id", special_ids.get("pad"))
     model = dataclasses.replace(cfg.model, overrides=overrides)
     return dataclasses.replace(cfg, model=model)
 
