@@ -76,6 +76,8 @@ class Trainer:
         self.device = pick_device(cfg.train.device, self.dist.local_rank)
         if self.device.type == "cpu":
             keep_freed_host_memory()
+        if cfg.train.cuda_graphs and self.dist.distributed:
+            raise UserError("train.cuda_graphs is single-process for now (not under torchrun)")
         if cfg.train.cuda_graphs and self.device.type != "cuda":
             raise UserError(f"train.cuda_graphs needs a CUDA GPU; this run is on {self.device.type}")
         _check_sharded_fp16(cfg, self.dist)
@@ -117,8 +119,6 @@ class Trainer:
                 f"train.batch_ramp_start={t.batch_ramp_start} is not a multiple of "
                 f"train.micro_batch_size × ranks = {t.micro_batch_size} × {self.dist.world_size}"
             )
-        if t.cuda_graphs and self.dist.distributed:
-            raise UserError("train.cuda_graphs is single-process for now (not under torchrun)")
         from seektrain.data.loader import TokenLoader
 
         # The loader serves the global stream in units of one micro-batch per rank; a step takes as many
