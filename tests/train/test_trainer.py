@@ -540,3 +540,11 @@ def test_a_run_config_built_in_python_is_validated_like_a_loaded_one(tmp_path):
     with pytest.raises(UserError, match="train.micro_batch_size"):
         Trainer(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_warmup_longer_than_the_run_is_warned_about(make, tmp_path, capsys):
+    make(tmp_path / "run", "train.steps=3", "optim.warmup_steps=5", "train.eval_every=0").fit()
+    out = capsys.readouterr().out
+    assert "warning: optim.warmup_steps=5 > train.steps=3: the learning rate never reaches optim.lr" in out
+    make(tmp_path / "other", "train.steps=3", "optim.warmup_steps=3", "train.eval_every=0").fit()
+    assert "warning" not in capsys.readouterr().out

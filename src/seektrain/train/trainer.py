@@ -575,6 +575,12 @@ class Trainer:
                 else ""
             )
         )
+        o = self.cfg.optim
+        if o.warmup_steps > t.steps:
+            self.display.print(
+                f"  warning: optim.warmup_steps={o.warmup_steps} > train.steps={t.steps}: the learning rate "
+                f"never reaches optim.lr={o.lr} (lower the warmup or raise the steps)"
+            )
 
 
 # --- helpers -----------------------------------------------------------------------------------------
