@@ -116,8 +116,7 @@ def test_a_sharded_checkpoint_that_cannot_be_written_is_one_line_on_every_rank(t
     """Step 4's sharded checkpoint is written; the run resumes with files limited to half its largest
     shard (RLIMIT_FSIZE, as on a full disk), so DCP fails to write step 8's shards. DCP raises its
     CheckpointException (a BaseException) on every rank: once a traceback per rank. Now one line, exit 2,
-    no partial copy left, step 4 intact; and a failure of rank 0's own files cannot leave the other ranks
-    waiting in a barrier, as they agree on every phase's outcome."""
+    no partial copy left, step 4 intact."""
     run = tmp_path / "run"
     overrides = [*toy, f"parallel.dp_mode={mode}", "train.eval_every=0"]
     launch(train(run, [*overrides, "train.steps=4"]))
@@ -127,3 +126,17 @@ def test_a_sharded_checkpoint_that_cannot_be_written_is_one_line_on_every_rank(t
     assert line.startswith(f"error: cannot write checkpoint {run / 'checkpoints' / 'step_00000008'} ("), line
     assert line.endswith("MiB free there); the checkpoints before it are intact"), line
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004"]
+
+
+def test_a_save_that_fails_on_rank_0_alone_ends_every_rank_with_its_error(tmp_path):
+    """Rank 0 writes state.pt alone, after the shards: when that fails, the other ranks learn of it and
+    raise the same error, naming rank 0; the temp dir is gone (save_agreement.py). Before, rank 0 died of a
+    traceback while the others waited at a bare barrier until torchrun stopped them."""
+    root = tmp_path / "checkpoints"
+    proc = launch([str(HERE / "save_agreement.py"), str(root)])
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
+    message = f"rank 0: cannot write checkpoint {root / 'step_00000008'} ("  # the rank that failed, named
+    assert [line.split(": ", 1)[0] for line in lines] == ["rank 0", "rank 1"], proc.stdout
+    assert all(line.split(": ", 1)[1].startswith(message) for line in lines), proc.stdout
+    assert len({line.split(": ", 1)[1] for line in lines}) == 1  # the same message on every rank
+    assert list(root.iterdir()) == []
