@@ -82,7 +82,7 @@ def main() -> None:
     import torch
 
     gpu = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="small" if gpu else "tiny")
     p.add_argument("--batch", type=int, default=8 if gpu else 16)
     p.add_argument("--seq", type=int, default=2048 if gpu else 256)

@@ -65,7 +65,7 @@ def run_case(group_rows: int, steps: int, precision: str, compile: bool) -> dict
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])

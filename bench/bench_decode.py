@@ -169,7 +169,7 @@ def hf_case(model: Transformer, dtype: torch.dtype, prompt: list[int], n: int):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     on_gpu = torch.cuda.is_available()
     p.add_argument("--preset", default="small" if on_gpu else "tiny")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens")

@@ -23,7 +23,7 @@ from seektrain.model.transformer import Transformer
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="small")
     p.add_argument("--order", choices=["shard_first", "materialize_first"], default="shard_first")
     args = p.parse_args()

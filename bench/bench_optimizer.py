@@ -97,7 +97,7 @@ def timed(prepare, step, device: torch.device) -> float:
 
 def main() -> None:
     on_gpu = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="small" if on_gpu else "tiny")
     p.add_argument("--steps", type=int, default=5, help="timed steps per case and round")
     p.add_argument("--rounds", type=int, default=3)

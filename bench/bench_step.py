@@ -116,7 +116,7 @@ def time_steps(step: Callable, steps: int, device: torch.device) -> tuple[float,
 
 def main() -> None:
     gpu = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="small" if gpu else "tiny")
     p.add_argument("--batch", type=int, default=8 if gpu else 4)
     p.add_argument("--seq", type=int, default=2048 if gpu else 256)

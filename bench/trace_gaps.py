@@ -14,7 +14,7 @@ import json
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("trace")
     p.add_argument("--top", type=int, default=10, help="largest gaps to list")
     p.add_argument("--min-us", type=float, default=20.0, help="gaps shorter than this are not counted")
@@ -38,7 +38,7 @@ def main() -> None:
     span = reach - start
     print(
         f"device: {len(device)} kernels/copies over {span / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms "
-        f"({busy / span:.0%}); {len(gaps)} gaps ≥ {args.min_us:g} µs, {sum(g[0] for g in gaps) / 1e3:.1f} ms"
+        f"({busy / span if span else 1:.0%}); {len(gaps)} gaps ≥ {args.min_us:g} µs, {sum(g[0] for g in gaps) / 1e3:.1f} ms"
     )
     for gap, at, before, after in sorted(gaps, reverse=True)[: args.top]:
         print(f"  {gap:8.0f} µs at {at / 1e3:6.1f} ms  {before} -> {after}")
