@@ -36,9 +36,10 @@ def main() -> None:
             busy += end - max(e["ts"], reach)
             reach, previous = end, e
     span = reach - start
+    share = busy / span if span else 1.0  # zero-length events only: nothing idle either
     print(
         f"device: {len(device)} kernels/copies over {span / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms "
-        f"({busy / span if span else 1:.0%}); {len(gaps)} gaps ≥ {args.min_us:g} µs, {sum(g[0] for g in gaps) / 1e3:.1f} ms"
+        f"({share:.0%}); {len(gaps)} gaps ≥ {args.min_us:g} µs, {sum(g[0] for g in gaps) / 1e3:.1f} ms"
     )
     for gap, at, before, after in sorted(gaps, reverse=True)[: args.top]:
         print(f"  {gap:8.0f} µs at {at / 1e3:6.1f} ms  {before} -> {after}")
