@@ -9,10 +9,8 @@ reported too (each one costs fusions and a trip back to Python).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from seektrain.distributed.parallelize import apply_activation_checkpointing, ap
 from seektrain.errors import UserError
 from seektrain.model.config import ModelConfig
 from seektrain.model.transformer import Transformer
+from seektrain.paths import atomic_write
 from seektrain.train.balance import update_expert_bias
 from seektrain.train.host_memory import check_training_state_fits, keep_freed_host_memory
 from seektrain.train.metrics import flops_per_token, memory_gib, peak_flops
@@ -177,23 +176,23 @@ def profile_table(
 
 def write_trace(prof: torch.profiler.profile, trace: str) -> None:
     """Write the profiled step's Chrome trace to `trace` (to a symlink's target, which the link keeps
-    pointing at) via a temp name of its own in the same folder; the temp files are gone afterwards
-    whatever happens. The profiler only logs a file it cannot write, so an empty temp file tells."""
-    target = Path(os.path.realpath(trace))
-    name = None
-    try:
-        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
-        os.close(fd)
-        prof.export_chrome_trace(name)  # the profiler writes NAME.tmp, then renames it to NAME
-        if Path(name).stat().st_size == 0:
+    pointing at) through `atomic_write`. The profiler only logs a file it cannot write, so the
+    temporary file is created empty first (a folder gone meanwhile fails right there) and an empty one
+    tells; the profiler's own temporary (NAME.tmp, renamed to NAME) is removed too."""
+
+    def export(tmp: str) -> None:
+        open(tmp, "x").close()
+        try:
+            prof.export_chrome_trace(tmp)
+        finally:
+            Path(f"{tmp}.tmp").unlink(missing_ok=True)
+        if Path(tmp).stat().st_size == 0:
             raise UserError(f"cannot write the trace {trace}: the profiler wrote nothing")
-        os.replace(name, target)
+
+    try:
+        atomic_write(Path(os.path.realpath(trace)), export)
     except OSError as e:
         raise UserError(f"cannot write the trace {trace}: {e.strerror}") from e
-    finally:
-        for leftover in (name, f"{name}.tmp") if name else ():
-            with contextlib.suppress(OSError):
-                Path(leftover).unlink(missing_ok=True)
 
 
 def device_intervals(events) -> list[tuple[float, float]]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from seektrain.errors import UserError, first_line
 from seektrain.model.hf import FP32_SUFFIXES, config_from_hf, from_hf_state_dict, hf_config, to_hf_state_dict
 from seektrain.model.moe import MoE
 from seektrain.model.transformer import Transformer
+from seektrain.paths import atomic_write
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -52,7 +52,7 @@ def save_hf(
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for fname, shard in zip(names, shards, strict=True):
-        _atomic(out / fname, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
+        atomic_write(out / fname, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
@@ -163,22 +163,11 @@ def _plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[
     return shards
 
 
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_json(path: Path, obj: dict) -> None:
     def write(tmp: str) -> None:
         Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 __all__ = ["load_hf", "save_hf"]

@@ -4,8 +4,10 @@ one line before any work, not with an OSError halfway (a regular file where a di
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from seektrain.errors import UserError
@@ -66,16 +68,28 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary sibling and os.replace (readers never see a partial file).
-    On failure (a full disk) the temporary file is removed and the OSError names `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """`write(tmp)` creates a temporary sibling of `path` (a name of this call's own), which then
+    replaces `path`: readers never see a partial file. Whatever fails, the temporary file is removed."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """`data` to `path` through `atomic_write`, fsynced. An OSError (a full disk) names `path`."""
+
+    def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+
+    try:
+        atomic_write(path, write)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise OSError(e.errno, e.strerror, str(path)) from e
