@@ -75,10 +75,11 @@ def run_bench(cfg: BenchConfig, device: torch.device | None = None) -> dict:
         keep_freed_host_memory()  # as the trainer does
     precision = resolve_precision(cfg.precision, device)
     model_cfg = bench_model_config(cfg)
+    optim_cfg = OptimConfig(state_dtype=cfg.state_dtype)
     if device.type == "cpu":
         check_training_state_fits(
             model_cfg.num_params(include_mtp=True),
-            state_bytes=8 if cfg.state_dtype == "fp32" else 4,
+            state_bytes=optim_cfg.state_bytes_per_param(),
             what=f"--preset {cfg.preset}",
             hint="lower --layers or use a smaller --preset",
         )
@@ -91,7 +92,7 @@ def run_bench(cfg: BenchConfig, device: torch.device | None = None) -> dict:
         counters["graph_break"].clear()
         counters["inductor"].clear()
         apply_compile(model, cuda_graphs=cfg.cuda_graphs)
-    optimizer = build_optimizer(model, OptimConfig(state_dtype=cfg.state_dtype))
+    optimizer = build_optimizer(model, optim_cfg)
     stepper = Stepper(model, optimizer, precision, device, grad_clip=1.0, cuda_graphs=cfg.cuda_graphs)
     gen = torch.Generator().manual_seed(cfg.seed)
     tokens = torch.randint(0, model_cfg.vocab_size, (cfg.batch, cfg.seq + 1), generator=gen)

@@ -163,6 +163,10 @@ class OptimConfig:
         [[0.8, 0.316], [0.9, 0.1]], "multistep: [[fraction of tokens, lr factor], …]"
     )
 
+    def state_bytes_per_param(self) -> int:
+        """What the optimizer keeps per parameter: two moments (AdamW, LAMB), fp32 or bf16."""
+        return 4 if self.state_dtype == "bf16" else 8
+
     def validate(self) -> None:
         _positive(self, "lr")
         if self.state_dtype != "fp32" and self.name != "adamw":

@@ -186,10 +186,9 @@ class Trainer:
         # tied head is re-tied by init_weights, which FSDP2 would not follow: that model is sharded after).
         shard_first = fsdp and not self.model_cfg.tie_word_embeddings
         if self.device.type == "cpu" and not self.dist.distributed:
-            o = self.cfg.optim
             check_training_state_fits(
                 self.model_cfg.num_params(include_mtp=True),
-                state_bytes=4 if o.name == "adamw" and o.state_dtype == "bf16" else 8,
+                state_bytes=self.cfg.optim.state_bytes_per_param(),
                 what="the model",
                 hint="use a smaller model (model.* settings), or a machine with more memory",
             )
