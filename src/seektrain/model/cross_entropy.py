@@ -1,13 +1,14 @@
 """The training loss head: logits = h W^T and their token cross-entropy, one slice of rows at a time.
 
-The (N, V) logits never exist whole, in fp32 or otherwise (`small` at B=8, T=2048: 1 GiB in bf16, 2 GiB
-per fp32 copy, and eager F.cross_entropy makes several). Each slice of rows is multiplied by the head,
-upcast to fp32 for the log-sum-exp and turned at once into its rows of the logits' gradient
-softmax - onehot, stored in the compute dtype; the backward is then the head's two GEMMs on that
-buffer. The main model's rows and every MTP depth's rows go through one call, so the head weight is cast
-to the compute dtype once. On CPU this is also the fastest form (`tiny`, bf16, one thread: 83 ms for head
-+ loss forward and backward against 99 ms for head, then cross-entropy): slices stay in cache and no
-fresh (N, V) fp32 buffer is paid for in page faults.
+The (N, V) logits never exist whole in fp32, and only once in the compute dtype (`small` at B=8, T=2048:
+1 GiB in bf16, 2 GiB per fp32 copy, and eager F.cross_entropy makes several). With a gradient to come, one
+GEMM writes them into the buffer their gradient will occupy; each slice of rows is then upcast to fp32 for
+the log-sum-exp and overwritten at once by its rows of the logits' gradient softmax - onehot, stored in
+the compute dtype; the backward is the head's two GEMMs on that buffer. Without one (evaluation) each
+slice is multiplied on its own, into one scratch slice. The main model's rows and every MTP depth's rows
+go through one call, so the head weight is cast to the compute dtype once. On CPU this is also the
+fastest form (`tiny`, bf16, one thread: 83 ms for head + loss forward and backward against 99 ms for
+head, then cross-entropy): slices stay in cache and no fresh (N, V) fp32 buffer is paid for in page faults.
 
 Two cases take the plain formulation (F.linear, then F.cross_entropy in fp32) instead: under torch.compile,
 where inductor fuses it, and under fp16 autocast, where the gradient must be multiplied by the loss scale
@@ -84,10 +85,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if dtype != torch.float32:
             work = torch.empty(rows, vocab, dtype=torch.float32, device=x.device)
         with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit here
+            if with_grad:  # one GEMM: run between the slices' passes, which push W out of the cache, the
+                torch.mm(x, w.t(), out=dlogits)  # slices' GEMMs took 1.5x as long (`tiny`, bf16, CPU)
             for a in range(0, n, rows):
                 b = min(a + rows, n)
-                logits = dlogits[a:b] if with_grad else scratch[: b - a]
-                torch.mm(x[a:b], w.t(), out=logits)
+                logits = dlogits[a:b] if with_grad else torch.mm(x[a:b], w.t(), out=scratch[: b - a])
                 z = logits if work is None else work[: b - a].copy_(logits)  # fp32
                 keep = valid[a:b]
                 z_target = z.gather(1, picked[a:b])  # before z is overwritten
