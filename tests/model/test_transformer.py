@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from seektrain.model.config import ModelConfig
-from seektrain.model.layers import rope_cos_sin
+from seektrain.model.layers import RMSNorm, rope_cos_sin
 from seektrain.model.transformer import Transformer
 
 CFG = dataclasses.replace(ModelConfig.from_preset("tiny"), vocab_size=512)
@@ -81,19 +81,30 @@ def test_main_loss_alone_without_mtp(model, monkeypatch):
     torch.testing.assert_close(out.loss, out.main_loss_sum / out.main_count, rtol=0, atol=0)
 
 
-def test_mtp_predicts_the_token_two_ahead_from_the_token_one_ahead(model):
-    """Recompute depth 1 by hand: input Emb(t_{i+1}) with h_i, target t_{i+2} (= targets shifted by 1)."""
+def test_mtp_predicts_the_tokens_ahead_from_the_normed_hidden_states():
+    """Recompute two depths by hand: depth k gets Emb(t_{i+k}) and the previous stage's hidden state after
+    that stage's final norm (the main model's `norm`, then depth 1's), and is scored on t_{i+k+1}."""
+    cfg = dataclasses.replace(CFG, num_mtp_layers=2)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    for module in model.modules():  # gains away from 1, so that a norm left out or added shows
+        if isinstance(module, RMSNorm):
+            module.weight.data.uniform_(0.5, 1.5)
     tokens, targets = batch()
     out = model(tokens, targets)
     T = tokens.shape[1]
-    cos, sin = rope_cos_sin(CFG, T, tokens.device)
+    cos, sin = rope_cos_sin(cfg, T, tokens.device)
     h = model.embed_tokens(tokens)
     for block in model.layers:
         h = block(h, cos, sin)[0]
-    emb_next = model.embed_tokens(torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1))  # last column: any token
-    h1 = model.mtp[0](h, emb_next, cos, sin)[0]
-    logits = model.lm_head(model.mtp[0].norm(h1))[:, : T - 1]  # position T-1 has no target two ahead
-    want = F.cross_entropy(logits.flatten(0, 1), targets[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+    hidden, want = model.norm(h), torch.zeros(())
+    for k, module in enumerate(model.mtp, start=1):
+        ahead = torch.cat([tokens[:, k:], tokens[:, :k]], dim=1)  # the last k columns: any token
+        hidden = module.norm(module(hidden, model.embed_tokens(ahead), cos, sin)[0])
+        logits = model.lm_head(hidden)[:, : T - k]  # the last k positions have no target k+1 ahead
+        want = want + F.cross_entropy(
+            logits.flatten(0, 1), targets[:, k:].flatten(), ignore_index=-100, reduction="sum"
+        )
     torch.testing.assert_close(out.mtp_loss_sum, want, rtol=1e-5, atol=1e-5)
 
 

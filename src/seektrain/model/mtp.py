@@ -3,7 +3,9 @@
 Module k combines the previous depth's hidden state h^{k-1}_i with the embedding of token t_{i+k}:
   h'_i = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)])  ->  one transformer block  ->  h^k_i
 and predicts t_{i+k+1} with the main model's output head after its own final norm (`shared_head.norm`
-in the checkpoint). Embedding and head are shared with the main model, not copied.
+in the checkpoint). Embedding and head are shared with the main model, not copied. h^{k-1} is taken after
+the previous stage's final norm (the main model's `norm` for k = 1): what the modeling code shipped with
+DeepSeek's MTP checkpoints hands the module, and what vLLM and SGLang feed it when they draft with it.
 """
 
 from __future__ import annotations

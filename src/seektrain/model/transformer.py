@@ -132,7 +132,9 @@ class Transformer(nn.Module):
         hs, all_targets, mtp_counts = [self.norm(h)], [targets], []
         for k, module in enumerate(self.mtp if mtp else [], start=1):
             emb = self.embed_tokens(shift_left(tokens, k, fill=0))  # Emb(t_{i+k}); padded tail has no target
-            h, c, bal = module(h, emb, cos, sin)
+            # Depth k reads the previous stage's hidden state after that stage's final norm (the one its
+            # head reads), as DeepSeek's released modeling code and the inference engines feed `hnorm`.
+            h, c, bal = module(hs[-1], emb, cos, sin)
             if c is not None:
                 mtp_counts.append(c)
                 balances.append(bal)
