@@ -4,6 +4,7 @@ rank that failed first); a rank that fails alone is still reported, with its ran
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 
@@ -140,3 +141,28 @@ def test_a_save_that_fails_on_rank_0_alone_ends_every_rank_with_its_error(tmp_pa
     assert all(line.split(": ", 1)[1].startswith(message) for line in lines), proc.stdout
     assert len({line.split(": ", 1)[1] for line in lines}) == 1  # the same message on every rank
     assert list(root.iterdir()) == []
+
+
+def test_host_memory_counts_every_rank_of_the_node_and_what_each_holds(toy, tmp_path, monkeypatch):
+    """On CPU the training state is checked against the host's memory for all of its ranks: under ddp
+    each holds all of it (and DDP's gradient buckets, 20 bytes a parameter with AdamW), under fsdp each
+    holds half on 2 ranks (16 bytes a parameter on the host in all): 2.5x less. A model that cannot fit is
+    one error line on every rank, before anything is built or written."""
+    monkeypatch.setenv("HOST_MEMORY_BYTES", str(1 << 20))
+    big = [*toy, "model.hidden_size=2048", "model.moe_intermediate_size=2048", "model.intermediate_size=4096"]
+    cli = [str(HERE / "host_memory_cli.py")]
+    needs = {}
+    for mode in ("ddp", "fsdp"):
+        args = train(tmp_path / mode, [*big, f"parallel.dp_mode={mode}"], cli=cli)
+        line = the_error(launch(args, check=False))
+        match = re.fullmatch(
+            r"error: the model: [\d.]+ M parameters need ([\d.]+) GiB of host memory for weights, gradients "
+            r"and optimizer state alone \(2 ranks on this node under (\w+), each holding (.+)\); 1 MiB is "
+            r"available \(use a smaller model \(model\.\* settings\), or a machine with more memory\)",
+            line,
+        )
+        assert match and match[2] == mode, line
+        assert match[3] == ("all of it, and DDP's gradient buckets" if mode == "ddp" else "1/2 of it")
+        needs[mode] = float(match[1])
+        assert not (tmp_path / mode).exists()
+    assert needs["ddp"] / needs["fsdp"] == pytest.approx(2.5, rel=0.05)  # GiB printed to 0.1

@@ -37,19 +37,23 @@ def keep_freed_host_memory() -> bool:
     return bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
 
 
-def check_training_state_fits(n_params: int, state_bytes: int, what: str, hint: str) -> None:
+def check_training_state_fits(
+    n_params: int, state_bytes: int, what: str, hint: str, copies: float = 1.0, holders: str = ""
+) -> None:
     """Refuse, in one line, a model whose fp32 weights, gradients and optimizer state (`state_bytes` per
     parameter: 8 for fp32 moments) alone exceed the host memory available now. Linux overcommits, so
     such a model is not refused when allocated: it grows until the OOM killer ends the process, or the
     machine swaps. Activations come on top, so passing this is no promise; no-op where the figure is
-    unknown (no /proc/meminfo)."""
+    unknown (no /proc/meminfo). `copies`: how many whole such states this host holds (the share of its
+    ranks under torchrun), said in the message by `holders`."""
     available = available_host_memory()
-    need = n_params * (4 + 4 + state_bytes)
+    need = int(n_params * (4 + 4 + state_bytes) * copies)
     if available is not None and need > available:
         count = f"{n_params / 1e9:.2f} B" if n_params >= 1e9 else f"{n_params / 1e6:.1f} M"
         raise UserError(
             f"{what}: {count} parameters need {_size(need)} of host memory for weights, gradients and "
-            f"optimizer state alone; {_size(available)} is available ({hint})"
+            f"optimizer state alone{f' ({holders})' if holders else ''}; {_size(available)} is available "
+            f"({hint})"
         )
 
 

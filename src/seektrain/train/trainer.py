@@ -149,6 +149,33 @@ class Trainer:
             _check_same_optimizer(self.resume_state["config"]["optim"], self.cfg, self.resume_from)
             self.loader.load_state_dict(self.resume_state["loader"])  # validates the data stream too
 
+    def _check_host_memory(self) -> None:
+        """On CPU, refuse a model whose training state cannot fit in this host's memory (see
+        `check_training_state_fits`), counting every rank on the host: under ddp each holds all of it
+        (and DDP's gradient buckets, a second copy of the gradients), under fsdp/hsdp its shard. The
+        ranks agree, so they fail together."""
+        dist, p = self.dist, self.cfg.parallel
+        state_bytes, copies, holders = self.cfg.optim.state_bytes_per_param(), 1.0, ""
+        if dist.distributed:
+            ranks = dist.local_world_size
+            shard = {"ddp": 1, "fsdp": dist.world_size, "hsdp": p.dp_shard or ranks}[p.dp_mode]
+            copies = ranks / shard
+            share = "all of it, and DDP's gradient buckets" if shard == 1 else f"1/{shard} of it"
+            on_node = f"{ranks} rank{'s' if ranks > 1 else ''} on this node"
+            holders = f"{on_node} under {p.dp_mode}, each holding {share}"
+            state_bytes += 4 if shard == 1 else 0
+        agree(
+            dist,
+            lambda: check_training_state_fits(
+                self.model_cfg.num_params(include_mtp=True),
+                state_bytes=state_bytes,
+                what="the model",
+                hint="use a smaller model (model.* settings), or a machine with more memory",
+                copies=copies,
+                holders=holders,
+            ),
+        )
+
     def _settle_precision(self) -> None:
         """Replace `auto` in the config by the precision that runs, which the run directory then records:
         a resumed run keeps the one its checkpoint trained in (so it continues exactly, on any host), a
@@ -185,13 +212,8 @@ class Trainer:
         # FSDP2 shards the empty model first, so each rank allocates and initializes only its shards (a
         # tied head is re-tied by init_weights, which FSDP2 would not follow: that model is sharded after).
         shard_first = fsdp and not self.model_cfg.tie_word_embeddings
-        if self.device.type == "cpu" and not self.dist.distributed:
-            check_training_state_fits(
-                self.model_cfg.num_params(include_mtp=True),
-                state_bytes=self.cfg.optim.state_bytes_per_param(),
-                what="the model",
-                hint="use a smaller model (model.* settings), or a machine with more memory",
-            )
+        if self.device.type == "cpu":
+            self._check_host_memory()
         parallelize.materialize(model, self.device, mesh if shard_first else None, t.precision)
         wrapped = model
         if fsdp and not shard_first:
