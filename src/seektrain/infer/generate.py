@@ -112,8 +112,9 @@ def _decode(
         logits = model(ids).logits[:, -1]
     for i in range(cfg.max_new_tokens):
         token = sample_next(logits, cfg, generator)  # (1,)
-        yield int(token)
-        if int(token) == eos_id or i == cfg.max_new_tokens - 1:
+        value = int(token)  # one read from the device per token
+        yield value
+        if value == eos_id or i == cfg.max_new_tokens - 1:
             return
         if cache is not None:
             logits = forward_cached(model, token.view(1, 1), cache)[:, -1]
