@@ -41,8 +41,9 @@ CONFIGS = {
             "beta_slow": 1,
         },  # fmt: skip
     ),
-    # q low-rank, 8 groups of 2 with 3 kept, no dense layer, two MTP modules, tied embeddings, and a large
-    # rms_norm_eps: the block norms take it, the latent norms (q_a, kv_a) keep 1e-6 as in transformers
+    # q low-rank, 8 groups of 2 with 3 kept, no dense layer, two MTP modules on the legacy pre-norm input
+    # (carried through config.json), tied embeddings, and a large rms_norm_eps: the block norms take it,
+    # the latent norms (q_a, kv_a) keep 1e-6 as in transformers
     "q_lora_eight_groups_tied": dataclasses.replace(
         TINY,
         **TOY,
@@ -53,6 +54,7 @@ CONFIGS = {
         topk_group=3,
         num_experts_per_tok=5,
         num_mtp_layers=2,
+        mtp_input="unnormed",
         tie_word_embeddings=True,
     ),
 }

@@ -94,6 +94,7 @@ YARN = {"type": "yarn", "factor": 4}
         (dict(rope_scaling={**YARN, "beta_slow": 0}), "beta_slow must be > 0"),
         (dict(rope_scaling=YARN, rope_theta=1.0), "rope_theta must be > 1 under YaRN"),
         (dict(eos_token_id=9000), "eos_token_id"),
+        (dict(mtp_input="pre-norm"), "mtp_input must be one of 'normed', 'unnormed', got 'pre-norm'"),
     ],
 )
 def test_inconsistent_configs_fail_at_construction(change, message):

@@ -81,10 +81,12 @@ def test_main_loss_alone_without_mtp(model, monkeypatch):
     torch.testing.assert_close(out.loss, out.main_loss_sum / out.main_count, rtol=0, atol=0)
 
 
-def test_mtp_predicts_the_tokens_ahead_from_the_normed_hidden_states():
+@pytest.mark.parametrize("mtp_input", ["normed", "unnormed"])
+def test_mtp_predicts_the_tokens_ahead_from_the_previous_stage(mtp_input):
     """Recompute two depths by hand: depth k gets Emb(t_{i+k}) and the previous stage's hidden state after
-    that stage's final norm (the main model's `norm`, then depth 1's), and is scored on t_{i+k+1}."""
-    cfg = dataclasses.replace(CFG, num_mtp_layers=2)
+    that stage's final norm (the main model's `norm`, then depth 1's), or before it with
+    `mtp_input="unnormed"` (seektrain's convention before 2026-11-27), and is scored on t_{i+k+1}."""
+    cfg = dataclasses.replace(CFG, num_mtp_layers=2, mtp_input=mtp_input)
     torch.manual_seed(0)
     model = Transformer(cfg)
     for module in model.modules():  # gains away from 1, so that a norm left out or added shows
@@ -97,11 +99,12 @@ def test_mtp_predicts_the_tokens_ahead_from_the_normed_hidden_states():
     h = model.embed_tokens(tokens)
     for block in model.layers:
         h = block(h, cos, sin)[0]
-    hidden, want = model.norm(h), torch.zeros(())
+    hidden, normed, want = h, model.norm(h), torch.zeros(())
     for k, module in enumerate(model.mtp, start=1):
         ahead = torch.cat([tokens[:, k:], tokens[:, :k]], dim=1)  # the last k columns: any token
-        hidden = module.norm(module(hidden, model.embed_tokens(ahead), cos, sin)[0])
-        logits = model.lm_head(hidden)[:, : T - k]  # the last k positions have no target k+1 ahead
+        hidden = module(normed if mtp_input == "normed" else hidden, model.embed_tokens(ahead), cos, sin)[0]
+        normed = module.norm(hidden)
+        logits = model.lm_head(normed)[:, : T - k]  # the last k positions have no target k+1 ahead
         want = want + F.cross_entropy(
             logits.flatten(0, 1), targets[:, k:].flatten(), ignore_index=-100, reduction="sum"
         )

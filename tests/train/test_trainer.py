@@ -333,6 +333,30 @@ def test_resume_accepts_model_fields_no_weight_depends_on(make, tmp_path):
         make(run, *base, "train.steps=4", "model.moe_intermediate_size=16")
 
 
+def test_a_checkpoint_from_before_mtp_input_resumes_only_as_it_was_trained(make, tmp_path):
+    """Checkpoints from before `model.mtp_input` trained MTP on the pre-norm hidden state: they read as
+    "unnormed", a resume under today's default is refused with the setting that continues them, and
+    with it the run goes on; the weights load as such for eval and export too."""
+    from seektrain.checkpoint.manager import STATE_FILE
+    from seektrain.errors import UserError
+    from seektrain.infer.runs import load_run
+
+    run = tmp_path / "run"
+    base = ("train.steps=2", "checkpoint.every=2", "train.eval_every=0")
+    assert make(run, *base).fit() == 0
+    path = run / "checkpoints" / "step_00000002" / STATE_FILE
+    state = torch.load(path, weights_only=True)
+    assert state["config"]["model"]["mtp_input"] == "normed"
+    del state["config"]["model"]["mtp_input"]  # as written before the field existed
+    torch.save(state, path)
+    assert load_run(run).config.model_config().mtp_input == "unnormed"
+    with pytest.raises(UserError, match=r"model\.mtp_input: checkpoint 'unnormed', now 'normed'.*"
+                       r"--set model\.mtp_input=unnormed continues it as trained"):
+        make(run, *base, "train.steps=3")
+    resumed = make(run, *base, "train.steps=3", "model.mtp_input=unnormed")
+    assert resumed.counters.step == 2 and resumed.fit() == 0
+
+
 def test_optimizer_settings_changed_on_resume_take_effect(make, tmp_path):
     """Weight decay, betas and eps set anew on resume are the ones the optimizer uses (loading the
     checkpoint's optimizer state brings the old ones along), in both optimizers and both AdamW forms;

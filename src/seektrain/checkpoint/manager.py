@@ -228,7 +228,7 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """The state dict saved by `CheckpointManager.save` (tensors on CPU)."""
     try:
-        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        return upgrade_config(torch.load(path / STATE_FILE, map_location="cpu", weights_only=True))
     except pickle.UnpicklingError as e:  # torch's message advises weights_only=False: not for this file
         foreign = [line for line in str(e).splitlines() if "Unsupported global" in line]
         # "WeightsUnpickler error: Unsupported global: GLOBAL x.Y was not an allowed global by default. …"
@@ -236,6 +236,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise UserError(f"cannot read checkpoint {path}: {STATE_FILE}: {why}") from None
     except Exception as e:  # truncated or foreign file
         raise UserError(f"cannot read checkpoint {path}: {first_line(e)}") from None
+
+
+def upgrade_config(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config in today's terms: `model.mtp_input` is "unnormed" where a checkpoint from
+    before the field (2026-11-27) has MTP modules, which were trained on the pre-norm hidden state."""
+    model = state.get("config", {}).get("model") if isinstance(state.get("config"), dict) else None
+    if isinstance(model, dict) and "mtp_input" not in model:
+        model["mtp_input"] = "unnormed" if model.get("num_mtp_layers") else "normed"
+    return state
 
 
 def _write(path: Path, write) -> None:

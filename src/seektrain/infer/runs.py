@@ -13,7 +13,13 @@ from pathlib import Path
 
 import torch
 
-from seektrain.checkpoint.manager import STATE_FILE, CheckpointManager, is_complete, load_checkpoint
+from seektrain.checkpoint.manager import (
+    STATE_FILE,
+    CheckpointManager,
+    is_complete,
+    load_checkpoint,
+    upgrade_config,
+)
 from seektrain.checkpoint.sharded import is_sharded, read_model_state
 from seektrain.config import RunConfig
 from seektrain.errors import UserError
@@ -90,7 +96,7 @@ def _load_state(path: Path) -> dict:
     """The checkpoint memory-mapped: only the model's tensors are read, not the optimizer's moments
     (2x the weights) that share the file."""
     try:
-        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+        return upgrade_config(torch.load(path / STATE_FILE, map_location="cpu", weights_only=True, mmap=True))
     except RuntimeError:  # not a zip-format file (mmap needs one): read it the ordinary way
         return load_checkpoint(path)
 

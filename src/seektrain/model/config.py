@@ -56,6 +56,9 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     num_mtp_layers: int = 1  # MTP depth D
     mtp_loss_weight: float = 0.3  # λ
+    # what MTP depth k reads of the previous stage: its hidden state after its final norm ("normed", as
+    # DeepSeek's MTP checkpoints were trained) or before ("unnormed": seektrain's runs before 2026-11-27)
+    mtp_input: str = "normed"
     seq_aux_loss_alpha: float = 0.0  # α of the sequence-wise balance loss (0 = off)
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
@@ -249,6 +252,7 @@ _FLOAT_FIELDS = {
     "initializer_range",
 }
 _BOOL_FIELDS = {"norm_topk_prob", "tie_word_embeddings"}
+MTP_INPUTS = ("normed", "unnormed")
 
 
 def _is_int(v: Any) -> bool:
@@ -280,6 +284,8 @@ def _type_problems(c: ModelConfig) -> list[str]:
     for name in _BOOL_FIELDS:
         if not isinstance(getattr(c, name), bool):
             out.append(f"{name} must be true or false, got {getattr(c, name)!r}")
+    if c.mtp_input not in MTP_INPUTS:
+        out.append(f"mtp_input must be one of {', '.join(map(repr, MTP_INPUTS))}, got {c.mtp_input!r}")
     if c.rope_scaling is not None and not isinstance(c.rope_scaling, dict):
         out.append(
             f"rope_scaling must be a table like {{type = 'yarn', factor = 40}}, not {c.rope_scaling!r}"

@@ -162,7 +162,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
 
 
 # ModelConfig fields that config.json spells differently (rope, MTP depth) or that transformers lacks.
-SEEKTRAIN_EXTRAS = ("mtp_loss_weight", "seq_aux_loss_alpha")
+SEEKTRAIN_EXTRAS = ("mtp_loss_weight", "mtp_input", "seq_aux_loss_alpha")
 NOT_HF_FIELDS = ("num_mtp_layers", "rope_scaling", "rope_theta", *SEEKTRAIN_EXTRAS)
 
 

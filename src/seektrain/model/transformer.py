@@ -134,7 +134,7 @@ class Transformer(nn.Module):
             emb = self.embed_tokens(shift_left(tokens, k, fill=0))  # Emb(t_{i+k}); padded tail has no target
             # Depth k reads the previous stage's hidden state after that stage's final norm (the one its
             # head reads), as DeepSeek's released modeling code and the inference engines feed `hnorm`.
-            h, c, bal = module(hs[-1], emb, cos, sin)
+            h, c, bal = module(hs[-1] if self.cfg.mtp_input == "normed" else h, emb, cos, sin)
             if c is not None:
                 mtp_counts.append(c)
                 balances.append(bal)

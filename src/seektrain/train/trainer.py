@@ -694,9 +694,16 @@ def _check_same_model(saved: dict, cfg: RunConfig, path: Path) -> None:
         if k not in RESUMABLE_MODEL_CHANGES and saved.get(k) != now.get(k)
     ]
     if diffs:
+        legacy = saved.get("mtp_input") == "unnormed" != now.get("mtp_input")
         raise UserError(
             f"cannot resume from {path}: the model differs ({'; '.join(diffs[:4])}"
             f"{' …' if len(diffs) > 4 else ''}); use the same model config or a new --run-dir"
+            + (
+                " (this checkpoint's MTP modules were trained on the hidden state before the final norm, as"
+                " seektrain did before 2026-11-27: --set model.mtp_input=unnormed continues it as trained)"
+                if legacy
+                else ""
+            )
         )
 
 
