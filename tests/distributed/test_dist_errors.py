@@ -145,24 +145,33 @@ def test_a_save_that_fails_on_rank_0_alone_ends_every_rank_with_its_error(tmp_pa
 
 def test_host_memory_counts_every_rank_of_the_node_and_what_each_holds(toy, tmp_path, monkeypatch):
     """On CPU the training state is checked against the host's memory for all of its ranks: under ddp
-    each holds all of it (and DDP's gradient buckets, 20 bytes a parameter with AdamW), under fsdp each
-    holds half on 2 ranks (16 bytes a parameter on the host in all): 2.5x less. A model that cannot fit is
-    one error line on every rank, before anything is built or written."""
+    each holds all of it and DDP's gradient buckets (20 bytes a parameter with AdamW), under fsdp and
+    hsdp its shard of the 16 bytes. A model that cannot fit is one error line on every rank, before
+    anything is built or written; the needs scale as the ranks' shares say."""
     monkeypatch.setenv("HOST_MEMORY_BYTES", str(1 << 20))
     big = [*toy, "model.hidden_size=2048", "model.moe_intermediate_size=2048", "model.intermediate_size=4096"]
     cli = [str(HERE / "host_memory_cli.py")]
-    needs = {}
-    for mode in ("ddp", "fsdp"):
-        args = train(tmp_path / mode, [*big, f"parallel.dp_mode={mode}"], cli=cli)
-        line = the_error(launch(args, check=False))
+    cases = [  # mode and its settings, ranks, what each holds, bytes a parameter on the host
+        (["parallel.dp_mode=ddp"], 2, "each holding all of it, and DDP's gradient buckets", 40),
+        (["parallel.dp_mode=fsdp"], 2, "each holding 1/2 of it", 16),
+        (["parallel.dp_mode=fsdp"], 1, "holding all of it", 16),
+        (["parallel.dp_mode=hsdp", "parallel.dp_shard=1"], 2, "each holding all of it", 32),
+    ]
+    needs = []
+    for i, (mode, nproc, holding, _) in enumerate(cases):
+        args = train(tmp_path / f"run{i}", [*big, *mode], cli=cli)
+        line = the_error(launch(args, nproc=nproc, check=False))
+        ranks = f"{nproc} rank{'s' if nproc > 1 else ''} on this node under {mode[0].split('=')[1]}"
         match = re.fullmatch(
             r"error: the model: [\d.]+ M parameters need ([\d.]+) GiB of host memory for weights, gradients "
-            r"and optimizer state alone \(2 ranks on this node under (\w+), each holding (.+)\); 1 MiB is "
-            r"available \(use a smaller model \(model\.\* settings\), or a machine with more memory\)",
+            rf"and optimizer state alone \({ranks}, {re.escape(holding)}\); 1 MiB is available \(use a "
+            r"smaller model \(model\.\* settings\)(.*), or a machine with more memory\)",
             line,
         )
-        assert match and match[2] == mode, line
-        assert match[3] == ("all of it, and DDP's gradient buckets" if mode == "ddp" else "1/2 of it")
-        needs[mode] = float(match[1])
-        assert not (tmp_path / mode).exists()
-    assert needs["ddp"] / needs["fsdp"] == pytest.approx(2.5, rel=0.05)  # GiB printed to 0.1
+        assert match, line
+        assert ("fewer ranks on this node" in match[2]) == (nproc > 1), line
+        assert ("parallel.dp_mode=fsdp" in match[2]) == (mode[0] == "parallel.dp_mode=ddp"), line
+        needs.append(float(match[1]))
+        assert not (tmp_path / f"run{i}").exists()
+    for need, (_, _, _, per_param) in zip(needs, cases, strict=True):
+        assert need / needs[1] == pytest.approx(per_param / 16, rel=0.05)  # GiB printed to 0.1

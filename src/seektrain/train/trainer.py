@@ -151,26 +151,42 @@ class Trainer:
 
     def _check_host_memory(self) -> None:
         """On CPU, refuse a model whose training state cannot fit in this host's memory (see
-        `check_training_state_fits`), counting every rank on the host: under ddp each holds all of it
-        (and DDP's gradient buckets, a second copy of the gradients), under fsdp/hsdp its shard. The
+        `check_training_state_fits`), counting every rank on the host (by host name): under ddp each
+        holds all of it and DDP's gradient buckets (a second copy of the gradients), under fsdp/hsdp its
+        shard (but first the whole fp32 model where tied embeddings make it shard after building). The
         ranks agree, so they fail together."""
-        dist, p = self.dist, self.cfg.parallel
-        state_bytes, copies, holders = self.cfg.optim.state_bytes_per_param(), 1.0, ""
+        dist, p, model = self.dist, self.cfg.parallel, self.model_cfg
+        optimizer = self.cfg.optim.state_bytes_per_param()
+        state = 8 + optimizer  # fp32 weights and gradients, and the optimizer's state, a parameter
+        copies, holders = 1.0, ""
+        hint = "use a smaller model (model.* settings)"
         if dist.distributed:
-            ranks = dist.local_world_size
-            shard = {"ddp": 1, "fsdp": dist.world_size, "hsdp": p.dp_shard or ranks}[p.dp_mode]
-            copies = ranks / shard
-            share = "all of it, and DDP's gradient buckets" if shard == 1 else f"1/{shard} of it"
-            on_node = f"{ranks} rank{'s' if ranks > 1 else ''} on this node"
-            holders = f"{on_node} under {p.dp_mode}, each holding {share}"
-            state_bytes += 4 if shard == 1 else 0
+            import socket
+
+            import torch.distributed as torch_dist
+
+            hosts: list[str | None] = [None] * dist.world_size
+            torch_dist.all_gather_object(hosts, socket.gethostname())
+            ranks = hosts.count(socket.gethostname())
+            if p.dp_mode == "ddp":
+                per_rank, share = state + 4.0, "all of it, and DDP's gradient buckets"
+            else:
+                shard = dist.world_size if p.dp_mode == "fsdp" else p.dp_shard or dist.local_world_size
+                per_rank, share = state / shard, "all of it" if shard == 1 else f"1/{shard} of it"
+                if model.tie_word_embeddings and shard > 1:  # built whole, then sharded
+                    per_rank, share = max(per_rank, 4.0), f"{share} after the whole weights (tied embeddings)"
+            copies = ranks * per_rank / state
+            holders = f"{ranks} rank{'s' if ranks > 1 else ''} on this node under {p.dp_mode}, "
+            holders += f"{'each ' if ranks > 1 else ''}holding {share}"
+            hint += ", fewer ranks on this node" if ranks > 1 else ""
+            hint += ", parallel.dp_mode=fsdp" if p.dp_mode == "ddp" else ""
         agree(
             dist,
             lambda: check_training_state_fits(
-                self.model_cfg.num_params(include_mtp=True),
-                state_bytes=state_bytes,
+                model.num_params(include_mtp=True),
+                state_bytes=optimizer,
                 what="the model",
-                hint="use a smaller model (model.* settings), or a machine with more memory",
+                hint=f"{hint}, or a machine with more memory",
                 copies=copies,
                 holders=holders,
             ),
