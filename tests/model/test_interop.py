@@ -212,6 +212,19 @@ def test_published_v3_config_reads_as_the_v3_preset():
         config_from_hf(fp8)
 
 
+def test_an_export_from_before_mtp_input_imports_its_mtp_as_trained():
+    """A published config (no "seektrain" table) means DeepSeek's MTP input, after the final norm; a
+    seektrain export whose table lacks `mtp_input` predates it, and its MTP modules read the pre-norm
+    state. Without MTP modules nothing reads it."""
+    from seektrain.model.hf import config_from_hf, hf_config
+
+    assert config_from_hf(PUBLISHED_V3).mtp_input == "normed"
+    old = hf_config(ModelConfig.from_preset("tiny"), torch.float32)
+    del old["seektrain"]["mtp_input"]
+    assert config_from_hf(old).mtp_input == "unnormed"
+    assert config_from_hf({**old, "num_nextn_predict_layers": 0}).mtp_input == "normed"
+
+
 @pytest.mark.parametrize(
     "change, words",
     [

@@ -353,8 +353,15 @@ def test_a_checkpoint_from_before_mtp_input_resumes_only_as_it_was_trained(make,
     with pytest.raises(UserError, match=r"model\.mtp_input: checkpoint 'unnormed', now 'normed'.*"
                        r"--set model\.mtp_input=unnormed continues it as trained"):
         make(run, *base, "train.steps=3")
+    with pytest.raises(UserError, match=r"moe_intermediate_size.*; use the same model config or a new"):
+        make(run, *base, "train.steps=3", "model.moe_intermediate_size=16")  # not only the MTP input differs
     resumed = make(run, *base, "train.steps=3", "model.mtp_input=unnormed")
     assert resumed.counters.step == 2 and resumed.fit() == 0
+    # without MTP modules nothing reads the setting: either value resumes
+    plain = tmp_path / "plain"
+    assert make(plain, *base, "model.num_mtp_layers=0").fit() == 0
+    again = make(plain, *base, "train.steps=3", "model.num_mtp_layers=0", "model.mtp_input=unnormed")
+    assert again.counters.step == 2
 
 
 def test_optimizer_settings_changed_on_resume_take_effect(make, tmp_path):

@@ -201,7 +201,10 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
         _check_rope_extras(rope)
     mtp = d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 0)) or 0
     kw["num_mtp_layers"] = _number("num_nextn_predict_layers", mtp, int)
-    kw.update(_table(d, "seektrain"))
+    ours = _table(d, "seektrain")
+    if ours and "mtp_input" not in ours and kw["num_mtp_layers"]:
+        kw["mtp_input"] = "unnormed"  # seektrain's exports before 2026-11-27 trained MTP on pre-norm states
+    kw.update(ours)
     return ModelConfig.from_dict(kw)
 
 

@@ -170,16 +170,17 @@ class Trainer:
             ranks = hosts.count(socket.gethostname())
             if p.dp_mode == "ddp":
                 per_rank, share = state + 4.0, "all of it, and DDP's gradient buckets"
+                hint += f"{', fewer ranks on this node' if ranks > 1 else ''}, parallel.dp_mode=fsdp"
             else:
                 shard = dist.world_size if p.dp_mode == "fsdp" else p.dp_shard or dist.local_world_size
                 per_rank, share = state / shard, "all of it" if shard == 1 else f"1/{shard} of it"
-                if model.tie_word_embeddings and shard > 1:  # built whole, then sharded
-                    per_rank, share = max(per_rank, 4.0), f"{share} after the whole weights (tied embeddings)"
+                if model.tie_word_embeddings and per_rank < 4.0:  # built whole, sharded after
+                    per_rank, share = 4.0, "the whole fp32 weights while building (tied embeddings)"
+                more = ", a larger parallel.dp_shard" if p.dp_mode == "hsdp" and shard < ranks else ""
+                hint += more or f", {'parallel.dp_mode=fsdp over ' if p.dp_mode == 'hsdp' else ''}more nodes"
             copies = ranks * per_rank / state
             holders = f"{ranks} rank{'s' if ranks > 1 else ''} on this node under {p.dp_mode}, "
             holders += f"{'each ' if ranks > 1 else ''}holding {share}"
-            hint += ", fewer ranks on this node" if ranks > 1 else ""
-            hint += ", parallel.dp_mode=fsdp" if p.dp_mode == "ddp" else ""
         agree(
             dist,
             lambda: check_training_state_fits(
@@ -445,7 +446,8 @@ class Trainer:
                 self.display.print(f"{name}: checkpoint written at step {step}; continue with --resume auto")
                 return 128 + stop.signum
         self.display.print(
-            f"done: {self.counters.step} steps, {self.counters.tokens:,} tokens; run directory {self.run_dir}"
+            f"done: {self.counters.step} step{'' if self.counters.step == 1 else 's'}, "
+            f"{self.counters.tokens:,} tokens; run directory {self.run_dir}"
         )
         return 0
 
@@ -704,23 +706,25 @@ RESUMABLE_MODEL_CHANGES = {"preset", "bos_token_id", "pad_token_id", "initialize
 
 def _check_same_model(saved: dict, cfg: RunConfig, path: Path) -> None:
     now = cfg.to_dict()["model"]
-    diffs = [
-        f"model.{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
-        for k in sorted(set(saved) | set(now))
-        if k not in RESUMABLE_MODEL_CHANGES and saved.get(k) != now.get(k)
-    ]
-    if diffs:
-        legacy = saved.get("mtp_input") == "unnormed" != now.get("mtp_input")
-        raise UserError(
-            f"cannot resume from {path}: the model differs ({'; '.join(diffs[:4])}"
-            f"{' …' if len(diffs) > 4 else ''}); use the same model config or a new --run-dir"
-            + (
-                " (this checkpoint's MTP modules were trained on the hidden state before the final norm, as"
-                " seektrain did before 2026-11-27: --set model.mtp_input=unnormed continues it as trained)"
-                if legacy
-                else ""
-            )
+    resumable = set(RESUMABLE_MODEL_CHANGES)
+    if not saved.get("num_mtp_layers") and not now.get("num_mtp_layers"):
+        resumable.add("mtp_input")  # no MTP module reads it
+    keys = sorted(set(saved) | set(now))
+    differing = [k for k in keys if k not in resumable and saved.get(k) != now.get(k)]
+    if not differing:
+        return
+    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in differing]
+    if differing == ["mtp_input"] and saved.get("mtp_input") == "unnormed":
+        advice = (
+            "this checkpoint's MTP modules were trained on the hidden state before the final norm, as "
+            "seektrain did before 2026-11-27: --set model.mtp_input=unnormed continues it as trained"
         )
+    else:
+        advice = "use the same model config or a new --run-dir"
+    raise UserError(
+        f"cannot resume from {path}: the model differs ({'; '.join(diffs[:4])}"
+        f"{' …' if len(diffs) > 4 else ''}); {advice}"
+    )
 
 
 def _check_same_optimizer(saved: dict, cfg: RunConfig, path: Path) -> None:
