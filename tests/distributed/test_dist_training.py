@@ -172,12 +172,14 @@ def test_fsdp_with_bf16_moments_matches_one_process_and_resumes_on_one_rank(toy,
 def test_one_process_checkpoint_resumes_on_two_ranks_with_the_cli(toy, reference, tmp_path):
     ref_run, _ = reference
     run = tmp_path / "resumed-on-2"
-    sets = [a for o in [*toy, "parallel.dp_mode=fsdp"] for a in ("--set", o)]
+    sets = [a for o in [*toy, "parallel.dp_mode=fsdp", "parallel.dp_shard=2"] for a in ("--set", o)]
     step4 = ref_run / "checkpoints" / "step_00000004"
     proc = launch(
         ["-m", "seektrain", "train", "--preset", "tiny", *sets, "--run-dir", str(run), "--resume", str(step4)]
     )
     assert proc.stdout.count("seektrain train: resuming") == 1  # rank 0 alone prints
+    ignored = "warning: parallel.dp_shard=2 applies to parallel.dp_mode=hsdp only; ignored under fsdp"
+    assert proc.stdout.count(ignored) == 1, proc.stdout
     assert "Warning" not in proc.stderr, proc.stderr  # e.g. FSDP2's about a root output that is a view
     assert_same_curve(run, ref_run, range(5, 9))
 

@@ -614,6 +614,12 @@ class Trainer:
                 else ""
             )
         )
+        p = self.cfg.parallel
+        if self.dist.distributed and p.dp_shard and p.dp_mode != "hsdp":
+            self.display.print(
+                f"  warning: parallel.dp_shard={p.dp_shard} applies to parallel.dp_mode=hsdp only; "
+                f"ignored under {p.dp_mode}"
+            )
         o = self.cfg.optim
         if o.warmup_steps > t.steps:
             self.display.print(
