@@ -176,8 +176,12 @@ class Trainer:
                 per_rank, share = state / shard, "all of it" if shard == 1 else f"1/{shard} of it"
                 if model.tie_word_embeddings and per_rank < 4.0:  # built whole, sharded after
                     per_rank, share = 4.0, "the whole fp32 weights while building (tied embeddings)"
-                more = ", a larger parallel.dp_shard" if p.dp_mode == "hsdp" and shard < ranks else ""
-                hint += more or f", {'parallel.dp_mode=fsdp over ' if p.dp_mode == 'hsdp' else ''}more nodes"
+                if p.dp_mode == "fsdp":
+                    hint += ", more nodes"
+                elif shard < ranks:  # several replicas on this node
+                    hint += ", a larger parallel.dp_shard"
+                else:
+                    hint += ", parallel.dp_mode=fsdp over more nodes"
             copies = ranks * per_rank / state
             holders = f"{ranks} rank{'s' if ranks > 1 else ''} on this node under {p.dp_mode}, "
             holders += f"{'each ' if ranks > 1 else ''}holding {share}"
