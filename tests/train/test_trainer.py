@@ -3,6 +3,7 @@ scaling, NaN skipping, spike rollback, activation checkpointing, schedules end t
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -353,7 +354,9 @@ def test_a_checkpoint_from_before_mtp_input_resumes_only_as_it_was_trained(make,
     with pytest.raises(UserError, match=r"model\.mtp_input: checkpoint 'unnormed', now 'normed'.*"
                        r"--set model\.mtp_input=unnormed continues it as trained"):
         make(run, *base, "train.steps=3")
-    with pytest.raises(UserError, match=r"moe_intermediate_size.*; use the same model config or a new"):
+    config = re.escape(str(path.parent / "config.toml"))
+    advice = rf"; use the same model config \(--config {config} has it\) or a new"
+    with pytest.raises(UserError, match=r"moe_intermediate_size.*" + advice):
         make(run, *base, "train.steps=3", "model.moe_intermediate_size=16")  # not only the MTP input differs
     resumed = make(run, *base, "train.steps=3", "model.mtp_input=unnormed")
     assert resumed.counters.step == 2 and resumed.fit() == 0

@@ -730,7 +730,7 @@ def _check_same_model(saved: dict, cfg: RunConfig, path: Path) -> None:
             "seektrain did before 2026-11-27: --set model.mtp_input=unnormed continues it as trained"
         )
     else:
-        advice = "use the same model config or a new --run-dir"
+        advice = f"use the same model config (--config {path / 'config.toml'} has it) or a new --run-dir"
     raise UserError(
         f"cannot resume from {path}: the model differs ({'; '.join(diffs[:4])}"
         f"{' …' if len(diffs) > 4 else ''}); {advice}"
