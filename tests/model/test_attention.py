@@ -40,6 +40,24 @@ def test_plain_causal_attention_matches_sdpa(dtype, T):
         assert (a.float() - b.float()).abs().max() <= tol * b.float().abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_written_out_backward_gives_autograds_bits(dtype):
+    """With a gradient to come, the split runs as one autograd Function with its backward written out;
+    it computes what autograd does on the two blocks, op for op: output and gradients bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 3, 81, 24, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    v = torch.randn(2, 3, 81, 16, generator=g).to(dtype).requires_grad_()
+    results = []
+    for y in (
+        attention_mod.causal_attention(q, k, v, 0.2),
+        torch.cat([attention_mod._causal_block(*half, 0.2) for half in attention_mod._halves(q, k, v)], -2),
+    ):
+        results.append([y, *torch.autograd.grad(y.float().square().sum(), [q, k, v])])
+    assert results[0][0].grad_fn.name() == "_SplitCausalAttentionBackward"
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_mla_on_cpu_in_bf16_plain_matches_flash(monkeypatch):
     """Through the layer under bf16 autocast (where the CPU takes the plain form up to
     CPU_PLAIN_ATTENTION_MAX_LEN tokens) against SDPA's flash kernel: output and every gradient. Both round

@@ -88,25 +88,87 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     quarter fewer scores, softmax and GEMM work than the whole (T, T) block, and the same values to
     rounding (the masked scores are exact zeros after the softmax either way; the sums run over fewer
     terms). `tiny`'s heads, B=4, T=256, forward + backward on one thread: fp32 10.1 against 14.2 ms
-    (medians), bf16 7.9 against 8.9 ms (best of 30)."""
+    (medians), bf16 7.9 against 8.9 ms (best of 30). With a gradient to come (outside torch.compile, which
+    fuses the plain form) the halves run as one autograd Function whose backward writes each gradient
+    once, where autograd's own zero-fills a whole gradient of q, k and v for each half's slice and adds
+    them up: the same bits (bf16 and fp32), in 3.0 against 3.3 ms (bf16, the same heads)."""
     T = q.shape[-2]
     if T < 2 * CAUSAL_SPLIT_MIN_ROWS:
-        return _causal_block(q, k, v, scale, 0)
-    h = T // 2
-    first = _causal_block(q[..., :h, :], k[..., :h, :], v[..., :h, :], scale, 0)
-    second = _causal_block(q[..., h:, :], k, v, scale, h)
-    return torch.cat([first, second], dim=-2)
+        return _causal_block(q, k, v, 0, scale)
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return _SplitCausalAttention.apply(q, k, v, scale)
+    return torch.cat([_causal_block(*half, scale) for half in _halves(q, k, v)], dim=-2)
+
+
+def _halves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[tuple]:
+    """(queries, keys, values, offset) of the split's two blocks: the first half of the queries against
+    the first half of the keys, the second half against all of them."""
+    h = q.shape[-2] // 2
+    return [(q[..., :h, :], k[..., :h, :], v[..., :h, :], 0), (q[..., h:, :], k, v, h)]
 
 
 def _causal_block(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, offset: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int, scale: float
 ) -> torch.Tensor:
-    """Queries at positions offset + i (i < len(q)) against keys 0..len(k)-1, causal.
+    """Queries at positions offset + i (i < len(q)) against keys 0..len(k)-1, causal."""
+    return _probabilities(q, k, offset, scale).to(v.dtype) @ v
+
+
+def _probabilities(q: torch.Tensor, k: torch.Tensor, offset: int, scale: float) -> torch.Tensor:
+    """softmax of the scaled, causally masked scores of `_causal_block`, in fp32 (or q's wider dtype).
 
     The mask is added, as 0 or -inf in fp32, in the same pass that scales the scores and casts them to
     fp32 (type promotion), and its backward passes the gradient through untouched: the same values as
     scaling, then filling the future with -inf, bit for bit, in 0.8× the time of a `tiny` layer's
     attention, forward + backward (bf16, one thread: 3.7 against 4.6 ms at B=8, T=128)."""
     future = torch.full((q.shape[-2], k.shape[-2]), float("-inf"), device=q.device).triu_(1 + offset)
-    scores = torch.add(future, q @ k.transpose(-2, -1), alpha=scale)  # (B, H, Tq, Tk), fp32
-    return scores.softmax(-1).to(v.dtype) @ v
+    return torch.add(future, q @ k.transpose(-2, -1), alpha=scale).softmax(-1)  # (B, H, Tq, Tk)
+
+
+class _SplitCausalAttention(torch.autograd.Function):
+    """`causal_attention`'s two halves with a backward written out: the gradients of q come from the two
+    halves' GEMMs into their rows, and the first half's gradients of k and v are added into the rows of
+    the second half's (which span all keys). Saves what autograd saves: q, k, v and each half's
+    probabilities, in fp32 and rounded."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        saved, out = [], []
+        for queries, keys, values, offset in _halves(q, k, v):
+            p = _probabilities(queries, keys, offset, scale)
+            rounded = p.to(v.dtype)
+            out.append(rounded @ values)
+            saved += [p, rounded]
+        ctx.save_for_backward(q, k, v, *saved)
+        ctx.scale = scale
+        return torch.cat(out, dim=-2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        q, k, v, p1, rounded1, p2, rounded2 = ctx.saved_tensors
+        (q1, k1, v1, _), (q2, _, _, _) = _halves(q, k, v)
+        h = q1.shape[-2]
+        # the second half's key and value gradients span all keys; the first half's add to their rows
+        dq2, dk, dv = _block_grads(q2, k, v, grad[..., h:, :], p2, rounded2, ctx.scale)
+        dq1, dk1, dv1 = _block_grads(q1, k1, v1, grad[..., :h, :], p1, rounded1, ctx.scale)
+        dk[..., :h, :] += dk1
+        dv[..., :h, :] += dv1
+        return torch.cat([dq1, dq2], dim=-2), dk, dv, None
+
+
+def _block_grads(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grad: torch.Tensor,
+    p: torch.Tensor,
+    rounded: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of one `_causal_block` (q, k, v) from its output's gradient and its saved probabilities,
+    the ops autograd runs: the softmax's backward in p's dtype, the scale applied in the pass that rounds
+    the scores' gradient to q's dtype."""
+    dp = torch._softmax_backward_data((grad @ v.transpose(-2, -1)).to(p.dtype), p, -1, p.dtype)
+    ds = torch.mul(dp, scale, out=torch.empty_like(dp, dtype=q.dtype))
+    return ds @ k, ds.transpose(-2, -1) @ q, rounded.transpose(-2, -1) @ grad
