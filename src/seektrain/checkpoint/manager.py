@@ -15,6 +15,7 @@ save calls first and the trainer calls at the end of the run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -225,10 +226,16 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     return latest
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """The state dict saved by `CheckpointManager.save` (tensors on CPU)."""
+def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """The state dict saved by `CheckpointManager.save` (tensors on CPU). With `mmap` the file is memory-
+    mapped, so that only the tensors a caller touches are read (a file not in zip format, which mmap
+    needs, is read the ordinary way)."""
+    file = path / STATE_FILE
     try:
-        return upgrade_config(torch.load(path / STATE_FILE, map_location="cpu", weights_only=True))
+        if mmap:
+            with contextlib.suppress(RuntimeError):  # not zip-format: read below
+                return upgrade_config(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+        return upgrade_config(torch.load(file, map_location="cpu", weights_only=True))
     except pickle.UnpicklingError as e:  # torch's message advises weights_only=False: not for this file
         foreign = [line for line in str(e).splitlines() if "Unsupported global" in line]
         # "WeightsUnpickler error: Unsupported global: GLOBAL x.Y was not an allowed global by default. …"

@@ -13,13 +13,7 @@ from pathlib import Path
 
 import torch
 
-from seektrain.checkpoint.manager import (
-    STATE_FILE,
-    CheckpointManager,
-    is_complete,
-    load_checkpoint,
-    upgrade_config,
-)
+from seektrain.checkpoint.manager import CheckpointManager, is_complete, load_checkpoint
 from seektrain.checkpoint.sharded import is_sharded, read_model_state
 from seektrain.config import RunConfig
 from seektrain.errors import UserError
@@ -73,7 +67,7 @@ def load_run(
     """The model of a run's newest (or the given) checkpoint, on `device` in `dtype`
     (the routers' correction biases stay fp32)."""
     path = find_checkpoint(run_dir, checkpoint)
-    state = _load_state(path)
+    state = load_checkpoint(path, mmap=True)  # only the model's tensors are read, not the optimizer's
     if "model" not in state and is_sharded(path):  # written by several ranks: weights in path/dcp
         state["model"] = read_model_state(path)
     if "model" not in state or "config" not in state:
@@ -90,15 +84,6 @@ def load_run(
     step = int(path.name.removeprefix("step_")) if path.name.startswith("step_") else -1
     has_data = state.get("loader", {}).get("version") != WEIGHTS_ONLY
     return LoadedRun(model.eval(), config, path, step, Path(run_dir), has_data)
-
-
-def _load_state(path: Path) -> dict:
-    """The checkpoint memory-mapped: only the model's tensors are read, not the optimizer's moments
-    (2x the weights) that share the file."""
-    try:
-        return upgrade_config(torch.load(path / STATE_FILE, map_location="cpu", weights_only=True, mmap=True))
-    except RuntimeError:  # not a zip-format file (mmap needs one): read it the ordinary way
-        return load_checkpoint(path)
 
 
 def data_dir_of(run: LoadedRun) -> Path | None:
