@@ -29,10 +29,14 @@ class RMSNorm(nn.Module):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight · (x / rms(x)), normalized in fp32 and rounded back to x's dtype before the gain."""
-    dtype = x.dtype
-    x = x.to(torch.promote_types(dtype, torch.float32))
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(dtype)
+    return weight * _normalized(x, eps)[0]
+
+
+def _normalized(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x / rms(x), computed in fp32 (or x's wider dtype) and rounded to x's dtype, and the 1 / rms used."""
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    rstd = torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
+    return (wide * rstd).to(x.dtype), rstd
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -41,10 +45,9 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        x_hat, rstd = _normalized(x, eps)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (xf * rstd).to(x.dtype)
+        return weight * x_hat
 
     @staticmethod
     @torch.autograd.function.once_differentiable
