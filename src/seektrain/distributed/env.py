@@ -162,6 +162,18 @@ def agree(env: DistEnv, phase: Callable[[], T], what: str = "its result") -> T:
     return result
 
 
+def ranks_on_this_host(env: DistEnv) -> int:
+    """How many ranks of the launch run on this host (by host name; LOCAL_WORLD_SIZE, which a bare srun
+    does not set, is not relied on). A collective: every rank calls it."""
+    import socket
+
+    import torch.distributed as dist
+
+    hosts: list[str | None] = [None] * env.world_size
+    dist.all_gather_object(hosts, socket.gethostname())
+    return hosts.count(socket.gethostname())
+
+
 def merge_by_rank(messages: list[str | None]) -> str:
     """One message for the ranks' messages (None: that rank has none): the message alone when every rank
     has the same, else each distinct message after the ranks that have it (`ranks 1-3, 6: …`)."""

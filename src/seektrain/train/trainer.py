@@ -30,13 +30,21 @@ from seektrain.checkpoint.manager import CheckpointManager, load_checkpoint, res
 from seektrain.checkpoint.sharded import load_training_state, save_training_state
 from seektrain.config import RunConfig
 from seektrain.distributed import parallelize
-from seektrain.distributed.env import DistEnv, agree, build_mesh, detect, init_process_group, pick_device
+from seektrain.distributed.env import (
+    DistEnv,
+    agree,
+    build_mesh,
+    detect,
+    init_process_group,
+    pick_device,
+    ranks_on_this_host,
+)
 from seektrain.errors import UserError
 from seektrain.paths import atomic_write_bytes, check_writable_dir
 from seektrain.train import balance
 from seektrain.train.display import Display
 from seektrain.train.guard import OK, ROLLBACK, SKIP, Guard
-from seektrain.train.host_memory import check_training_state_fits, keep_freed_host_memory
+from seektrain.train.host_memory import RanksOnHost, check_training_state_fits, keep_freed_host_memory
 from seektrain.train.metrics import METRICS_FILE, MetricsLog, flops_per_token, memory_gib, peak_flops
 from seektrain.train.optim import build_optimizer
 from seektrain.train.precision import resolve_precision
@@ -150,50 +158,24 @@ class Trainer:
             self.loader.load_state_dict(self.resume_state["loader"])  # validates the data stream too
 
     def _check_host_memory(self) -> None:
-        """On CPU, refuse a model whose training state cannot fit in this host's memory (see
-        `check_training_state_fits`), counting every rank on the host (by host name): under ddp each
-        holds all of it and DDP's gradient buckets (a second copy of the gradients), under fsdp/hsdp its
-        shard (but first the whole fp32 model where tied embeddings make it shard after building). The
-        ranks agree, so they fail together."""
+        """On CPU, refuse a model whose training state cannot fit in this host's memory, counting every
+        rank on the host with what it holds (`check_training_state_fits`); the ranks agree, so they fail
+        together."""
         dist, p, model = self.dist, self.cfg.parallel, self.model_cfg
-        optimizer = self.cfg.optim.state_bytes_per_param()
-        state = 8 + optimizer  # fp32 weights and gradients, and the optimizer's state, a parameter
-        copies, holders = 1.0, ""
-        hint = "use a smaller model (model.* settings)"
+        layout = None
         if dist.distributed:
-            import socket
-
-            import torch.distributed as torch_dist
-
-            hosts: list[str | None] = [None] * dist.world_size
-            torch_dist.all_gather_object(hosts, socket.gethostname())
-            ranks = hosts.count(socket.gethostname())
-            if p.dp_mode == "ddp":
-                per_rank, share = state + 4.0, "all of it, and DDP's gradient buckets"
-                hint += f"{', fewer ranks on this node' if ranks > 1 else ''}, parallel.dp_mode=fsdp"
-            else:
-                shard = dist.world_size if p.dp_mode == "fsdp" else p.dp_shard or dist.local_world_size
-                per_rank, share = state / shard, "all of it" if shard == 1 else f"1/{shard} of it"
-                if model.tie_word_embeddings and per_rank < 4.0:  # built whole, sharded after
-                    per_rank, share = 4.0, "the whole fp32 weights while building (tied embeddings)"
-                if p.dp_mode == "fsdp":
-                    hint += ", more nodes"
-                elif shard < ranks:  # several replicas on this node
-                    hint += ", a larger parallel.dp_shard"
-                else:
-                    hint += ", parallel.dp_mode=fsdp over more nodes"
-            copies = ranks * per_rank / state
-            holders = f"{ranks} rank{'s' if ranks > 1 else ''} on this node under {p.dp_mode}, "
-            holders += f"{'each ' if ranks > 1 else ''}holding {share}"
+            shard = {"ddp": 1, "fsdp": dist.world_size, "hsdp": p.dp_shard or dist.local_world_size}
+            ranks = ranks_on_this_host(dist)
+            layout = RanksOnHost(p.dp_mode, ranks, shard[p.dp_mode], model.tie_word_embeddings)
+        relief = layout.relief() if layout is not None else ""
         agree(
             dist,
             lambda: check_training_state_fits(
                 model.num_params(include_mtp=True),
-                state_bytes=optimizer,
+                state_bytes=self.cfg.optim.state_bytes_per_param(),
                 what="the model",
-                hint=f"{hint}, or a machine with more memory",
-                copies=copies,
-                holders=holders,
+                hint=f"use a smaller model (model.* settings){relief}, or a machine with more memory",
+                layout=layout,
             ),
         )
 
