@@ -315,6 +315,43 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(make, tmp_path, 
     assert load_run(run, checkpoint=ckpts / "abandoned" / "2" / "step_00000003").step == 3
 
 
+def test_a_damaged_checkpoint_is_named_and_kept_not_replaced(make, tmp_path, capsys):
+    """A checkpoint directory that lost a file (saves only rename complete ones, so something else took
+    it) cannot be resumed from: `--resume auto` continues from the one before, says why in a note, and
+    moves the damaged one to abandoned/N/ untouched, where the run's own save of that step would have
+    replaced it. With no complete checkpoint left the run starts over and keeps it the same way."""
+    from seektrain.checkpoint.manager import CheckpointManager
+    from seektrain.infer.runs import load_run
+    from seektrain.errors import UserError
+
+    run = tmp_path / "run"
+    overrides = ("train.steps=3", "checkpoint.every=1", "checkpoint.keep=3", "train.eval_every=0")
+    assert make(run, *overrides).fit() == 0
+    ckpts = run / "checkpoints"
+    (ckpts / "step_00000003" / "meta.json").unlink()
+    state = (ckpts / "step_00000003" / "state.pt").read_bytes()
+    with pytest.raises(UserError, match=r"step_00000003 is not a complete checkpoint: it lacks meta.json"):
+        load_run(run, checkpoint=ckpts / "step_00000003")
+    resumed = make(run, *overrides)
+    assert resumed.counters.step == 2
+    assert resumed.fit() == 0
+    aside = ckpts / "abandoned" / "1" / "step_00000003"
+    assert (
+        f"note: step_00000003 lacks meta.json: not a complete checkpoint, so not resumed from: moved to {aside}"
+        in capsys.readouterr().out
+    )
+    assert (aside / "state.pt").read_bytes() == state and not (aside / "meta.json").exists()
+    assert [p.name for p in CheckpointManager(ckpts, keep=3).list()][-1] == "step_00000003"  # the new one
+
+    for step in ("step_00000001", "step_00000002", "step_00000003"):  # none complete: a fresh start
+        (ckpts / step / "config.toml").unlink()
+    assert make(run, *overrides).fit() == 0
+    assert "note: step_00000001 lacks config.toml" in capsys.readouterr().out
+    assert sorted(p.name for p in (ckpts / "abandoned" / "2").iterdir()) == [
+        "step_00000001", "step_00000002", "step_00000003"
+    ]
+
+
 def test_resume_accepts_model_fields_no_weight_depends_on(make, tmp_path):
     """An export then import fills in the BOS/PAD ids from the tokenizer; a resume with such a config (or
     another initializer_range) continues, while a shape change is still refused."""

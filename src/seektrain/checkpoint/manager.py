@@ -169,13 +169,25 @@ class CheckpointManager:
             self._discard(old)
         return final
 
-    def set_aside_after(self, step: int) -> list[Path]:
-        """Move the complete checkpoints newer than `step` into root/abandoned/N/ (N = 1, 2, … per resume
-        that abandons some; their names kept, so each still loads or resumes from there) and return their
-        new paths. A run resumed from an older checkpoint of its own takes another trajectory from there:
-        `--resume auto` must never pick up the abandoned one, nor retention delete the checkpoint it
-        resumed from to keep it. Moved, not deleted: they are the user's."""
-        newer = [p for p in self.list() if int(_NAME.match(p.name).group(1)) > step]
+    def damaged(self) -> list[Path]:
+        """Directories with a checkpoint's name that lack some of its files, oldest first. A save renames
+        only complete directories, so something else took files from these: discovery skips them (they
+        cannot be resumed from), and nothing here deletes them."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if _NAME.match(p.name) and p.is_dir() and not is_complete(p)]
+        return sorted(found, key=lambda p: p.name)
+
+    def set_aside_after(self, step: int) -> list[tuple[Path, list[str]]]:
+        """Move the checkpoints newer than `step` into root/abandoned/N/ (N = 1, 2, … per resume that
+        abandons some; their names kept, so each still loads or resumes from there) and return their new
+        paths, each with the files it lacked (none for a complete one). A run resumed from an older
+        checkpoint of its own takes another trajectory from there: `--resume auto` must never pick up the
+        abandoned one, nor retention delete the checkpoint it resumed from to keep it. Damaged ones (see
+        `damaged`) newer than `step` move too, or the run's own save of that step would replace them.
+        Moved, not deleted: they are the user's."""
+        found = sorted(self.list() + self.damaged(), key=lambda p: p.name)
+        newer = [(p, missing_files(p)) for p in found if int(_NAME.match(p.name).group(1)) > step]
         if not newer:
             return []
         parent = self.root / ABANDONED_DIR
@@ -183,10 +195,10 @@ class CheckpointManager:
         n = 1 + max((int(p.name) for p in parent.iterdir() if p.name.isdigit()), default=0)
         aside = parent / str(n)
         aside.mkdir()
-        for path in newer:
+        for path, _ in newer:
             os.replace(path, aside / path.name)
         _fsync_dir(self.root)
-        return [aside / p.name for p in newer]
+        return [(aside / p.name, missing) for p, missing in newer]
 
     def _discard(self, path: Path) -> None:
         trash = self.root / f".trash-{path.name}-{os.getpid()}"
@@ -200,11 +212,16 @@ class CheckpointManager:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def is_complete(path: Path) -> bool:
-    files = (STATE_FILE, META_FILE, CONFIG_FILE)
+def missing_files(path: Path) -> list[str]:
+    """The files of a checkpoint that `path` lacks (none: it is complete)."""
+    files = [STATE_FILE, META_FILE, CONFIG_FILE]
     if (path / DCP_DIR).exists():
-        files += (f"{DCP_DIR}/{METADATA_FILE}",)
-    return all((path / name).is_file() for name in files)
+        files.append(f"{DCP_DIR}/{METADATA_FILE}")
+    return [name for name in files if not (path / name).is_file()]
+
+
+def is_complete(path: Path) -> bool:
+    return not missing_files(path)
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:

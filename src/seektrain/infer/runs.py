@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from seektrain.checkpoint.manager import CheckpointManager, is_complete, load_checkpoint
+from seektrain.checkpoint.manager import CheckpointManager, load_checkpoint, missing_files
 from seektrain.checkpoint.sharded import is_sharded, read_model_state
 from seektrain.config import RunConfig
 from seektrain.errors import UserError
@@ -44,8 +44,10 @@ def find_checkpoint(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | 
     run = Path(run_dir)
     if checkpoint is not None:
         path = Path(checkpoint)
-        if not is_complete(path):
-            raise UserError(f"{path} is not a complete checkpoint (state.pt, meta.json, config.toml)")
+        if not path.is_dir():
+            raise UserError(f"checkpoint {path} {'is not a directory' if path.exists() else 'does not exist'}")
+        if missing := missing_files(path):
+            raise UserError(f"{path} is not a complete checkpoint: it lacks {', '.join(missing)}")
         return path
     if not run.is_dir():
         raise UserError(f"run directory {run} {'is not a directory' if run.exists() else 'does not exist'}")

@@ -323,7 +323,7 @@ class Trainer:
         if self.dist.is_main:
             abandoned = []
             try:
-                if self.resume_from is not None and _belongs_to(self.resume_from, self.run_dir):
+                if self.resume_from is None or _belongs_to(self.resume_from, self.run_dir):
                     abandoned = self.checkpoints.set_aside_after(c.step)  # as metrics.jsonl is cut back
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write_bytes(self.run_dir / "config.toml", self.cfg.to_toml().encode())
@@ -334,10 +334,12 @@ class Trainer:
                 where = e.filename or self.run_dir
                 raise UserError(f"--run-dir {self.run_dir}: cannot write {where}: {e.strerror or e}") from e
             self.display = Display(t.steps, c.step, self.cfg.log.progress)
-            for path in abandoned:
-                self.display.print(
-                    f"note: {path.name} is newer than the checkpoint resumed from: moved to {path}"
-                )
+            for path, missing in abandoned:
+                if missing:
+                    why = f"lacks {', '.join(missing)}: not a complete checkpoint, so not resumed from"
+                else:
+                    why = "is newer than the checkpoint resumed from"
+                self.display.print(f"note: {path.name} {why}: moved to {path}")
         else:
             self.metrics = self.display = _Silent()
         self._announce()
