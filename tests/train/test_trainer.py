@@ -1,6 +1,9 @@
 """The loop on the real Transformer and real prepared data (toy sizes): accumulation, precision and loss
 scaling, NaN skipping, spike rollback, activation checkpointing, schedules end to end."""
 
+import ast
+import enum
+import inspect
 import json
 import math
 import re
@@ -321,8 +324,8 @@ def test_a_damaged_checkpoint_is_named_and_kept_not_replaced(make, tmp_path, cap
     moves the damaged one to abandoned/N/ untouched, where the run's own save of that step would have
     replaced it. With no complete checkpoint left the run starts over and keeps it the same way."""
     from seektrain.checkpoint.manager import CheckpointManager
-    from seektrain.infer.runs import load_run
     from seektrain.errors import UserError
+    from seektrain.infer.runs import load_run
 
     run = tmp_path / "run"
     overrides = ("train.steps=3", "checkpoint.every=1", "checkpoint.keep=3", "train.eval_every=0")
@@ -336,10 +339,8 @@ def test_a_damaged_checkpoint_is_named_and_kept_not_replaced(make, tmp_path, cap
     assert resumed.counters.step == 2
     assert resumed.fit() == 0
     aside = ckpts / "abandoned" / "1" / "step_00000003"
-    assert (
-        f"note: step_00000003 lacks meta.json: not a complete checkpoint, so not resumed from: moved to {aside}"
-        in capsys.readouterr().out
-    )
+    why = "lacks meta.json: not a complete checkpoint, so not resumed from"
+    assert f"note: step_00000003 {why}: moved to {aside}" in capsys.readouterr().out
     assert (aside / "state.pt").read_bytes() == state and not (aside / "meta.json").exists()
     assert [p.name for p in CheckpointManager(ckpts, keep=3).list()][-1] == "step_00000003"  # the new one
 
@@ -424,6 +425,37 @@ def test_optimizer_settings_changed_on_resume_take_effect(make, tmp_path):
         assert resumed.fit() == 0
     with pytest.raises(UserError, match="optim.name was 'adamw', now 'lamb'"):
         make(tmp_path / "optim.state_dtype-fp32", *base, "train.steps=4", "optim.name=lamb")
+
+
+def test_resume_refuses_another_token_stream_naming_the_setting_and_the_way_back(make, tmp_path, data_dir):
+    """The data, the sequence length and the seed fix the token stream: a resume that changes one is
+    refused with the setting, the checkpoint and the config that continues it. Nothing is written."""
+    from seektrain.data.prepare import PrepareConfig, prepare
+    from seektrain.errors import UserError
+
+    run = tmp_path / "run"
+    base = ("train.steps=2", "checkpoint.every=2", "train.eval_every=0")
+    assert make(run, *base).fit() == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    config = re.escape(str(run / "checkpoints" / "step_00000002" / "config.toml"))
+    advice = rf"; use the run's settings \(--config {config} has them\) or a new --run-dir"
+    with pytest.raises(UserError, match=r"step_00000002: train\.seed was 0, now 7 \(the run would not "
+                       r"continue the same token stream\)" + advice):
+        make(run, *base, "train.steps=3", "train.seed=7")
+    with pytest.raises(UserError, match=r"data\.seq_len was 32, now 16 .*" + advice):
+        make(run, *base, "train.steps=3", "data.seq_len=16")
+    other = tmp_path / "other"  # other sources, the same tokenizer
+    sources = [inspect.getsourcefile(m) for m in (ast, enum, inspect)]
+    prepare(
+        PrepareConfig(
+            inputs=sources, out_dir=str(other), tokenizer=str(data_dir / "tokenizer.json"), val_fraction=0.25,
+            workers=1, progress=False,
+        )
+    )  # fmt: skip
+    with pytest.raises(UserError, match=rf"trained on other data than data\.path='{re.escape(str(other))}' "
+                       r"holds now \(another data dir.*" + advice):
+        make(run, *base, "train.steps=3", f"data.path={other}")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_fp16_resumes_a_bf16_or_fp32_run_with_a_fresh_loss_scale(make, tmp_path):

@@ -45,7 +45,8 @@ def find_checkpoint(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | 
     if checkpoint is not None:
         path = Path(checkpoint)
         if not path.is_dir():
-            raise UserError(f"checkpoint {path} {'is not a directory' if path.exists() else 'does not exist'}")
+            why = "is not a directory" if path.exists() else "does not exist"
+            raise UserError(f"checkpoint {path} {why}")
         if missing := missing_files(path):
             raise UserError(f"{path} is not a complete checkpoint: it lacks {', '.join(missing)}")
         return path

@@ -155,7 +155,9 @@ class Trainer:
             self.resume_state = load_checkpoint(self.resume_from)
             _check_same_model(self.resume_state["config"]["model"], self.cfg, self.resume_from)
             _check_same_optimizer(self.resume_state["config"]["optim"], self.cfg, self.resume_from)
-            self.loader.load_state_dict(self.resume_state["loader"])  # validates the data stream too
+            stream = self.resume_state["loader"]
+            _check_same_stream(stream, self.loader.state_dict(), self.cfg, self.resume_from)
+            self.loader.load_state_dict(stream)  # validates the rest of its state
 
     def _check_host_memory(self) -> None:
         """On CPU, refuse a model whose training state cannot fit in this host's memory, counting every
@@ -727,6 +729,24 @@ def _check_same_optimizer(saved: dict, cfg: RunConfig, path: Path) -> None:
         raise UserError(
             f"cannot resume from {path}: optim.name was {saved['name']!r}, now {cfg.optim.name!r} "
             "(its state would not carry over); keep the optimizer or start a new --run-dir"
+        )
+
+
+def _check_same_stream(saved: dict, now: dict, cfg: RunConfig, path: Path) -> None:
+    """The token stream must go on where the checkpoint left it: the same data, sequence length and seed
+    (the loader checks the rest of its state)."""
+    advice = f"use the run's settings (--config {path / 'config.toml'} has them) or a new --run-dir"
+    for key, setting in (("seq_len", "data.seq_len"), ("seed", "train.seed")):  # seq_len: before the count
+        if saved.get(key, now[key]) != now[key]:
+            raise UserError(
+                f"cannot resume from {path}: {setting} was {saved[key]!r}, now {now[key]!r} (the run would "
+                f"not continue the same token stream); {advice}"
+            )
+    if any(saved.get(key, now[key]) != now[key] for key in ("data", "num_sequences")):
+        raise UserError(
+            f"cannot resume from {path}: it was trained on other data than data.path={cfg.data.path!r} "
+            f"holds now (another data dir, or this one prepared again from other inputs or settings); "
+            f"{advice}"
         )
 
 
