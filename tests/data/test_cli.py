@@ -269,6 +269,67 @@ def test_pool_workers_ignore_ctrl_c_and_die_of_sigterm_even_under_the_clis_handl
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_a_worker_that_dies_ends_prepare_with_one_error_instead_of_a_hang():
+    """A worker killed mid-task (the OOM killer; a SIGTERM to the whole process group) left
+    multiprocessing.Pool waiting forever: for its result, and in terminate() for the queue lock a worker
+    killed while idle held. The pool now notices and `ordered_map` raises one UserError; the other
+    worker is stopped. Run in a subprocess, so that a regression fails here instead of hanging."""
+    import subprocess
+    import sys
+
+    code = """
+import os, signal
+from seektrain.data.workers import ordered_map
+from seektrain.errors import UserError
+
+def die_on_task_3(task):
+    if task == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return task
+
+try:
+    print(list(ordered_map(die_on_task_3, range(40), 2, print, ())))
+except UserError as e:
+    print("UserError:", e)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    expected = "UserError: a worker process ended unexpectedly (killed by a signal"
+    assert proc.stdout.strip().startswith(expected), proc.stdout
+
+
+def test_sigterm_to_the_process_group_ends_prepare_with_one_line(tmp_path):
+    """`timeout`, Slurm's scancel and systemd signal the whole process group: the workers die of it at
+    once, the parent ends as on its own SIGTERM (143, temp dir removed) instead of waiting forever for a
+    queue lock that a dead worker held."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = ["prepare", "--input", "stdlib", "--out", tmp_path / "out", "--workers", "2", "--no-progress"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "seektrain", *map(str, argv)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".out.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)  # into the cleaning pass
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = proc.stderr.read().decode()
+    assert code == 128 + signal.SIGTERM and err.endswith("terminated\n") and "Traceback" not in err, err
+    assert not list(tmp_path.iterdir())
+
+
 def test_ctrl_c_to_the_process_group_ends_prepare_with_one_line(tmp_path):
     """A terminal's Ctrl-C signals every process of the foreground group, the workers too."""
     import os

@@ -8,6 +8,7 @@ in submission order, so the output never depends on the number of workers.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 from collections import deque
@@ -66,41 +67,63 @@ def ordered_map(
     fn: Callable, tasks: Iterable, workers: int, initializer: Callable, initargs: tuple
 ) -> Iterator:
     """fn over tasks in order, on `workers` processes (inline when 1) with at most 2×workers
-    tasks in flight, so a huge input never piles up in memory."""
+    tasks in flight, so a huge input never piles up in memory.
+
+    On `concurrent.futures`' process pool, not `multiprocessing.Pool`: a worker that dies (a SIGTERM to
+    the whole process group — `timeout`, Slurm, systemd — or the OOM killer) while it holds the Pool's
+    shared queue lock left Pool's terminate() waiting for that lock forever; the executor notices the
+    death, fails the pending tasks and stops the other workers without taking the lock."""
     if workers <= 1:
         initializer(*initargs)
         yield from map(fn, tasks)
         return
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
+    tasks = iter(tasks)
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)  # until `_start_worker`
+    pending: deque = deque()
+    # The workers are forked by the first submit, with these signals blocked until `_start_worker`; so
+    # are the pool's threads, which leaves the signals to the main thread.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
     try:
-        context = mp.get_context(method)
-        pool = context.Pool(workers, initializer=_start_worker, initargs=(initializer, initargs))
+        pool = ProcessPoolExecutor(
+            workers,
+            mp_context=mp.get_context(method),
+            initializer=_start_worker,
+            initargs=(initializer, initargs),
+        )
+        for task in itertools.islice(tasks, 1):
+            pending.append(pool.submit(fn, task))
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-    with pool:
-        pending: deque = deque()
+    try:
         for task in tasks:
-            pending.append(pool.apply_async(fn, (task,)))
+            pending.append(pool.submit(fn, task))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise UserError(
+            "a worker process ended unexpectedly (killed by a signal, or by the system when out of memory: "
+            "try fewer --workers)"
+        ) from None
+    finally:  # an error or an interrupt: the tasks not yet started are dropped, the running ones finish
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # Workers are born with these blocked and set their own actions before unblocking them. Inherited, the
-# CLI's Python SIGTERM handler lost the pool's terminate() for a worker signalled before it first ran (on
-# a busy machine): CPython drops signals that arrive before its after-fork reset (bpo-9535), or leaves
-# one that lands just before `sem_wait` pending while the worker blocks on the pool's queue forever, and
-# prepare hung in the pool's join. Ctrl-C reaches the whole process group: each worker printed a
-# KeyboardInterrupt traceback.
+# CLI's Python SIGTERM handler could lose the pool's SIGTERM to a worker signalled before it first ran (on
+# a busy machine): CPython drops signals that arrive before its after-fork reset (bpo-9535), or leaves one
+# pending while the worker blocks on the pool's queue. Ctrl-C reaches the whole process group: each
+# worker printed a KeyboardInterrupt traceback.
 _WORKER_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def _start_worker(initializer: Callable, initargs: tuple) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the pool on Ctrl-C
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool's terminate(): end at once, quietly
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool stopping its workers: end at once, quietly
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
     initializer(*initargs)
