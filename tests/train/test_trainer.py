@@ -458,6 +458,62 @@ def test_resume_refuses_another_token_stream_naming_the_setting_and_the_way_back
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+def test_a_damaged_validation_split_is_an_error_and_a_missing_one_a_note(make, tmp_path, data_dir, capsys):
+    """The val split's shards are checked at the start, as the train split's are: a truncated one is one
+    error (a run that silently logged no val_loss before); a data dir prepared without a val split trains,
+    and says once that there will be no val_loss."""
+    import shutil
+
+    from seektrain.data.prepare import PrepareConfig, prepare
+    from seektrain.data.shards import load_manifest
+    from seektrain.errors import UserError
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(data_dir, damaged)
+    shard = damaged / load_manifest(damaged)["splits"]["val"]["shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(UserError, match=rf"shard {re.escape(str(shard))} has \d+ bytes, the manifest says"):
+        make(tmp_path / "run", f"data.path={damaged}")
+    assert not (tmp_path / "run").exists()
+
+    no_val = tmp_path / "no_val"
+    sources = [inspect.getsourcefile(m) for m in (ast, enum, inspect)]
+    prepare(
+        PrepareConfig(
+            inputs=sources, out_dir=str(no_val), tokenizer=str(data_dir / "tokenizer.json"), val_fraction=0.0,
+            workers=1, progress=False,
+        )
+    )  # fmt: skip
+    run = tmp_path / "run2"
+    assert make(run, f"data.path={no_val}", "train.steps=2", "train.eval_every=1").fit() == 0
+    out = capsys.readouterr().out
+    assert out.count(f"note: {no_val} has 0 validation tokens, fewer than seq_len + 1 = 33: no val_loss") == 1
+    assert not [r for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r]
+
+
+def test_resume_with_another_micro_batch_says_the_validation_set_changes(make, tmp_path, capsys):
+    """`train.eval_batches` counts micro-batches: resuming with a smaller micro batch (as after running
+    out of memory) makes val_loss average over fewer sequences. The resume says so, with the setting that
+    keeps them; with it, the validation loss of the same weights is the same."""
+    run = tmp_path / "run"
+    base = ("train.steps=2", "checkpoint.every=2", "train.eval_every=0", "train.eval_batches=2")
+    assert make(run, *base).fit() == 0
+    capsys.readouterr()
+    smaller = make(run, *base, "train.steps=3", "train.micro_batch_size=2")
+    assert smaller.fit() == 0
+    note = (
+        "note: val_loss now averages over the first 4 validation sequences (train.eval_batches=2 × micro "
+        "batch 2), the checkpoint's evaluations over 8: its curve may step here; --set train.eval_batches=4 "
+        "scores the same ones"
+    )
+    assert note in capsys.readouterr().out
+    step2 = str(run / "checkpoints" / "step_00000002")
+    same = make(run, *base, "train.steps=3", "train.micro_batch_size=2", "train.eval_batches=4", resume=step2)
+    assert same.notes == []
+    before = make(run, *base, "train.steps=3", resume=step2).evaluate()
+    assert same.evaluate() == pytest.approx(before, rel=1e-6)
+
+
 def test_fp16_resumes_a_bf16_or_fp32_run_with_a_fresh_loss_scale(make, tmp_path):
     """A run started in fp32 (its checkpoint holds the disabled scaler's empty state) continues in fp16:
     the loss scale starts afresh, as in a new fp16 run; and back to fp32 from fp16."""

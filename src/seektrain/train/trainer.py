@@ -150,6 +150,8 @@ class Trainer:
                 f"data.seq_len={cfg.data.seq_len} is longer than the model's context, "
                 f"model.max_position_embeddings={self.model_cfg.max_position_embeddings}"
             )
+        self.notes: list[str] = []  # said once the run starts (rank 0)
+        self.val = self._open_val(cfg)
         self.resume_state = None
         if self.resume_from is not None:
             self.resume_state = load_checkpoint(self.resume_from)
@@ -158,6 +160,31 @@ class Trainer:
             stream = self.resume_state["loader"]
             _check_same_stream(stream, self.loader.state_dict(), self.cfg, self.resume_from)
             self.loader.load_state_dict(stream)  # validates the rest of its state
+            self.notes += _changed_validation(self.resume_state["config"]["train"], self.cfg, self.val)
+
+    def _open_val(self, cfg: RunConfig):
+        """The validation split, its shards checked once as the train split's are (a missing or damaged
+        one is an error, not a run without val_loss); None, with a note, where it has no sequence."""
+        from seektrain.data.loader import TokenLoader
+        from seektrain.data.shards import load_manifest
+
+        split = load_manifest(cfg.data.path)["splits"].get("val")
+        tokens = sum(s["tokens"] for s in split["shards"]) if split else 0
+        if tokens <= cfg.data.seq_len:
+            has = "no validation split" if split is None else f"{tokens} validation tokens"
+            self.notes.append(
+                f"{cfg.data.path} has {has}, fewer than seq_len + 1 = {cfg.data.seq_len + 1}: no val_loss in "
+                "this run (prepare the data with a larger --val-fraction to have one)"
+            )
+            return None
+        # in one process's order, whatever the number of ranks (see `evaluate`)
+        return TokenLoader(
+            cfg.data.path,
+            split="val",
+            seq_len=cfg.data.seq_len,
+            micro_batch_size=cfg.train.micro_batch_size,
+            shuffle=False,
+        )
 
     def _check_host_memory(self) -> None:
         """On CPU, refuse a model whose training state cannot fit in this host's memory, counting every
@@ -336,6 +363,8 @@ class Trainer:
                 where = e.filename or self.run_dir
                 raise UserError(f"--run-dir {self.run_dir}: cannot write {where}: {e.strerror or e}") from e
             self.display = Display(t.steps, c.step, self.cfg.log.progress)
+            for note in self.notes:
+                self.display.print(f"note: {note}")
             for path, missing in abandoned:
                 if missing:
                     why = f"lacks {', '.join(missing)}: not a complete checkpoint, so not resumed from"
@@ -478,21 +507,11 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean main-model cross-entropy on (the first `eval_batches` micro-batches of) the val split."""
-        from seektrain.data.loader import TokenLoader
         from seektrain.model.cross_entropy import IGNORE_INDEX
 
-        t = self.cfg.train
-        try:  # the split in one process's order, whatever the number of ranks
-            val = TokenLoader(
-                self.cfg.data.path,
-                split="val",
-                seq_len=self.cfg.data.seq_len,
-                micro_batch_size=t.micro_batch_size,
-                shuffle=False,
-                verify=False,
-            )
-        except UserError:
-            return None  # no (or too small a) validation split
+        t, val = self.cfg.train, self.val
+        if val is None:
+            return None  # no validation split (said at the start)
         # Ranks take the micro-batches in turns, so together they score exactly those one process would,
         # a short last one included. Every rank runs as many forwards (FSDP2 gathers parameters
         # collectively): a rank left without a batch scores one whose targets are all ignored.
@@ -748,6 +767,26 @@ def _check_same_stream(saved: dict, now: dict, cfg: RunConfig, path: Path) -> No
             f"holds now (another data dir, or this one prepared again from other inputs or settings); "
             f"{advice}"
         )
+
+
+def _changed_validation(saved: dict, cfg: RunConfig, val) -> list[str]:
+    """A note where a resume changes which validation sequences val_loss averages over: `eval_batches`
+    counts micro-batches, so a new micro batch size (as after running out of memory) moves it."""
+    t = cfg.train
+    before = saved.get("eval_batches", t.eval_batches) * saved.get("micro_batch_size", t.micro_batch_size)
+    now = t.eval_batches * t.micro_batch_size
+    if val is None or before == now or not (t.eval_batches and before):
+        return []
+    if min(before, now) >= val.num_sequences:  # both score the whole split
+        return []
+    same = ""
+    if before % t.micro_batch_size == 0:
+        same = f"; --set train.eval_batches={before // t.micro_batch_size} scores the same ones"
+    return [
+        f"val_loss now averages over the first {min(now, val.num_sequences)} validation sequences "
+        f"(train.eval_batches={t.eval_batches} × micro batch {t.micro_batch_size}), the checkpoint's "
+        f"evaluations over {min(before, val.num_sequences)}: its curve may step here{same}"
+    ]
 
 
 def _keep_group_settings(optimizer: torch.optim.Optimizer, settings: list[dict]) -> None:
