@@ -65,18 +65,21 @@ class _Parser(argparse.ArgumentParser):
         return parsed
 
 
+DEBUG_HELP = "show tracebacks instead of one error line"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="seektrain",
         description="Train DeepSeek-V3-style language models: prepare → train → eval, generate, export.",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one error line")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     parser.verbs = {}
     for verb, module_name in COMMANDS.items():
         module = importlib.import_module(f"seektrain.commands.{module_name}")
         p = sub.add_parser(verb, help=module.__doc__.splitlines()[0], description=module.__doc__)
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
         parser.verbs[verb] = p

@@ -12,6 +12,7 @@ to a `ModelConfig` through `RunConfig.model_config()`.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import json
 import math
@@ -46,6 +47,8 @@ class DataConfig:
 
     def validate(self) -> None:
         _positive(self, "seq_len")
+        if not self.path.strip():
+            raise UserError("data.path is empty: give a prepared data directory (`seektrain prepare --out`)")
 
 
 @dataclass
@@ -336,16 +339,29 @@ def load_config(
         if not sep or "." not in key:
             raise UserError(f"--set {item!r}: expected section.key=value, e.g. --set train.steps=100")
         section, _, name = key.strip().partition(".")
-        cfg = _apply(cfg, {section: {name: parse_value(raw.strip())}}, "--set")
+        cfg = _apply(cfg, {section: {name: parse_value(raw.strip(), _field_type(section, name))}}, "--set")
     return cfg.validate()
 
 
-def parse_value(raw: str) -> Any:
-    """A `--set` value as TOML (numbers, booleans, lists, quoted strings), else the raw string."""
+def parse_value(raw: str, kind: Any = None) -> Any:
+    """A `--set` value as TOML (numbers, booleans, lists, quoted strings), else the raw string; a number
+    given to a key of `kind` str is the text as written (`--set data.path=2024` names a folder). TOML's
+    dates and times, which no key takes, stay text too. (Booleans stay: some string keys take them as
+    aliases.)"""
     try:
-        return tomllib.loads(f"v = {raw}")["v"]
+        value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         return raw
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(value, (datetime.date, datetime.time)) or (kind is str and number):
+        return raw
+    return value
+
+
+def _field_type(section: str, name: str) -> Any:
+    """The type of config key section.name, None where there is no such key (reported by `_apply`)."""
+    cls = SECTIONS.get(section)
+    return typing.get_type_hints(cls).get(name) if cls is not None else None
 
 
 def _parse_toml(text: str, origin: str) -> dict:

@@ -43,6 +43,19 @@ def test_set_overrides_are_typed():
     assert load_config(overrides=["train.grad_clip=2"]).train.grad_clip == 2.0  # int accepted for float
 
 
+def test_a_set_value_for_a_string_key_is_its_text():
+    """A key that takes a string takes the text as written where TOML would read a number or a date
+    (`--set data.path=2024-01-01` gave "expected str" with a Python repr); quoted text stays as quoted.
+    Other keys still get their TOML types, and a date for one is reported as the text."""
+    for raw in ("123", "2024-01-01", "1e3", "07:30:00"):
+        assert load_config(overrides=[f"data.path={raw}"]).data.path == raw
+    assert load_config(overrides=['data.path="x y"']).data.path == "x y"
+    with pytest.raises(UserError, match=r"^train\.steps='2024-01-01': expected int$"):
+        load_config(overrides=["train.steps=2024-01-01"])
+    with pytest.raises(UserError, match=r"^data\.path is empty"):
+        load_config(overrides=["data.path="])
+
+
 @pytest.mark.parametrize(
     "value, mode", [("true", "full"), ("false", "none"), ('"selective"', "selective"), ("full", "full")]
 )
