@@ -100,6 +100,33 @@ def test_report_counts_each_drop_reason(tmp_path):
     assert load_manifest(tmp_path / "out")["sources"]["dropped"] == report["dropped"]
 
 
+def test_a_gzipped_text_file_too_long_to_keep_is_never_read_whole(tmp_path):
+    """A text file is one document: one over 4 bytes × max_chars is dropped as too_long. A plain one is
+    not read at all; a gzipped one, whose text may be a thousand times its size on disk, is now read no
+    further than that (a 50 kB .txt.gz of 48 MiB text took 48 MiB and more before)."""
+    import tracemalloc
+
+    from seektrain.data.sources import read_text_file
+
+    src = write_corpus(tmp_path / "src", make_docs(12, seed=4))
+    bomb = src / "bomb.txt.gz"
+    with gzip.open(bomb, "wb") as f:
+        for _ in range(48):
+            f.write(b"word " * (1 << 18) + b"\n")
+    assert bomb.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        assert read_text_file(bomb, max_bytes=8000) is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak
+    assert read_text_file(bomb)[:5] == b"word "  # unlimited, as before
+    report = prepare(small_config([src], tmp_path / "out", clean=CleanConfig(max_chars=2000)))
+    assert report["documents_in"] == 13 and report["dropped"]["too_long"] == 1
+    assert report["documents_kept"] == 12
+
+
 def test_jsonl_parquet_and_gzip_sources(tmp_path):
     docs = make_docs(24, seed=9)
     with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:

@@ -157,22 +157,20 @@ def _batches_of_documents(
     files, cfg: PrepareConfig, stats: dict, progress: _Progress, task
 ) -> Iterator[list]:
     """Raw documents in ~1 MB batches; advances the progress bar by each file's size once it is read.
-    A plain text file too big to hold max_chars characters (4 bytes each at most) is not even read."""
-    limit = 4 * cfg.clean.max_chars
-    huge = {f for f in files if f.kind == "text" and not f.path.name.endswith(".gz") and f.size > limit}
-    for f in huge:  # counted only: order does not matter
-        stats["documents_in"] += 1
-        stats["bytes_in"] += f.size
-        stats["dropped"]["too_long"] += 1
-        progress.advance(task, f.size)
-    readable = [f for f in files if f not in huge]
+    A text file too big to hold max_chars characters (4 bytes each at most) is not read whole: a plain
+    one not at all, a gzipped one up to that size."""
     batch, size, current = [], 0, None
-    for sf, doc in iter_documents(readable, cfg.text_field, cfg.skip_bad_lines, stats):
+    documents = iter_documents(files, cfg.text_field, cfg.skip_bad_lines, stats, 4 * cfg.clean.max_chars)
+    for sf, doc in documents:
         if sf is not current:
             if current is not None:
                 progress.advance(task, current.size)
             current = sf
         stats["documents_in"] += 1
+        if doc.too_long:
+            stats["bytes_in"] += sf.size  # its size on disk: the text was not read whole
+            stats["dropped"]["too_long"] += 1
+            continue
         if doc.content is None:
             stats["dropped"]["null_text"] += 1
             continue

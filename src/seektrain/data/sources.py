@@ -61,6 +61,7 @@ class Document:
 
     source: str
     content: bytes | str | None  # None: a null Parquet value (counted as dropped, never cleaned)
+    too_long: bool = False  # a text file over the size limit, not read whole (content None)
 
 
 def _kind(path: Path) -> str | None:
@@ -179,13 +180,19 @@ def _open_bytes(path: Path):
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
-def read_text_file(path: Path) -> bytes:
-    """Whole file as bytes (gunzipped when the name ends in .gz)."""
+def read_text_file(path: Path, max_bytes: int | None = None) -> bytes | None:
+    """Whole file as bytes (gunzipped when the name ends in .gz); None where it holds more than
+    `max_bytes`, found without reading it (a plain file) or by reading no more than that (gzip, whose
+    text may be a thousand times its size on disk)."""
+    gz = path.name.lower().endswith(".gz")
     try:
+        if max_bytes is not None and not gz and path.stat().st_size > max_bytes:
+            return None
         with _open_bytes(path) as f:
-            return f.read()
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
     except _READ_ERRORS as e:
         raise UserError(f"cannot read {path}: {e}") from e
+    return None if max_bytes is not None and len(data) > max_bytes else data
 
 
 def _read_lines(path: Path) -> Iterator[bytes]:
@@ -277,14 +284,20 @@ def _text_values(column) -> list[str | bytes | None]:
 
 
 def iter_documents(
-    files: list[SourceFile], text_field: str = "text", skip_bad_lines: bool = False, stats: dict | None = None
+    files: list[SourceFile],
+    text_field: str = "text",
+    skip_bad_lines: bool = False,
+    stats: dict | None = None,
+    max_text_bytes: int | None = None,
 ) -> Iterator[tuple[SourceFile, Document]]:
-    """All documents of all files in order, each with the file it came from (for progress by bytes)."""
+    """All documents of all files in order, each with the file it came from (for progress by bytes). A
+    text file of more than `max_text_bytes` comes as a `too_long` document, unread."""
     stats = {} if stats is None else stats
     for sf in files:
         name = str(sf.path)
         if sf.kind == "text":
-            yield sf, Document(name, read_text_file(sf.path))
+            content = read_text_file(sf.path, max_text_bytes)
+            yield sf, Document(name, content, too_long=content is None)
         elif sf.kind == "jsonl":
             for text in iter_jsonl(sf.path, text_field, skip_bad_lines, stats):
                 yield sf, Document(name, text)
