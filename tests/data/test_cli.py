@@ -129,6 +129,11 @@ def test_cleaning_thresholds_and_special_tokens_from_the_cli(run, tmp_path):
     assert m["special_tokens"]["eos"] == {"token": "</s>", "id": 1}
     _assert_one_error(run(*argv, "--clean-option", "max_dup=0.3"), "expected KEY=VALUE with KEY one of")
     _assert_one_error(run(*argv, "--clean-option", "min_chars=many"), "bad value for min_chars")
+    for flag, option in (("--min-chars=10", "min_chars=3000"), ("--unicode=NFD", "unicode_form=NFKC")):
+        field = option.split("=")[0]
+        _assert_one_error(
+            run(*argv, flag, "--clean-option", option), f"{flag.split('=')[0]} and --clean-option {field}=…"
+        )
     _assert_one_error(run(*argv, "--special-tokens", "<s>,<s>,<pad>"), "three distinct special tokens")
     # plain words or letters: BPE could form them from text, putting special ids inside documents
     _assert_one_error(run(*argv, "--special-tokens", "BOS,EOS,PAD"), "special token 'BOS' is a piece")

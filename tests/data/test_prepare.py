@@ -164,6 +164,12 @@ def test_bad_jsonl_line_fails_or_is_counted(tmp_path):
     report = prepare(small_config([tmp_path / "null.jsonl"], tmp_path / "null"))
     assert report["dropped"]["null_text"] == 1 and report["documents_kept"] == 6
     assert report["documents_in"] == 7 and report["bad_jsonl_lines"] == 0
+    # JSON, but not an object: said so (was Python's "string indices must be integers")
+    for line, kind in (('"just a string"', "string"), ("[1, 2]", "array"), ("3", "number"), ("null", "null")):
+        lines[3] = line
+        (tmp_path / "shape.jsonl").write_text("\n".join(lines) + "\n")
+        with pytest.raises(UserError, match=rf"shape.jsonl:4: JSONL line is a JSON {kind}, not an object \("):
+            prepare(small_config([tmp_path / "shape.jsonl"], tmp_path / "shape"))
 
 
 def test_failed_rerun_keeps_existing_data_dir(tmp_path, corpus_docs):

@@ -121,13 +121,18 @@ def run(args: argparse.Namespace) -> int:
             )
         print_summary(merge(args.merge, args.out))
         return 0
+    options = clean_overrides(args.clean_option)
+    given = _options_given(args, keep=set())
+    for flag, field in CLEAN_FLAGS.items():
+        if flag in given and field in options:
+            raise UserError(f"{flag} and --clean-option {field}=… both set {field}: give it once")
     clean = CleanConfig(
         **{
             "unicode_form": args.unicode,
             "min_chars": args.min_chars,
             "max_chars": args.max_chars,
             "repetition_filters": not args.no_repetition_filter,
-            **clean_overrides(args.clean_option),
+            **options,
         }
     )
     cfg = PrepareConfig(
@@ -150,6 +155,15 @@ def run(args: argparse.Namespace) -> int:
     )
     print_summary(prepare(cfg))
     return 0
+
+
+# The flags that set a cleaning option `--clean-option` can set too.
+CLEAN_FLAGS = {
+    "--unicode": "unicode_form",
+    "--min-chars": "min_chars",
+    "--max-chars": "max_chars",
+    "--no-repetition-filter": "repetition_filters",
+}
 
 
 def _options_given(args: argparse.Namespace, keep: set[str]) -> list[str]:

@@ -501,7 +501,8 @@ def print_summary(report: dict) -> None:
         f"  kept      {report['documents_kept']:,} documents, {report['bytes_kept'] / mb:.1f} MB",
     ]
     if report.get("bad_jsonl_lines"):
-        lines.append(f"  skipped   {report['bad_jsonl_lines']:,} JSONL lines that were not JSON")
+        skipped = report["bad_jsonl_lines"]
+        lines.append(f"  skipped   {skipped:,} JSONL lines that were not JSON objects with a text field")
     lines += [
         "  tokens    "
         + " · ".join(

@@ -130,7 +130,7 @@ def discover(inputs: list[str]) -> list[SourceFile]:
             if kind is None:
                 raise UserError(
                     f"unsupported input file type: {item} (text: {', '.join(TEXT_EXTENSIONS[:5])} …, "
-                    f"jsonl, parquet, each optionally .gz)"
+                    f"JSONL: .jsonl, .ndjson; Parquet: .parquet; text and JSONL may be gzipped: .gz)"
                 )
             files.append(_source_file(path, kind))
             continue
@@ -217,6 +217,9 @@ def iter_jsonl(path: Path, text_field: str, skip_bad_lines: bool, stats: dict) -
             continue
         try:
             obj = json.loads(line)
+            if not isinstance(obj, dict):
+                kind = _JSON_KINDS.get(type(obj), type(obj).__name__)
+                raise _NotAnObject(f"is a JSON {kind}, not an object")
             text = obj[text_field]
             if text is not None and not isinstance(text, str):
                 raise TypeError(f"field {text_field!r} is {type(text).__name__}, not a string")
@@ -224,12 +227,24 @@ def iter_jsonl(path: Path, text_field: str, skip_bad_lines: bool, stats: dict) -
             if skip_bad_lines:
                 stats["bad_jsonl_lines"] = stats.get("bad_jsonl_lines", 0) + 1
                 continue
-            what = f"has no field {text_field!r}" if isinstance(e, KeyError) else f"is not valid: {e}"
+            if isinstance(e, KeyError):
+                what = f"has no field {text_field!r}"
+            else:
+                what = str(e) if isinstance(e, _NotAnObject) else f"is not valid: {e}"
             raise UserError(
                 f"{path}:{lineno}: JSONL line {what} (use --text-field to pick the field, "
                 f"--skip-bad-lines to count and skip such lines)"
             ) from e
         yield text
+
+
+class _NotAnObject(TypeError):
+    """A JSONL line that holds JSON, but not an object."""
+
+
+_JSON_KINDS = {
+    str: "string", int: "number", float: "number", bool: "boolean", list: "array", type(None): "null"
+}  # fmt: skip
 
 
 def _is_text_type(arrow_type) -> bool:
