@@ -3,6 +3,7 @@
 import dataclasses
 import gzip
 import json
+import re
 import shutil
 
 import numpy as np
@@ -212,6 +213,21 @@ def test_slices_merge_to_the_whole(prepared, tmp_path, corpus_docs):
     assert sorted(_documents(tmp_path / "merged", "train")) == sorted(_documents(tmp_path / "whole", "train"))
     with pytest.raises(UserError, match="needs|share one tokenizer"):
         small_config([src], tmp_path / "x", num_slices=2)
+    # A slice prepared with other options: the merged manifest, which records one set, would misdescribe it
+    other = str(tmp_path / "other")
+    prepare(
+        small_config(
+            [src], other, tokenizer=tok, num_slices=3, slice_index=2, val_fraction=0.5, dedup="none",
+            clean=CleanConfig(min_chars=10),
+        )
+    )  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match=rf"{re.escape(other)} was prepared with other options than {re.escape(parts[0])} "
+        r"\(clean\.min_chars: 64 vs 10; dedup: 'exact' vs 'none'; val_fraction: 0\.\d+ vs 0\.5\): slices",
+    ):
+        merge([*parts[:2], other], str(tmp_path / "merged2"))
+    assert not (tmp_path / "merged2").exists()
 
 
 def test_interrupted_runs_are_cleaned_up(prepared, tmp_path, corpus_docs):

@@ -1,6 +1,7 @@
 """Merge data dirs prepared as slices (`--num-slices/--slice-index`) into one data dir.
 
-The slices must share the tokenizer (same tokenizer.json bytes) and dtype. Shard files are hard-linked
+The slices must share the tokenizer (same tokenizer.json bytes), dtype and options (dedup, val fraction,
+cleaning), which the merged manifest records once. Shard files are hard-linked
 when possible (same filesystem), else copied; the merged manifest lists them slice by slice with their
 original checksums, so the global token stream is slice 0's, then slice 1's, and so on.
 """
@@ -42,6 +43,19 @@ def _check_distinct(slice_dirs: list[str], manifests: list[dict]) -> None:
             seen[key] = d
 
 
+def _option_differences(first: dict, other: dict, prefix: str = "") -> list[str]:
+    """`key: first's value vs other's` for each prepare option (nested ones as clean.min_chars) that
+    differs between two manifests' `options`."""
+    out = []
+    for key in sorted(set(first) | set(other), key=str):
+        a, b = first.get(key), other.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _option_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} vs {b!r}")
+    return out
+
+
 def merge(slice_dirs: list[str], out_dir: str) -> dict:
     """Join the slices' shards and statistics into `out_dir` (atomically); returns the merged report."""
     manifests = [load_manifest(d) for d in slice_dirs]
@@ -53,6 +67,11 @@ def merge(slice_dirs: list[str], out_dir: str) -> dict:
             raise UserError(
                 f"{d} was prepared with another tokenizer than {slice_dirs[0]}: slices must share "
                 f"one (--tokenizer FILE)"
+            )
+        if differences := _option_differences(first.get("options", {}), m.get("options", {})):
+            raise UserError(
+                f"{d} was prepared with other options than {slice_dirs[0]} ({'; '.join(differences)}): "
+                "slices must share them, or the merged data dir would describe only the first"
             )
     _check_distinct(slice_dirs, manifests)
     out = resolve_out(out_dir)
