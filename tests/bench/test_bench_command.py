@@ -145,6 +145,18 @@ def test_bad_input_is_one_error_line(argv, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1
 
 
+def test_a_trace_under_a_file_or_a_missing_folder_says_which(tmp_path):
+    """The folder of --trace is missing, or a file: said as such (a file was 'no such directory')."""
+    from seektrain.commands.bench import check_trace_target
+    from seektrain.errors import UserError
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match=rf"--trace .*afile/t\.json: {tmp_path}/afile is not a directory$"):
+        check_trace_target(str(tmp_path / "afile" / "t.json"))
+    with pytest.raises(UserError, match=rf"{tmp_path}/missing does not exist$"):
+        check_trace_target(str(tmp_path / "missing" / "t.json"))
+
+
 def test_a_model_whose_training_state_cannot_fit_in_host_memory_is_one_error_line(monkeypatch, capsys):
     """Linux would not refuse the allocation (overcommit) but grow until the OOM killer ends the process:
     on a machine with 64 MiB available, `tiny`'s 7.8 M parameters (16 B each) are refused up front."""

@@ -59,6 +59,7 @@ def test_bad_input_gives_one_error_line(trained_run, tmp_path, seektrain):
         "has no checkpoints": ["--run", tmp_path, "--prompt", "x"],
         "exceeds the model's context of 2048 tokens": ["--run", trained_run, "--prompt", "word " * 3000],
         "--temperature must be >= 0": ["--run", trained_run, "--prompt", "x", "--temperature", "-1"],
+        "--seed must be in [-2**63, 2**64)": ["--run", trained_run, "--prompt", "x", "--seed", str(2**64)],
         "the prompt is empty": ["--run", trained_run, "--prompt", ""],
         # bytes that are not UTF-8 (`--prompt $'abc\xff'`) reach argv as a lone surrogate
         "--prompt is not valid UTF-8 text": ["--run", trained_run, "--prompt", "abc\udcff"],

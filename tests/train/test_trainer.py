@@ -707,3 +707,17 @@ def test_a_warmup_longer_than_the_run_is_warned_about(make, tmp_path, capsys):
     assert "warning: optim.warmup_steps=5 > train.steps=3: the learning rate never reaches optim.lr" in out
     make(tmp_path / "other", "train.steps=3", "optim.warmup_steps=3", "train.eval_every=0").fit()
     assert "warning" not in capsys.readouterr().out
+
+
+def test_a_model_vocabulary_smaller_than_the_datas_tokenizer_is_refused_with_the_way_out(make, tmp_path):
+    """A config whose model has its own, smaller vocabulary (an import without --data keeps a preset's
+    data.path) names both sizes, the data dir and what to change."""
+    from seektrain.errors import UserError
+
+    with pytest.raises(
+        UserError,
+        match=r"model\.vocab_size=100 is smaller than the tokenizer's 512 \(data\.path=.*\): train on data "
+        r"prepared with the model's own tokenizer .* or raise or drop model\.vocab_size",
+    ):
+        make(tmp_path / "run", "model.vocab_size=100")
+    assert not (tmp_path / "run").exists()

@@ -119,7 +119,8 @@ def check_trace_target(trace: str) -> None:
     if path.is_dir():
         raise UserError(f"--trace {trace} is a directory: name a file, e.g. {path / 'trace.json'}")
     if not folder.is_dir():
-        raise UserError(f"--trace {trace}: no such directory {folder}")
+        what = "is not a directory" if folder.exists() else "does not exist"
+        raise UserError(f"--trace {trace}: {folder} {what}")
     try:
         with tempfile.TemporaryFile(dir=folder):
             pass

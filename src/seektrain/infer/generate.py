@@ -37,6 +37,8 @@ class SamplingConfig:
             raise UserError(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # what torch's generator takes
+            raise UserError(f"--seed must be in [-2**63, 2**64), got {self.seed}")
 
 
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:

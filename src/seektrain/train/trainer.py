@@ -704,7 +704,8 @@ def _with_data_vocab(
     if wanted is not None and wanted < vocab_size:
         raise UserError(
             f"model.vocab_size={wanted} is smaller than the tokenizer's {vocab_size} "
-            f"({cfg.data.path}); drop the override or raise it"
+            f"(data.path={cfg.data.path}): train on data prepared with the model's own tokenizer (a run "
+            f"imported without --data keeps a preset's data.path), or raise or drop model.vocab_size"
         )
     overrides.setdefault("vocab_size", vocab_size)
     overrides.setdefault("eos_token_id", eos_id)
