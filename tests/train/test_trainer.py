@@ -335,6 +335,8 @@ def test_a_damaged_checkpoint_is_named_and_kept_not_replaced(make, tmp_path, cap
     state = (ckpts / "step_00000003" / "state.pt").read_bytes()
     with pytest.raises(UserError, match=r"step_00000003 is not a complete checkpoint: it lacks meta.json"):
         load_run(run, checkpoint=ckpts / "step_00000003")
+    assert load_run(run).step == 2  # eval, generate and export use the one before, and say so
+    assert f"note: {ckpts / 'step_00000003'} lacks meta.json: using step_00000002" in capsys.readouterr().err
     resumed = make(run, *overrides)
     assert resumed.counters.step == 2
     assert resumed.fit() == 0

@@ -8,6 +8,7 @@ a run whose config.toml was edited later still loads the weights it saved. The t
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,12 +53,17 @@ def find_checkpoint(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | 
         return path
     if not run.is_dir():
         raise UserError(f"run directory {run} {'is not a directory' if run.exists() else 'does not exist'}")
-    latest = CheckpointManager(run / "checkpoints", keep=1).latest()
+    checkpoints = CheckpointManager(run / "checkpoints", keep=1)
+    latest = checkpoints.latest()
     if latest is None:
         raise UserError(
             f"{run} has no checkpoints (checkpoints/step_XXXXXXXX/): train it first with "
             f"`seektrain train --run-dir {run}`, or import one with `seektrain import`"
         )
+    for damaged in checkpoints.damaged():
+        if damaged.name > latest.name:  # the run's newest, but not whole: say which one is used instead
+            lacks = ", ".join(missing_files(damaged))
+            print(f"note: {damaged} lacks {lacks}: using {latest.name}", file=sys.stderr)
     return latest
 
 
