@@ -24,6 +24,16 @@ def make(toy):
     return build
 
 
+def prepare_other_sources(out, data_dir, val_fraction: float):
+    """A data dir of other sources than the session's, with its tokenizer."""
+    from seektrain.data.prepare import PrepareConfig, prepare
+
+    sources = [inspect.getsourcefile(m) for m in (ast, enum, inspect)]
+    tok = str(data_dir / "tokenizer.json")
+    prepare(PrepareConfig(sources, str(out), tokenizer=tok, val_fraction=val_fraction, workers=1, progress=False))
+    return out
+
+
 def grads(model):
     return [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
@@ -432,7 +442,6 @@ def test_optimizer_settings_changed_on_resume_take_effect(make, tmp_path):
 def test_resume_refuses_another_token_stream_naming_the_setting_and_the_way_back(make, tmp_path, data_dir):
     """The data, the sequence length and the seed fix the token stream: a resume that changes one is
     refused with the setting, the checkpoint and the config that continues it. Nothing is written."""
-    from seektrain.data.prepare import PrepareConfig, prepare
     from seektrain.errors import UserError
 
     run = tmp_path / "run"
@@ -446,14 +455,7 @@ def test_resume_refuses_another_token_stream_naming_the_setting_and_the_way_back
         make(run, *base, "train.steps=3", "train.seed=7")
     with pytest.raises(UserError, match=r"data\.seq_len was 32, now 16 .*" + advice):
         make(run, *base, "train.steps=3", "data.seq_len=16")
-    other = tmp_path / "other"  # other sources, the same tokenizer
-    sources = [inspect.getsourcefile(m) for m in (ast, enum, inspect)]
-    prepare(
-        PrepareConfig(
-            inputs=sources, out_dir=str(other), tokenizer=str(data_dir / "tokenizer.json"), val_fraction=0.25,
-            workers=1, progress=False,
-        )
-    )  # fmt: skip
+    other = prepare_other_sources(tmp_path / "other", data_dir, val_fraction=0.25)
     with pytest.raises(UserError, match=rf"trained on other data than data\.path='{re.escape(str(other))}' "
                        r"holds now \(another data dir.*" + advice):
         make(run, *base, "train.steps=3", f"data.path={other}")
@@ -466,7 +468,6 @@ def test_a_damaged_validation_split_is_an_error_and_a_missing_one_a_note(make, t
     and says once that there will be no val_loss."""
     import shutil
 
-    from seektrain.data.prepare import PrepareConfig, prepare
     from seektrain.data.shards import load_manifest
     from seektrain.errors import UserError
 
@@ -478,14 +479,7 @@ def test_a_damaged_validation_split_is_an_error_and_a_missing_one_a_note(make, t
         make(tmp_path / "run", f"data.path={damaged}")
     assert not (tmp_path / "run").exists()
 
-    no_val = tmp_path / "no_val"
-    sources = [inspect.getsourcefile(m) for m in (ast, enum, inspect)]
-    prepare(
-        PrepareConfig(
-            inputs=sources, out_dir=str(no_val), tokenizer=str(data_dir / "tokenizer.json"), val_fraction=0.0,
-            workers=1, progress=False,
-        )
-    )  # fmt: skip
+    no_val = prepare_other_sources(tmp_path / "no_val", data_dir, val_fraction=0.0)
     run = tmp_path / "run2"
     assert make(run, f"data.path={no_val}", "train.steps=2", "train.eval_every=1").fit() == 0
     out = capsys.readouterr().out
