@@ -30,7 +30,7 @@ def prepare_other_sources(out, data_dir, val_fraction: float):
 
     sources = [inspect.getsourcefile(m) for m in (ast, enum, inspect)]
     tok = str(data_dir / "tokenizer.json")
-    prepare(PrepareConfig(sources, str(out), tokenizer=tok, val_fraction=val_fraction, workers=1, progress=False))
+    prepare(PrepareConfig(sources, str(out), tokenizer=tok, val_fraction=val_fraction, progress=False))
     return out
 
 
