@@ -129,7 +129,12 @@ def test_cleaning_thresholds_and_special_tokens_from_the_cli(run, tmp_path):
     assert m["special_tokens"]["eos"] == {"token": "</s>", "id": 1}
     _assert_one_error(run(*argv, "--clean-option", "max_dup=0.3"), "expected KEY=VALUE with KEY one of")
     _assert_one_error(run(*argv, "--clean-option", "min_chars=many"), "bad value for min_chars")
-    for flag, option in (("--min-chars=10", "min_chars=3000"), ("--unicode=NFD", "unicode_form=NFKC")):
+    conflicts = [
+        ("--min-chars=10", "min_chars=3000"),
+        ("--min-chars=64", "min_chars=3000"),  # also where the flag repeats its default
+        ("--unicode=NFD", "unicode_form=NFKC"),
+    ]
+    for flag, option in conflicts:
         field = option.split("=")[0]
         _assert_one_error(
             run(*argv, flag, "--clean-option", option), f"{flag.split('=')[0]} and --clean-option {field}=…"
@@ -300,6 +305,35 @@ except UserError as e:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     expected = "UserError: a worker process ended unexpectedly (killed by a signal"
+    assert proc.stdout.strip().startswith(expected), proc.stdout
+
+
+def test_workers_that_cannot_all_start_are_one_error_and_the_started_ones_stop():
+    """A process limit (EAGAIN from fork) met by the third of four workers: one UserError, and the two
+    already running are stopped (the pool would not stop them yet, and the process hung at exit)."""
+    import subprocess
+    import sys
+
+    code = """
+import errno, os
+from seektrain.data.workers import ordered_map
+from seektrain.errors import UserError
+
+real_fork, calls = os.fork, [0]
+def fork():
+    calls[0] += 1
+    if calls[0] == 3:
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+    return real_fork()
+os.fork = fork
+try:
+    list(ordered_map(abs, range(100), 4, print, ()))
+except UserError as e:
+    print("UserError:", e)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    expected = "UserError: cannot start 4 worker processes (Resource temporarily unavailable): try fewer"
     assert proc.stdout.strip().startswith(expected), proc.stdout
 
 

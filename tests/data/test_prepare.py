@@ -104,26 +104,33 @@ def test_report_counts_each_drop_reason(tmp_path):
 def test_a_gzipped_text_file_too_long_to_keep_is_never_read_whole(tmp_path):
     """A text file is one document: one over 4 bytes × max_chars is dropped as too_long. A plain one is
     not read at all; a gzipped one, whose text may be a thousand times its size on disk, is now read no
-    further than that (a 50 kB .txt.gz of 48 MiB text took 48 MiB and more before)."""
+    further than that (a 1 MB .txt.gz of 432 MB text took 1.3 GB before). A limit far above the text
+    reserves no memory for itself (--max-chars 1e10 to turn the filter off)."""
     import tracemalloc
 
     from seektrain.data.sources import read_text_file
 
     src = write_corpus(tmp_path / "src", make_docs(12, seed=4))
     bomb = src / "bomb.txt.gz"
-    with gzip.open(bomb, "wb") as f:
-        for _ in range(48):
-            f.write(b"word " * (1 << 18) + b"\n")
+    with gzip.open(bomb, "wb", compresslevel=1) as f:
+        for _ in range(64):
+            f.write(b"word " * (1 << 18) + b"\n")  # 64 MiB of text
     assert bomb.stat().st_size < 1 << 20
     tracemalloc.start()
     try:
         assert read_text_file(bomb, max_bytes=8000) is None
+        small = src / "doc0000.txt"
+        small_gz = tmp_path / "small.txt.gz"
+        small_gz.write_bytes(gzip.compress(small.read_bytes()))
+        for path in (small, small_gz):  # no 4 TB reserved for a limit of 4 TB
+            assert read_text_file(path, max_bytes=4 * 10**12) == small.read_bytes()
         peak = tracemalloc.get_traced_memory()[1]
+        report = prepare(small_config([src], tmp_path / "out", clean=CleanConfig(max_chars=2000)))
+        peak_prepare = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 1 << 20, peak
-    assert read_text_file(bomb)[:5] == b"word "  # unlimited, as before
-    report = prepare(small_config([src], tmp_path / "out", clean=CleanConfig(max_chars=2000)))
+    assert peak < 4 << 20, peak
+    assert peak_prepare < 32 << 20, peak_prepare
     assert report["documents_in"] == 13 and report["dropped"]["too_long"] == 1
     assert report["documents_kept"] == 12
 

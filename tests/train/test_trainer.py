@@ -449,7 +449,7 @@ def test_resume_refuses_another_token_stream_naming_the_setting_and_the_way_back
     assert make(run, *base).fit() == 0
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     config = re.escape(str(run / "checkpoints" / "step_00000002" / "config.toml"))
-    advice = rf"; use the run's settings \(--config {config} has them\) or a new --run-dir"
+    advice = rf"; use the run's settings \(--config {config} has them\) or start a new run in a new --run-dir"
     with pytest.raises(UserError, match=r"step_00000002: train\.seed was 0, now 7 \(the run would not "
                        r"continue the same token stream\)" + advice):
         make(run, *base, "train.steps=3", "train.seed=7")

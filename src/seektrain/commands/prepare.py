@@ -64,13 +64,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--unicode",
-        default="NFC",
         choices=["NFC", "NFKC", "NFD", "NFKD", "none"],
-        help="Unicode normalization form",
+        help="Unicode normalization form (default NFC)",
     )
-    p.add_argument("--min-chars", type=int, default=64, metavar="N", help="drop documents shorter than this")
+    p.add_argument("--min-chars", type=int, metavar="N", help="drop documents shorter than this (default 64)")
     p.add_argument(
-        "--max-chars", type=int, default=1_000_000, metavar="N", help="drop documents longer than this"
+        "--max-chars", type=int, metavar="N", help="drop documents longer than this (default 1000000)"
     )
     p.add_argument(
         "--no-repetition-filter", action="store_true", help="keep documents with repeated lines/n-grams"
@@ -122,19 +121,17 @@ def run(args: argparse.Namespace) -> int:
         print_summary(merge(args.merge, args.out))
         return 0
     options = clean_overrides(args.clean_option)
-    given = _options_given(args, keep=set())
-    for flag, field in CLEAN_FLAGS.items():
-        if flag in given and field in options:
+    flags = {  # the cleaning options given by their own flags (their defaults are CleanConfig's)
+        "--unicode": ("unicode_form", args.unicode),
+        "--min-chars": ("min_chars", args.min_chars),
+        "--max-chars": ("max_chars", args.max_chars),
+        "--no-repetition-filter": ("repetition_filters", False if args.no_repetition_filter else None),
+    }
+    by_flag = {field: value for field, value in flags.values() if value is not None}
+    for flag, (field, value) in flags.items():
+        if value is not None and field in options:
             raise UserError(f"{flag} and --clean-option {field}=… both set {field}: give it once")
-    clean = CleanConfig(
-        **{
-            "unicode_form": args.unicode,
-            "min_chars": args.min_chars,
-            "max_chars": args.max_chars,
-            "repetition_filters": not args.no_repetition_filter,
-            **options,
-        }
-    )
+    clean = CleanConfig(**by_flag, **options)
     cfg = PrepareConfig(
         inputs=args.input or ["stdlib"],
         out_dir=args.out or "data/stdlib",
@@ -155,15 +152,6 @@ def run(args: argparse.Namespace) -> int:
     )
     print_summary(prepare(cfg))
     return 0
-
-
-# The flags that set a cleaning option `--clean-option` can set too.
-CLEAN_FLAGS = {
-    "--unicode": "unicode_form",
-    "--min-chars": "min_chars",
-    "--max-chars": "max_chars",
-    "--no-repetition-filter": "repetition_filters",
-}
 
 
 def _options_given(args: argparse.Namespace, keep: set[str]) -> list[str]:

@@ -189,10 +189,17 @@ def read_text_file(path: Path, max_bytes: int | None = None) -> bytes | None:
         if max_bytes is not None and not gz and path.stat().st_size > max_bytes:
             return None
         with _open_bytes(path) as f:
-            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+            if max_bytes is None or not gz:
+                return f.read()
+            data = bytearray()
+            while len(data) <= max_bytes and (piece := f.read(_GZIP_PIECE)):  # read(n) reserves n bytes
+                data += piece
     except _READ_ERRORS as e:
         raise UserError(f"cannot read {path}: {e}") from e
-    return None if max_bytes is not None and len(data) > max_bytes else data
+    return None if len(data) > max_bytes else bytes(data)
+
+
+_GZIP_PIECE = 1 << 20  # bytes of text a gzipped file is read in, under a size limit
 
 
 def _read_lines(path: Path) -> Iterator[bytes]:

@@ -1,14 +1,13 @@
 """Worker-process side of `prepare`: per-batch cleaning and tokenization, and an ordered bounded map.
 
-Workers are forked where the OS can (no re-import of `__main__`, which `spawn` would re-run in scripts
-without a main guard; the children touch neither torch nor rich, and tokenizers' thread pool is off in
-them) and hold their configuration in process state set by the pool initializer. Results come back
-in submission order, so the output never depends on the number of workers.
+Workers are forked (POSIX; no re-import of `__main__`, which `spawn` would re-run in scripts without a
+main guard; the children touch neither torch nor rich, and tokenizers' thread pool is off in them) and
+hold their configuration in process state set by the pool initializer. Results come back in submission
+order, so the output never depends on the number of workers.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import signal
 from collections import deque
@@ -77,27 +76,14 @@ def ordered_map(
         initializer(*initargs)
         yield from map(fn, tasks)
         return
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
     tasks = iter(tasks)
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    pending: deque = deque()
-    # The workers are forked by the first submit, with these signals blocked until `_start_worker`; so
-    # are the pool's threads, which leaves the signals to the main thread.
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
-    try:
-        pool = ProcessPoolExecutor(
-            workers,
-            mp_context=mp.get_context(method),
-            initializer=_start_worker,
-            initargs=(initializer, initargs),
-        )
-        for task in itertools.islice(tasks, 1):
-            pending.append(pool.submit(fn, task))
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    first = next(tasks, _NO_TASK)  # read before the signals are blocked: it may take a while
+    if first is _NO_TASK:
+        return
+    pool, future = _start_pool(workers, fn, first, initializer, initargs)
+    pending: deque = deque([future])
     try:
         for task in tasks:
             pending.append(pool.submit(fn, task))
@@ -110,8 +96,36 @@ def ordered_map(
             "a worker process ended unexpectedly (killed by a signal, or by the system when out of memory: "
             "try fewer --workers)"
         ) from None
-    finally:  # an error or an interrupt: the tasks not yet started are dropped, the running ones finish
+    finally:  # an error or an interrupt: the tasks not yet handed to a worker are dropped, the rest finish
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+_NO_TASK = object()
+
+
+def _start_pool(workers: int, fn: Callable, first, initializer: Callable, initargs: tuple):
+    """A process pool of `workers` forked processes, and the future of fn(first): that first submit forks
+    them all, with SIGINT and SIGTERM blocked until `_start_worker` (and in the pool's threads, which
+    leaves the signals to the main thread). Where not all can start (a process limit, memory), those
+    that did are stopped (the pool would not stop them: its manager thread is not running yet)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    before = set(mp.active_children())
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+    try:
+        fork = mp.get_context("fork")
+        pool = ProcessPoolExecutor(workers, fork, initializer=_start_worker, initargs=(initializer, initargs))
+        return pool, pool.submit(fn, first)
+    except OSError as e:
+        for child in set(mp.active_children()) - before:
+            child.kill()
+            child.join()
+        raise UserError(
+            f"cannot start {workers} worker processes ({e.strerror or e}): try fewer --workers"
+        ) from None
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 # Workers are born with these blocked and set their own actions before unblocking them. Inherited, the

@@ -41,7 +41,7 @@ from seektrain.distributed.env import (
 )
 from seektrain.errors import UserError
 from seektrain.paths import atomic_write_bytes, check_writable_dir
-from seektrain.train import balance
+from seektrain.train import balance, resume
 from seektrain.train.display import Display
 from seektrain.train.guard import OK, ROLLBACK, SKIP, Guard
 from seektrain.train.host_memory import RanksOnHost, check_training_state_fits, keep_freed_host_memory
@@ -155,12 +155,13 @@ class Trainer:
         self.resume_state = None
         if self.resume_from is not None:
             self.resume_state = load_checkpoint(self.resume_from)
-            _check_same_model(self.resume_state["config"]["model"], self.cfg, self.resume_from)
-            _check_same_optimizer(self.resume_state["config"]["optim"], self.cfg, self.resume_from)
+            saved = self.resume_state["config"]
+            resume.check_same_model(saved["model"], self.cfg, self.resume_from)
+            resume.check_same_optimizer(saved["optim"], self.cfg, self.resume_from)
             stream = self.resume_state["loader"]
-            _check_same_stream(stream, self.loader.state_dict(), self.cfg, self.resume_from)
+            resume.check_same_stream(stream, self.loader.state_dict(), self.cfg, self.resume_from)
             self.loader.load_state_dict(stream)  # validates the rest of its state
-            self.notes += _changed_validation(self.resume_state["config"]["train"], self.cfg, self.val)
+            self.notes += resume.validation_change(saved["train"], self.cfg, self.val)
 
     def _open_val(self, cfg: RunConfig):
         """The validation split, its shards checked once as the train split's are (a missing or damaged
@@ -713,81 +714,6 @@ def _with_data_vocab(
     overrides.setdefault("pad_token_id", special_ids.get("pad"))
     model = dataclasses.replace(cfg.model, overrides=overrides)
     return dataclasses.replace(cfg, model=model)
-
-
-# Model fields a resume may change: no weight or training computation depends on them (the ids of
-# BOS/PAD, which an export then import fills in from the tokenizer; the scale of the initial weights).
-RESUMABLE_MODEL_CHANGES = {"preset", "bos_token_id", "pad_token_id", "initializer_range"}
-
-
-def _check_same_model(saved: dict, cfg: RunConfig, path: Path) -> None:
-    now = cfg.to_dict()["model"]
-    resumable = set(RESUMABLE_MODEL_CHANGES)
-    if not saved.get("num_mtp_layers") and not now.get("num_mtp_layers"):
-        resumable.add("mtp_input")  # no MTP module reads it
-    keys = sorted(set(saved) | set(now))
-    differing = [k for k in keys if k not in resumable and saved.get(k) != now.get(k)]
-    if not differing:
-        return
-    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in differing]
-    if differing == ["mtp_input"] and saved.get("mtp_input") == "unnormed":
-        advice = (
-            "this checkpoint's MTP modules were trained on the hidden state before the final norm, as "
-            "seektrain did before 2026-11-27: --set model.mtp_input=unnormed continues it as trained"
-        )
-    else:
-        advice = f"use the same model config (--config {path / 'config.toml'} has it) or a new --run-dir"
-    raise UserError(
-        f"cannot resume from {path}: the model differs ({'; '.join(diffs[:4])}"
-        f"{' …' if len(diffs) > 4 else ''}); {advice}"
-    )
-
-
-def _check_same_optimizer(saved: dict, cfg: RunConfig, path: Path) -> None:
-    """AdamW's moments mean something else to LAMB's trust ratio and back: the optimizer stays."""
-    if saved.get("name", cfg.optim.name) != cfg.optim.name:
-        raise UserError(
-            f"cannot resume from {path}: optim.name was {saved['name']!r}, now {cfg.optim.name!r} "
-            "(its state would not carry over); keep the optimizer or start a new --run-dir"
-        )
-
-
-def _check_same_stream(saved: dict, now: dict, cfg: RunConfig, path: Path) -> None:
-    """The token stream must go on where the checkpoint left it: the same data, sequence length and seed
-    (the loader checks the rest of its state)."""
-    advice = f"use the run's settings (--config {path / 'config.toml'} has them) or a new --run-dir"
-    for key, setting in (("seq_len", "data.seq_len"), ("seed", "train.seed")):  # seq_len: before the count
-        if saved.get(key, now[key]) != now[key]:
-            raise UserError(
-                f"cannot resume from {path}: {setting} was {saved[key]!r}, now {now[key]!r} (the run would "
-                f"not continue the same token stream); {advice}"
-            )
-    if any(saved.get(key, now[key]) != now[key] for key in ("data", "num_sequences")):
-        raise UserError(
-            f"cannot resume from {path}: it was trained on other data than data.path={cfg.data.path!r} "
-            f"holds now (another data dir, or this one prepared again from other inputs or settings); "
-            f"{advice}"
-        )
-
-
-def _changed_validation(saved: dict, cfg: RunConfig, val) -> list[str]:
-    """A note where a resume changes which validation sequences val_loss averages over: `eval_batches`
-    counts micro-batches, so a new micro batch size (as after running out of memory) moves it."""
-    t = cfg.train
-    before = saved.get("eval_batches", t.eval_batches) * saved.get("micro_batch_size", t.micro_batch_size)
-    now = t.eval_batches * t.micro_batch_size
-    if val is None or before == now or not (t.eval_batches and before):
-        return []
-    if min(before, now) >= val.num_sequences:  # both score the whole split
-        return []
-    same = ""
-    if before % t.micro_batch_size == 0:
-        same = f"; --set train.eval_batches={before // t.micro_batch_size} scores the same ones"
-    return [
-        f"val_loss now averages over the first {min(now, val.num_sequences)} validation sequences "
-        f"(train.eval_batches={t.eval_batches} × micro batch {t.micro_batch_size}), the checkpoint's "
-        f"evaluations over {min(before, val.num_sequences)}: its curve may step here{same}"
-    ]
 
 
 def _keep_group_settings(optimizer: torch.optim.Optimizer, settings: list[dict]) -> None:
