@@ -337,6 +337,7 @@ except UserError as e:
     assert proc.stdout.strip().startswith(expected), proc.stdout
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
 def test_sigterm_to_the_process_group_ends_prepare_with_one_line(tmp_path):
     """`timeout`, Slurm's scancel and systemd signal the whole process group: the workers die of it at
     once, the parent ends as on its own SIGTERM (143, temp dir removed) instead of waiting forever for a
@@ -354,10 +355,11 @@ def test_sigterm_to_the_process_group_ends_prepare_with_one_line(tmp_path):
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
+    children = pathlib.Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
     deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".out.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.5)  # into the cleaning pass
+    while len(children.read_text().split()) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # until both workers run: into the cleaning pass
+    time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         code = proc.wait(timeout=60)
