@@ -601,6 +601,28 @@ def test_a_run_that_stays_non_finite_stops_instead_of_finishing(make, tmp_path):
     assert max(int(p.name[5:]) for p in (run / "checkpoints").iterdir()) == 4
 
 
+def test_weights_that_diverge_with_a_finite_loss_are_rolled_back_not_saved(make, tmp_path):
+    """The learning rate jumps to 1e20 at step 10, a checkpoint and evaluation step: step 10's own loss,
+    computed before its update, is finite, but val_loss after it is NaN. Those weights used to be saved
+    as step_00000010, which every rollback then reloaded into the same NaN, and so did a resume with a
+    lower lr. Now the step rolls back to step 5 at once; at the rollback limit the run stops with step 5
+    its newest checkpoint, and a resume with a sane lr trains on from there."""
+    from seektrain.errors import UserError
+
+    run = tmp_path / "run"
+    jump = ("optim.lr=1e20", "optim.schedule=multistep", "optim.multistep_milestones=[[0, 3e-23], [0.45, 1]]")
+    base = ("train.precision=fp32", "optim.warmup_steps=0", "train.spike_zscore=0", "train.max_bad_steps=2",
+            "checkpoint.every=5", "train.eval_every=5", "train.steps=20")  # fmt: skip
+    with pytest.raises(UserError, match=r"rolled back to step 5 3 times .*\(val_loss nan after the update\)"):
+        make(run, *base, *jump).fit()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000005"]
+    events = [r for r in read_metrics(run / "metrics.jsonl") if r.get("event") == "rollback"]
+    assert [(e["at_step"], e["checkpoint"]) for e in events] == [(10, "step_00000005")] * 3
+    calmer = make(run, *base, "optim.lr=3e-3", "optim.schedule=constant", "train.steps=12")
+    assert calmer.counters.step == 5 and calmer.fit() == 0
+    assert math.isfinite(train_lines(run)[-1]["loss"])
+
+
 def test_the_rollback_limit_counts_across_a_resume(make, tmp_path):
     """The rollbacks to one checkpoint are counted in the checkpoints, so a run that stopped at the limit
     and is resumed (or one interrupted between rollbacks) does not get three more: resumed into the same

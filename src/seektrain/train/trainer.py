@@ -449,7 +449,13 @@ class Trainer:
                 window_tokens, window_time = 0, 0.0
             self.display.update(step, stats.loss, None)
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
-                self._evaluate()
+                val_loss = self._evaluate()
+                if val_loss is not None and not math.isfinite(val_loss):
+                    # This step's update diverged the weights, its own loss (computed before it) finite:
+                    # saved, they would be a checkpoint no rollback gets past.
+                    self._rollback(step, f"val_loss {val_loss} after the update")
+                    checkpoint_due = False
+                    continue
             saved = False
             if checkpoint_due or step % ck.every == 0 or step == t.steps:
                 # Weights that just gave a non-finite loss are not saved on schedule: a rollback to them
@@ -542,12 +548,12 @@ class Trainer:
         total, count = sums.tolist()
         return total / count if count else None
 
-    def _evaluate(self) -> None:
+    def _evaluate(self) -> float | None:
         val_loss = self.evaluate()
-        if val_loss is None:
-            return
-        self.metrics.write({"step": self.counters.step, "val_loss": val_loss}, tb_prefix="eval")
-        self.display.print(f"step {self.counters.step:>6}  val_loss {val_loss:.4f}")
+        if val_loss is not None:
+            self.metrics.write({"step": self.counters.step, "val_loss": val_loss}, tb_prefix="eval")
+            self.display.print(f"step {self.counters.step:>6}  val_loss {val_loss:.4f}")
+        return val_loss
 
     def _rollback(self, bad_step: int, reason: str) -> None:
         """Reload the newest checkpoint but keep the loader where it is: the data window since the
@@ -563,9 +569,11 @@ class Trainer:
         to_step = state["counters"]["step"]
         self.rollback_targets[to_step] = self.rollback_targets.get(to_step, 0) + 1
         if self.rollback_targets[to_step] > MAX_ROLLBACKS_TO_ONE_CHECKPOINT:
+            older = self.checkpoints.list()[-2:-1]
+            back = f" (or resume from before it: --resume {older[0]})" if older else ""
             raise UserError(
                 f"rolled back to step {to_step} {MAX_ROLLBACKS_TO_ONE_CHECKPOINT} times and the "
-                f"loss still diverges ({reason}); lower optim.lr"
+                f"loss still diverges ({reason}); lower optim.lr{back}"
             )
         old, targets = self.counters, self.rollback_targets
         self._load_state(latest, state, restore_loader=False)
