@@ -258,12 +258,10 @@ def _worker_signals(_task):
     )
 
 
-def test_pool_workers_ignore_ctrl_c_and_die_of_sigterm_even_under_the_clis_handler():
-    """A worker inheriting the CLI's Python SIGTERM handler could lose the pool's terminate() (signalled
-    before it first ran, or just before it blocked on the pool's queue) and hang prepare in the join;
-    and Ctrl-C, which reaches the whole process group, printed a traceback per worker. Workers now run
-    with SIGINT ignored and SIGTERM's default action, both unblocked; the parent keeps its handler and
-    its signal mask."""
+def test_pool_workers_ignore_ctrl_c_and_sigterm_even_under_the_clis_handler():
+    """Ctrl-C and SIGTERM reach every process of the job; a worker they ended could die in the middle of
+    a message on the pool's pipes, and the pool waited for the rest forever. Workers run with both
+    ignored (and unblocked): the parent stops them. The parent keeps its handler and its signal mask."""
     import signal
 
     from seektrain import cli
@@ -272,7 +270,7 @@ def test_pool_workers_ignore_ctrl_c_and_die_of_sigterm_even_under_the_clis_handl
     previous = cli._terminate_on_sigterm()
     try:
         seen = set(ordered_map(_worker_signals, range(8), 2, print, ()))
-        assert seen == {(signal.SIG_IGN, signal.SIG_DFL, False, False)}
+        assert seen == {(signal.SIG_IGN, signal.SIG_IGN, False, False)}
         assert signal.getsignal(signal.SIGTERM) is cli._raise_terminated
         assert not {signal.SIGINT, signal.SIGTERM} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
     finally:
@@ -337,18 +335,13 @@ except UserError as e:
     assert proc.stdout.strip().startswith(expected), proc.stdout
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
-def test_sigterm_to_the_process_group_ends_prepare_with_one_line(tmp_path):
-    """`timeout`, Slurm's scancel and systemd signal the whole process group: the workers die of it at
-    once, the parent ends as on its own SIGTERM (143, temp dir removed) instead of waiting forever for a
-    queue lock that a dead worker held."""
-    import os
-    import signal
+def _prepare_with_two_workers(out):
+    """`seektrain prepare` of the stdlib into `out` in a session of its own (a shell job's process group),
+    returned once both its workers run; and the file listing its children."""
     import subprocess
-    import sys
     import time
 
-    argv = ["prepare", "--input", "stdlib", "--out", tmp_path / "out", "--workers", "2", "--no-progress"]
+    argv = ["prepare", "--input", "stdlib", "--out", out, "--workers", "2", "--no-progress"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "seektrain", *map(str, argv)],
         stdout=subprocess.PIPE,
@@ -358,17 +351,49 @@ def test_sigterm_to_the_process_group_ends_prepare_with_one_line(tmp_path):
     children = pathlib.Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
     deadline = time.monotonic() + 60
     while len(children.read_text().split()) < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)  # until both workers run: into the cleaning pass
-    time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        code = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    err = proc.stderr.read().decode()
-    assert code == 128 + signal.SIGTERM and err.endswith("terminated\n") and "Traceback" not in err, err
-    assert not list(tmp_path.iterdir())
+        time.sleep(0.01)
+    return proc, children.read_text().split()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
+def test_sigterm_to_the_process_group_ends_prepare_with_one_line(tmp_path):
+    """`timeout`, Slurm's scancel and systemd signal every process of the job: the parent ends as on its
+    own SIGTERM (143, temp dir removed). Workers that died of it mid-message on the pool's pipes hung
+    prepare, in one of three tries (and in multiprocessing.Pool, on a queue lock a dead worker held)."""
+    import os
+    import signal
+    import time
+
+    for attempt in range(3):
+        proc, _ = _prepare_with_two_workers(tmp_path / "out")
+        time.sleep(0.1 + 0.2 * attempt)  # into the cleaning pass, at a few points
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        err = proc.stderr.read().decode()
+        assert code == 128 + signal.SIGTERM and err.endswith("terminated\n") and "Traceback" not in err, err
+        assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and PR_SET_PDEATHSIG")
+def test_workers_do_not_outlive_a_parent_killed_alone(tmp_path):
+    """kill -9 of prepare's process alone: its workers, which ignore SIGTERM and wait on the pool's
+    pipes, are killed with it (PR_SET_PDEATHSIG) instead of living on."""
+    import os
+    import signal
+    import time
+
+    proc, workers = _prepare_with_two_workers(tmp_path / "out")
+    assert len(workers) == 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while any(pathlib.Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(pathlib.Path(f"/proc/{pid}").exists() for pid in workers)
 
 
 def test_ctrl_c_to_the_process_group_ends_prepare_with_one_line(tmp_path):

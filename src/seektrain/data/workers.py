@@ -8,8 +8,11 @@ order, so the output never depends on the number of workers.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import signal
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 
@@ -68,10 +71,12 @@ def ordered_map(
     """fn over tasks in order, on `workers` processes (inline when 1) with at most 2×workers
     tasks in flight, so a huge input never piles up in memory.
 
-    On `concurrent.futures`' process pool, not `multiprocessing.Pool`: a worker that dies (a SIGTERM to
-    the whole process group — `timeout`, Slurm, systemd — or the OOM killer) while it holds the Pool's
-    shared queue lock left Pool's terminate() waiting for that lock forever; the executor notices the
-    death, fails the pending tasks and stops the other workers without taking the lock."""
+    The workers ignore SIGINT and SIGTERM, which a terminal, `timeout`, Slurm or systemd send to every
+    process of the job: the parent stops them, with the pool's own end-of-work messages once their tasks
+    in hand are done. Killed by such a signal, a worker could die in the middle of a message on the
+    pool's pipes, and the pool waited forever for the rest of it (`multiprocessing.Pool`, for the queue
+    lock such a worker held). On `concurrent.futures`' pool, a worker that dies anyway (the OOM killer)
+    between messages fails the pending tasks with one error."""
     if workers <= 1:
         initializer(*initargs)
         yield from map(fn, tasks)
@@ -82,7 +87,7 @@ def ordered_map(
     first = next(tasks, _NO_TASK)  # read before the signals are blocked: it may take a while
     if first is _NO_TASK:
         return
-    pool, future = _start_pool(workers, fn, first, initializer, initargs)
+    pool, future, processes = _start_pool(workers, fn, first, initializer, initargs)
     pending: deque = deque([future])
     try:
         for task in tasks:
@@ -92,6 +97,8 @@ def ordered_map(
         while pending:
             yield pending.popleft().result()
     except BrokenProcessPool:
+        for process in processes:  # the pool stops the others with SIGTERM, which they ignore
+            process.kill()
         raise UserError(
             "a worker process ended unexpectedly (killed by a signal, or by the system when out of memory: "
             "try fewer --workers)"
@@ -104,10 +111,11 @@ _NO_TASK = object()
 
 
 def _start_pool(workers: int, fn: Callable, first, initializer: Callable, initargs: tuple):
-    """A process pool of `workers` forked processes, and the future of fn(first): that first submit forks
-    them all, with SIGINT and SIGTERM blocked until `_start_worker` (and in the pool's threads, which
-    leaves the signals to the main thread). Where not all can start (a process limit, memory), those
-    that did are stopped (the pool would not stop them: its manager thread is not running yet)."""
+    """A process pool of `workers` forked processes, the future of fn(first) and the processes: that
+    first submit forks them all, with SIGINT and SIGTERM blocked until `_start_worker` (and in the
+    pool's threads, which leaves the signals to the main thread). Where not all can start (a process
+    limit, memory), those that did are stopped (the pool would not stop them: its manager thread is not
+    running yet)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
@@ -116,7 +124,8 @@ def _start_pool(workers: int, fn: Callable, first, initializer: Callable, initar
     try:
         fork = mp.get_context("fork")
         pool = ProcessPoolExecutor(workers, fork, initializer=_start_worker, initargs=(initializer, initargs))
-        return pool, pool.submit(fn, first)
+        future = pool.submit(fn, first)
+        return pool, future, set(mp.active_children()) - before
     except OSError as e:
         for child in set(mp.active_children()) - before:
             child.kill()
@@ -128,16 +137,17 @@ def _start_pool(workers: int, fn: Callable, first, initializer: Callable, initar
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
-# Workers are born with these blocked and set their own actions before unblocking them. Inherited, the
-# CLI's Python SIGTERM handler could lose the pool's SIGTERM to a worker signalled before it first ran (on
-# a busy machine): CPython drops signals that arrive before its after-fork reset (bpo-9535), or leaves one
-# pending while the worker blocks on the pool's queue. Ctrl-C reaches the whole process group: each
-# worker printed a KeyboardInterrupt traceback.
+# Workers are born with these blocked and ignore them once `_start_worker` runs (inherited, the CLI's
+# Python handlers would end a worker wherever it is; a signal that came before the ignoring is dropped).
 _WORKER_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 
 def _start_worker(initializer: Callable, initargs: tuple) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the pool on Ctrl-C
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool stopping its workers: end at once, quietly
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the pool (see `ordered_map`)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
+    if sys.platform.startswith("linux"):  # SIGKILLed with the parent, were it killed alone: kept waiting on
+        with contextlib.suppress(OSError, AttributeError):  # the pool's pipes, a worker would live on
+            ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     initializer(*initargs)
