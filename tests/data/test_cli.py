@@ -282,8 +282,6 @@ def test_a_worker_that_dies_ends_prepare_with_one_error_instead_of_a_hang():
     multiprocessing.Pool waiting forever: for its result, and in terminate() for the queue lock a worker
     killed while idle held. The pool now notices and `ordered_map` raises one UserError; the other
     worker is stopped. Run in a subprocess, so that a regression fails here instead of hanging."""
-    import subprocess
-    import sys
 
     code = """
 import os, signal
@@ -300,17 +298,12 @@ try:
 except UserError as e:
     print("UserError:", e)
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    expected = "UserError: a worker process ended unexpectedly (killed by a signal"
-    assert proc.stdout.strip().startswith(expected), proc.stdout
+    assert _output_of(code).startswith("UserError: a worker process ended unexpectedly (killed by a signal")
 
 
 def test_workers_that_cannot_all_start_are_one_error_and_the_started_ones_stop():
     """A process limit (EAGAIN from fork) met by the third of four workers: one UserError, and the two
     already running are stopped (the pool would not stop them yet, and the process hung at exit)."""
-    import subprocess
-    import sys
 
     code = """
 import errno, os
@@ -329,15 +322,22 @@ try:
 except UserError as e:
     print("UserError:", e)
 """
+    expected = "UserError: cannot start 4 worker processes (Resource temporarily unavailable): try fewer"
+    assert _output_of(code).startswith(expected)
+
+
+def _output_of(code: str) -> str:
+    """What a Python program prints, run on its own within a minute (a hang fails instead of waiting)."""
+    import subprocess
+
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    expected = "UserError: cannot start 4 worker processes (Resource temporarily unavailable): try fewer"
-    assert proc.stdout.strip().startswith(expected), proc.stdout
+    return proc.stdout.strip()
 
 
 def _prepare_with_two_workers(out):
     """`seektrain prepare` of the stdlib into `out` in a session of its own (a shell job's process group),
-    returned once both its workers run; and the file listing its children."""
+    returned once both its workers run, with their pids."""
     import subprocess
     import time
 
