@@ -123,7 +123,8 @@ def _start_pool(workers: int, fn: Callable, first, initializer: Callable, initar
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
     try:
         fork = mp.get_context("fork")
-        pool = ProcessPoolExecutor(workers, fork, initializer=_start_worker, initargs=(initializer, initargs))
+        start = (os.getpid(), initializer, initargs)
+        pool = ProcessPoolExecutor(workers, fork, initializer=_start_worker, initargs=start)
         future = pool.submit(fn, first)
         return pool, future, set(mp.active_children()) - before
     except OSError as e:
@@ -143,11 +144,13 @@ _WORKER_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 
-def _start_worker(initializer: Callable, initargs: tuple) -> None:
+def _start_worker(parent: int, initializer: Callable, initargs: tuple) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the pool (see `ordered_map`)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
     if sys.platform.startswith("linux"):  # SIGKILLed with the parent, were it killed alone: kept waiting on
         with contextlib.suppress(OSError, AttributeError):  # the pool's pipes, a worker would live on
             ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # it died before that took effect
+            os._exit(1)
     initializer(*initargs)
