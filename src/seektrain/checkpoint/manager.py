@@ -52,9 +52,13 @@ class CheckpointManager:
 
     def list(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
+        return [p for p in self._step_dirs() if is_complete(p)]
+
+    def _step_dirs(self) -> list[Path]:
+        """Directories with a checkpoint's name, complete or not, oldest first."""
         if not self.root.is_dir():
             return []
-        found = [p for p in self.root.iterdir() if _NAME.match(p.name) and is_complete(p)]
+        found = [p for p in self.root.iterdir() if _NAME.match(p.name) and p.is_dir()]
         return sorted(found, key=lambda p: p.name)
 
     def latest(self) -> Path | None:
@@ -173,10 +177,7 @@ class CheckpointManager:
         """Directories with a checkpoint's name that lack some of its files, oldest first. A save renames
         only complete directories, so something else took files from these: discovery skips them (they
         cannot be resumed from), and nothing here deletes them."""
-        if not self.root.is_dir():
-            return []
-        found = [p for p in self.root.iterdir() if _NAME.match(p.name) and p.is_dir() and not is_complete(p)]
-        return sorted(found, key=lambda p: p.name)
+        return [p for p in self._step_dirs() if not is_complete(p)]
 
     def set_aside_after(self, step: int) -> list[tuple[Path, list[str]]]:
         """Move the checkpoints newer than `step` into root/abandoned/N/ (N = 1, 2, … per resume that
@@ -186,8 +187,7 @@ class CheckpointManager:
         abandoned one, nor retention delete the checkpoint it resumed from to keep it. Damaged ones (see
         `damaged`) newer than `step` move too, or the run's own save of that step would replace them.
         Moved, not deleted: they are the user's."""
-        found = sorted(self.list() + self.damaged(), key=lambda p: p.name)
-        newer = [(p, missing_files(p)) for p in found if int(_NAME.match(p.name).group(1)) > step]
+        newer = [(p, missing_files(p)) for p in self._step_dirs() if int(_NAME.match(p.name).group(1)) > step]
         if not newer:
             return []
         parent = self.root / ABANDONED_DIR

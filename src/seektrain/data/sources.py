@@ -176,15 +176,19 @@ def _each_file_once(files: list[SourceFile]) -> list[SourceFile]:
 _READ_ERRORS = (OSError, EOFError, zlib.error)
 
 
+def _is_gzip(path: Path) -> bool:
+    return path.name.lower().endswith(".gz")
+
+
 def _open_bytes(path: Path):
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+    return gzip.open(path, "rb") if _is_gzip(path) else open(path, "rb")
 
 
 def read_text_file(path: Path, max_bytes: int | None = None) -> bytes | None:
     """Whole file as bytes (gunzipped when the name ends in .gz); None where it holds more than
     `max_bytes`, found without reading it (a plain file) or by reading no more than that (gzip, whose
     text may be a thousand times its size on disk)."""
-    gz = path.name.lower().endswith(".gz")
+    gz = _is_gzip(path)
     try:
         if max_bytes is not None and not gz and path.stat().st_size > max_bytes:
             return None
