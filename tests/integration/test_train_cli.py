@@ -312,15 +312,17 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_partial_c
     "limit, expected",
     [
         (1000, "error: --run-dir {run}: cannot write {run}/config.toml: File too large"),  # 1.5 kB
-        (4000, "error: {run}/metrics.jsonl: File too large (checkpoints already written are intact)"),
+        (4000, "error: --run-dir {run}: cannot write {run}/tokenizer.json: File too large"),  # 21 kB
+        (32000, "error: {run}/metrics.jsonl: File too large (checkpoints already written are intact)"),
     ],
-    ids=["config", "metrics"],
+    ids=["config", "tokenizer", "metrics"],
 )
 def test_a_run_file_that_cannot_be_written_is_one_line_naming_it(toy, tmp_path, limit, expected):
-    """Files limited in size as on a full disk: config.toml at the start, or metrics.jsonl a few logged
-    steps in (before any checkpoint). One line naming the file, exit 2, no temporary file left."""
+    """Files limited in size as on a full disk: config.toml or the tokenizer's copy at the start, or
+    metrics.jsonl ~100 logged steps in (before any checkpoint). One line naming the file, exit 2, no
+    temporary file left."""
     run = tmp_path / "run"
-    overrides = [*toy, "train.steps=40", "train.log_every=1", "train.eval_every=0", "checkpoint.every=100"]
+    overrides = [*toy, "train.steps=200", "train.log_every=1", "train.eval_every=0", "checkpoint.every=300"]
     proc = subprocess.run(
         cli(run, overrides), capture_output=True, text=True, timeout=300, preexec_fn=file_size_limit(limit)
     )

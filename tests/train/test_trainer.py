@@ -462,6 +462,45 @@ def test_resume_refuses_another_token_stream_naming_the_setting_and_the_way_back
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+def test_a_run_keeps_the_tokenizer_its_data_was_made_with(make, tmp_path, data_dir, capsys):
+    """A new run keeps a copy of its data's tokenizer, which generate, eval and export read first: the run
+    stays usable after its data dir is prepared again with another tokenizer (of the same size, which no
+    vocabulary check would catch) or removed. A resume keeps the run's own copy. A data dir without its
+    tokenizer, or with one that is not the one in its manifest, trains with a note and leaves none."""
+    import shutil
+
+    from seektrain.infer.runs import find_tokenizer, load_run
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    made_with = (data / "tokenizer.json").read_bytes()
+    run = tmp_path / "run"
+    assert make(run, f"data.path={data}", "train.steps=2", "train.eval_every=0").fit() == 0
+    assert (run / "tokenizer.json").read_bytes() == made_with
+    assert find_tokenizer(load_run(run)) == run / "tokenizer.json"
+
+    (data / "tokenizer.json").write_bytes(made_with.replace(b'"type": "BPE"', b'"type":"BPE"'))
+    assert make(run, f"data.path={data}", "train.steps=3", "train.eval_every=0").fit() == 0
+    assert (run / "tokenizer.json").read_bytes() == made_with
+    assert "note:" not in capsys.readouterr().out
+
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "tokenizer.json").write_bytes(b"{}")  # left by an earlier run there
+    assert make(stale, f"data.path={data}", "train.steps=1", "train.eval_every=0").fit() == 0
+    out = capsys.readouterr().out
+    assert f"note: {data / 'tokenizer.json'} is not the tokenizer {data}'s shards were made with" in out
+    assert not (stale / "tokenizer.json").exists()
+
+    (data / "tokenizer.json").unlink()
+    bare = tmp_path / "bare"
+    assert make(bare, f"data.path={data}", "train.steps=1", "train.eval_every=0").fit() == 0
+    assert f"note: {data} has no tokenizer.json: generate and export of this run will need --tokenizer" in (
+        capsys.readouterr().out
+    )
+    assert not (bare / "tokenizer.json").exists()
+
+
 def test_a_damaged_validation_split_is_an_error_and_a_missing_one_a_note(make, tmp_path, data_dir, capsys):
     """The val split's shards are checked at the start, as the train split's are: a truncated one is one
     error (a run that silently logged no val_loss before); a data dir prepared without a val split trains,
@@ -550,24 +589,27 @@ def test_a_failing_write_during_the_loop_is_one_error_but_a_closed_stdout_is_not
 
 def test_the_first_step_of_a_start_is_left_out_of_the_logged_throughput(make, tmp_path, monkeypatch):
     """The first step after a start compiles and warms up (17 s of a GPU run's first window): with log
-    lines every 4 steps, the first line's tokens/s is that of steps 2-4. Here the first step is made 3 s
-    slower; counted in, the line could not exceed 4 × 256 tokens / 3 s = 341 tokens/s. A step alone in
-    its window (log_every=1) still reports its own speed."""
+    lines every 4 steps, the first line's tokens/s is that of steps 2-4. Here the clock jumps 1000 s
+    during the first step (a clock, not a sleep: the test holds on a busy machine too); counted in, the
+    line could not exceed 4 × 256 tokens / 1000 s ≈ 1 token/s. A step alone in its window (log_every=1)
+    still reports its own speed."""
     import time
 
     tr = make(tmp_path / "run", "train.steps=4", "train.log_every=4", "train.eval_every=0")
     forward_backward, calls = tr.stepper.forward_backward, []
+    clock, jump = time.perf_counter, []
+    monkeypatch.setattr(time, "perf_counter", lambda: clock() + sum(jump))
 
     def slow_first(*args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
-            time.sleep(3.0)
+            jump.append(1000.0)
         return forward_backward(*args, **kwargs)
 
     monkeypatch.setattr(tr.stepper, "forward_backward", slow_first)
     assert tr.fit() == 0
     (line,) = train_lines(tmp_path / "run")
-    assert line["step"] == 4 and line["tokens"] == 4 * 256 and line["tokens_per_s"] > 600
+    assert line["step"] == 4 and line["tokens"] == 4 * 256 and line["tokens_per_s"] > 10
     alone = make(tmp_path / "alone", "train.steps=1", "train.log_every=1", "train.eval_every=0")
     assert alone.fit() == 0 and train_lines(tmp_path / "alone")[0]["tokens_per_s"] > 0
 
@@ -601,19 +643,24 @@ def test_a_run_that_stays_non_finite_stops_instead_of_finishing(make, tmp_path):
     assert max(int(p.name[5:]) for p in (run / "checkpoints").iterdir()) == 4
 
 
-def test_weights_that_diverge_with_a_finite_loss_are_rolled_back_not_saved(make, tmp_path):
-    """The learning rate jumps to 1e20 at step 10, a checkpoint and evaluation step: step 10's own loss,
-    computed before its update, is finite, but val_loss after it is NaN. Those weights used to be saved
-    as step_00000010, which every rollback then reloaded into the same NaN, and so did a resume with a
-    lower lr. Now the step rolls back to step 5 at once; at the rollback limit the run stops with step 5
-    its newest checkpoint, and a resume with a sane lr trains on from there."""
+@pytest.mark.parametrize("eval_every, scored", [(5, "val_loss"), (0, "loss")])
+def test_weights_that_diverge_with_a_finite_loss_are_rolled_back_not_saved(
+    make, tmp_path, eval_every, scored
+):
+    """The learning rate jumps to 1e20 at step 10, a checkpoint step: step 10's own loss, computed before
+    its update, is finite, but the loss after it is not. Those weights used to be saved as step_00000010,
+    which every rollback then reloaded into the same NaN, and so did a resume with a lower lr. Now the
+    step rolls back to step 5 at once, told by val_loss where the step evaluates, else by the loss of its
+    first micro-batch scored again; at the rollback limit the run stops with step 5 its newest checkpoint,
+    and a resume with a sane lr trains on from there."""
     from seektrain.errors import UserError
 
     run = tmp_path / "run"
     jump = ("optim.lr=1e20", "optim.schedule=multistep", "optim.multistep_milestones=[[0, 3e-23], [0.45, 1]]")
     base = ("train.precision=fp32", "optim.warmup_steps=0", "train.spike_zscore=0", "train.max_bad_steps=2",
-            "checkpoint.every=5", "train.eval_every=5", "train.steps=20")  # fmt: skip
-    with pytest.raises(UserError, match=r"rolled back to step 5 3 times .*\(val_loss nan after the update\)"):
+            "checkpoint.every=5", f"train.eval_every={eval_every}", "train.steps=20")  # fmt: skip
+    limit = rf"rolled back to step 5 3 times .*\({scored} nan after the update\)"
+    with pytest.raises(UserError, match=limit):
         make(run, *base, *jump).fit()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000005"]
     events = [r for r in read_metrics(run / "metrics.jsonl") if r.get("event") == "rollback"]

@@ -1,8 +1,9 @@
 """Train a model: `seektrain train` alone trains the `tiny` preset on Python's stdlib (prepared if missing).
 
 Config comes from a preset (`--preset`, default tiny), a TOML file (`--config`) and `--set key=value`
-overrides, in that order. The run directory holds config.toml, metrics.jsonl, tb/ (TensorBoard) and
-checkpoints/. `--resume auto` (the default) continues from the newest complete checkpoint there.
+overrides, in that order. The run directory holds config.toml, the data's tokenizer.json, metrics.jsonl,
+tb/ (TensorBoard) and checkpoints/. `--resume auto` (the default) continues from the newest complete
+checkpoint there.
 SIGINT/SIGTERM write a checkpoint and exit 130/143.
 """
 

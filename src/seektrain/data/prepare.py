@@ -30,6 +30,7 @@ from seektrain.data.dedup import MinHasher, exact_keep, near_dup_keep
 from seektrain.data.shards import (
     FORMAT_VERSION,
     MANIFEST,
+    TOKENIZER_FILE,
     ShardWriter,
     atomic_write_json,
     is_data_dir,
@@ -410,7 +411,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         scratch.with_suffix(".bands").unlink()
 
         tok_bytes = tokenizer.to_str(pretty=True).encode()
-        atomic_write_bytes(tmp / "tokenizer.json", tok_bytes)
+        atomic_write_bytes(tmp / TOKENIZER_FILE, tok_bytes)
         sources = {
             "inputs": list(cfg.inputs),
             "files": len(files),
@@ -430,7 +431,7 @@ def prepare(cfg: PrepareConfig) -> dict:
             "eos_id": eos,
             "shard_tokens": cfg.shard_tokens,
             "tokenizer": {
-                "file": "tokenizer.json",
+                "file": TOKENIZER_FILE,
                 "sha256": hashlib.sha256(tok_bytes).hexdigest(),
                 "trained": cfg.tokenizer is None,
             },

@@ -21,6 +21,7 @@ from seektrain.paths import atomic_write_bytes
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"  # the tokenizer the shards were made with, beside the manifest
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -2,7 +2,8 @@
 
 The model config comes from the checkpoint itself (every checkpoint carries its resolved config), so
 a run whose config.toml was edited later still loads the weights it saved. The tokenizer is
-`RUN_DIR/tokenizer.json` when present (imported runs), else the one in the run's data directory.
+`RUN_DIR/tokenizer.json` when present (a trained run keeps its data's there, an imported one the
+directory's), else the one in the run's data directory.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import torch
 from seektrain.checkpoint.manager import CheckpointManager, load_checkpoint, missing_files
 from seektrain.checkpoint.sharded import is_sharded, read_model_state
 from seektrain.config import RunConfig
+from seektrain.data.shards import TOKENIZER_FILE
 from seektrain.errors import UserError
 from seektrain.model.config import ModelConfig
 from seektrain.model.transformer import Transformer
 
-TOKENIZER_FILE = "tokenizer.json"
 # The loader "version" of a run imported without data: `train --resume` then stops with this line.
 WEIGHTS_ONLY = "weights only, imported without --data: to train, re-import with `seektrain import --data DIR`"
 

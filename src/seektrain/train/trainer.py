@@ -15,6 +15,7 @@ fails on all ranks or none (`agree`), so a bad input is reported once, by rank 0
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import random
@@ -29,6 +30,7 @@ import torch
 from seektrain.checkpoint.manager import CheckpointManager, load_checkpoint, resolve_resume
 from seektrain.checkpoint.sharded import load_training_state, save_training_state
 from seektrain.config import RunConfig
+from seektrain.data.shards import TOKENIZER_FILE, load_manifest
 from seektrain.distributed import parallelize
 from seektrain.distributed.env import (
     DistEnv,
@@ -167,7 +169,6 @@ class Trainer:
         """The validation split, its shards checked once as the train split's are (a missing or damaged
         one is an error, not a run without val_loss); None, with a note, where it has no sequence."""
         from seektrain.data.loader import TokenLoader
-        from seektrain.data.shards import load_manifest
 
         split = load_manifest(cfg.data.path)["splits"].get("val")
         tokens = sum(s["tokens"] for s in split["shards"]) if split else 0
@@ -357,6 +358,8 @@ class Trainer:
                     abandoned = self.checkpoints.set_aside_after(c.step)  # as metrics.jsonl is cut back
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write_bytes(self.run_dir / "config.toml", self.cfg.to_toml().encode())
+                own = self.resume_from is not None and _belongs_to(self.resume_from, self.run_dir)
+                self.notes += _keep_tokenizer(Path(self.cfg.data.path), self.run_dir, fresh=not own)
                 self.metrics = MetricsLog(
                     self.run_dir, c.step if self.resume_from else -1, self.cfg.log.tensorboard
                 )
@@ -448,24 +451,29 @@ class Trainer:
                 self._log_step(stats, grad_norm, lr, mtp_weight, speed, step_batch)
                 window_tokens, window_time = 0, 0.0
             self.display.update(step, stats.loss, None)
+            # This step's own loss came before its update: weights the update diverged, saved, would be a
+            # checkpoint no rollback gets past. So a non-finite loss after it rolls back at once.
+            diverged = None
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
                 val_loss = self._evaluate()
                 if val_loss is not None and not math.isfinite(val_loss):
-                    # This step's update diverged the weights, its own loss (computed before it) finite:
-                    # saved, they would be a checkpoint no rollback gets past.
-                    self._rollback(step, f"val_loss {val_loss} after the update")
-                    checkpoint_due = False
-                    continue
-            saved = False
+                    diverged = f"val_loss {val_loss}"
+            save = False
             if checkpoint_due or step % ck.every == 0 or step == t.steps:
                 # Weights that just gave a non-finite loss are not saved on schedule: a rollback to them
                 # would land in the same divergence (and never reach the rollback limit).
                 checkpoint_due = self.guard.consecutive_bad > 0
-                if not checkpoint_due:
-                    self.save_checkpoint()
-                    saved = True
+                save = not checkpoint_due and diverged is None
+                if save and not math.isfinite(loss := self._loss_after_update(*batches[0])):
+                    diverged, save = f"loss {loss}", False
+            if diverged is not None:
+                self._rollback(step, f"{diverged} after the update")
+                checkpoint_due = False
+                continue
+            if save:
+                self.save_checkpoint()
             if step < t.steps and self._stopping(stop):  # at the last step the run is done anyway
-                if not saved:  # the resume point, bad streak or not (the guard's count is saved too)
+                if not save:  # the resume point, bad streak or not (the guard's count is saved too)
                     self.save_checkpoint()
                 name = signal.Signals(stop.signum).name
                 self.metrics.write({"step": step, "event": "stopped", "signal": name})
@@ -527,26 +535,42 @@ class Trainer:
         if t.eval_batches:
             n_batches = min(n_batches, t.eval_batches)
         mine = val.micro_batches(range(rank, n_batches, ranks))
-        model = self.stepper.model
-        model.eval()
+        self.stepper.model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, target count)
         for _ in range(-(-n_batches // ranks)):
             x, y = next(mine, (None, None))
             if x is None:  # a training micro-batch's shape: no new shape for compiled blocks to take
                 x = torch.zeros(t.micro_batch_size, self.cfg.data.seq_len, dtype=torch.int64)
                 y = torch.full_like(x, IGNORE_INDEX)
-            if self.stepper.cuda_graphs:
-                # One graph generation per forward. Unmarked, every block call without a pending backward
-                # would start a new one and invalidate the previous block's output.
-                torch.compiler.cudagraph_mark_step_begin()
-            with self.stepper.autocast():
-                out = model(x.to(self.device), y.to(self.device), mtp=False)
+            out = self._forward(x, y, mtp=False)
             sums += torch.stack([out.main_loss_sum.double(), out.main_count.double()])
-        model.train()
+        self.stepper.model.train()
         if ranks > 1:
             torch.distributed.all_reduce(sums)
         total, count = sums.tolist()
         return total / count if count else None
+
+    @torch.no_grad()
+    def _loss_after_update(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """The training loss (main model and MTP) of the step's first micro-batch, scored again on the
+        weights its update left, summed over the ranks: not finite where the update diverged them (the
+        step's own loss came before it). MTP included: its modules can diverge while the main model's
+        loss stays finite."""
+        self.stepper.model.eval()
+        loss = self._forward(x, y, mtp=True).loss.detach().double().reshape(1)
+        self.stepper.model.train()
+        if self.dist.world_size > 1:
+            torch.distributed.all_reduce(loss)
+        return loss.item()
+
+    def _forward(self, x: torch.Tensor, y: torch.Tensor, mtp: bool):
+        """The model's forward with losses, as a step runs it (autocast), outside a step."""
+        if self.stepper.cuda_graphs:
+            # One graph generation per forward. Unmarked, every block call without a pending backward
+            # would start a new one and invalidate the previous block's output.
+            torch.compiler.cudagraph_mark_step_begin()
+        with self.stepper.autocast():
+            return self.stepper.model(x.to(self.device), y.to(self.device), mtp=mtp)
 
     def _evaluate(self) -> float | None:
         val_loss = self.evaluate()
@@ -700,6 +724,29 @@ def _refuse_to_overwrite(run_dir: Path, resume: str) -> None:
         f"{run_dir} already holds a run ({holds}) and --resume {resume} would start a new one over it: "
         f"choose another --run-dir, or {instead}"
     )
+
+
+def _keep_tokenizer(data_dir: Path, run_dir: Path, fresh: bool) -> list[str]:
+    """Keep the data's tokenizer in the run dir, where generate, eval and export look first, so that the run
+    stays usable after its data dir is prepared again (perhaps with another tokenizer of the same size,
+    which nothing else would catch) or removed. A new run takes the data's; a resumed one keeps its own.
+    A note where there is none to keep."""
+    kept = run_dir / TOKENIZER_FILE
+    if kept.is_file() and not fresh:
+        return []
+    kept.unlink(missing_ok=True)  # a stale one, left by an earlier run in this directory
+    source = data_dir / TOKENIZER_FILE
+    if not source.is_file():
+        return [f"{data_dir} has no {TOKENIZER_FILE}: generate and export of this run will need --tokenizer"]
+    tokenizer = source.read_bytes()
+    recorded = load_manifest(data_dir).get("tokenizer", {}).get("sha256")
+    if recorded is not None and hashlib.sha256(tokenizer).hexdigest() != recorded:
+        return [
+            f"{source} is not the tokenizer {data_dir}'s shards were made with (its sha256 is not the one in "
+            "manifest.json): not kept with this run; generate and export of it will need --tokenizer FILE"
+        ]
+    atomic_write_bytes(kept, tokenizer)
+    return []
 
 
 def _with_data_vocab(
