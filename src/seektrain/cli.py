@@ -22,8 +22,8 @@ import threading
 import time
 import traceback
 
-from seektrain.distributed.env import launch_rank, under_torchrun
-from seektrain.errors import RanksError, Terminated, UserError, detach_stdout, out_of_memory
+from seektrain.distributed.env import launch_rank, lost_rank, under_torchrun
+from seektrain.errors import RanksError, Terminated, UserError, detach_stdout, file_error, out_of_memory
 
 ERROR_GRACE_S = 10.0  # how long a rank > 0 leaves rank 0 to report an error that all ranks share
 
@@ -99,10 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         detach_stdout()
         return 128 + signal.SIGPIPE
     except Exception as e:
-        message = str(e) if isinstance(e, UserError) else out_of_memory(e)
+        memory = None if isinstance(e, UserError) else out_of_memory(e)
+        message = str(e) if isinstance(e, UserError) else memory or lost_rank(e) or file_error(e)
         if message is None:
             raise
-        if not isinstance(e, UserError) and args.command in MEMORY_HINTS:
+        if memory is not None and args.command in MEMORY_HINTS:
             message += f" ({MEMORY_HINTS[args.command]})"
         prefix = _wait_unless_rank_zero()
         if isinstance(e, RanksError):  # names the ranks itself

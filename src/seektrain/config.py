@@ -330,9 +330,11 @@ def load_config(
         if not path.is_file():
             raise UserError(f"config file {path} {'is not a file' if path.exists() else 'does not exist'}")
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is dropped
         except UnicodeDecodeError as e:
             raise UserError(f"{path}: not UTF-8 text (byte {e.start}), as TOML must be") from None
+        except OSError as e:
+            raise UserError(f"config file {path}: cannot read it ({e.strerror or e})") from None
         cfg = _apply(cfg, _parse_toml(text, str(path)), str(path))
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -381,10 +383,15 @@ def _apply(cfg: RunConfig, d: dict, origin: str) -> RunConfig:
         if not isinstance(values, dict):
             raise UserError(f"{origin}: [{section}] must be a table of keys")
         if section == "model":
+            from seektrain.model.config import ModelConfig
+
             model = dataclasses.replace(cfg.model, overrides=dict(cfg.model.overrides))
+            names = ["preset", *(f.name for f in dataclasses.fields(ModelConfig))]
             for key, value in values.items():
+                if key not in names:
+                    raise UserError(_unknown(f"model.{key}", None, [f"model.{n}" for n in names], origin))
                 if key == "preset":
-                    model.preset = _check_type("model.preset", value, str)
+                    model.preset = _check_type("model.preset", value, str, origin)
                 else:
                     model.overrides[key] = value
             updates["model"] = model

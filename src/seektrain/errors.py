@@ -55,3 +55,11 @@ def out_of_memory(e: BaseException) -> str | None:
         wanted = f": could not allocate {int(size.group(1)) / 2**30:,.1f} GiB" if size else ""
         return f"out of host memory{wanted}"
     return None
+
+
+def file_error(e: BaseException) -> str | None:
+    """One line for a file or folder a command could not use (permission denied, a file where a folder
+    goes, an I/O error): its path and the system's reason. None for any other error."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return None

@@ -208,6 +208,14 @@ def test_running_out_of_memory_is_one_error_line_with_what_to_change(allocate, e
     assert "lower --batch or --seq" in err
 
 
+def test_a_file_a_command_cannot_use_is_one_error_line_naming_it(tmp_path, monkeypatch, capsys):
+    """An OSError with a path (permission denied on a checkpoints folder or a data shard, a folder where a
+    file goes): the path and the system's reason, where a traceback was printed."""
+    monkeypatch.setattr(bench_command, "run", lambda args: tmp_path.read_bytes())  # a real failing read
+    assert cli.main(["bench"]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}: Is a directory\n"
+
+
 def test_other_runtime_errors_still_raise(monkeypatch):
     monkeypatch.setattr(bench_command, "run", lambda args: torch.zeros(2) @ torch.zeros(3))
     with pytest.raises(RuntimeError, match="size mismatch|shapes cannot be multiplied|inconsistent"):

@@ -200,7 +200,10 @@ def test_unusable_out_paths_and_inputs_give_one_error_line(run, tmp_path, monkey
     assert sorted(p.name for p in here.iterdir()) == ["doc0000.txt", "doc0001.txt"]
     (src / "gone.txt").symlink_to(tmp_path / "missing.txt")  # a broken link among the inputs
     _assert_one_error(run("--input", src, "--out", tmp_path / "d"), "gone.txt: a broken symbolic link")
+    _assert_one_error(run("--input", src / "gone.txt", "--out", tmp_path / "d"), "gone.txt: a broken symbol")
     (src / "gone.txt").unlink()
+    # a threshold out of range is refused with any --dedup, not ignored where it does not apply
+    _assert_one_error(run("--input", src, "--out", tmp_path / "d", "--minhash-threshold", "1.5"), "(0, 1)")
     for option in ("max_top_ngram_frac=0:0.5", "max_dup_ngram_frac=-1:0.5"):
         _assert_one_error(
             run("--input", src, "--out", tmp_path / "d", "--clean-option", option), "must be at least 1"

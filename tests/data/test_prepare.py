@@ -291,6 +291,14 @@ def test_foreign_tokenizer_eos_fallback_and_missing_eos(tmp_path, corpus_docs):
     m = load_manifest(tmp_path / "b")
     assert m["special_tokens"]["eos"] == {"token": "</s>", "id": 96} and m["vocab_size"] == 97
     assert "bos" not in m["special_tokens"]
+    # other names asked for (--special-tokens) fall back to ours too: this one has <|eos|>, not </s>
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.add_special_tokens(["<|eos|>"])
+    tok.save(str(tmp_path / "ours.json"))
+    prepare(small_config([src], tmp_path / "c", tokenizer=str(tmp_path / "ours.json"),
+                         special_tokens=("<s>", "</s>", "<pad>")))  # fmt: skip
+    assert load_manifest(tmp_path / "c")["special_tokens"]["eos"] == {"token": "<|eos|>", "id": 96}
 
 
 def test_dir_with_a_foreign_manifest_is_not_replaced(prepared, tmp_path, corpus_docs):

@@ -291,3 +291,20 @@ def test_rope_parameters_seektrain_does_not_implement_are_refused_on_import(extr
             config_from_hf(d)
     else:
         assert config_from_hf(d) == CONFIGS["no_q_lora_one_group_yarn"]
+
+
+def test_rope_parameters_and_a_legacy_rope_scaling_that_disagree_are_refused_on_import():
+    """A config.json with both tables (a default `rope_parameters` beside a legacy YaRN `rope_scaling`):
+    transformers reads it as YaRN, import took the default one and loaded another model without a word.
+    Two tables that agree import as either would."""
+    from seektrain.model.hf import config_from_hf, hf_config
+
+    plain = hf_config(TINY, torch.float32)
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}
+    with pytest.raises(UserError, match=r"rope_parameters and its legacy rope_scaling disagree \(types 'de"):
+        config_from_hf({**plain, "rope_scaling": yarn})
+    scaled = hf_config(CONFIGS["no_q_lora_one_group_yarn"], torch.float32)
+    with pytest.raises(UserError, match=r"disagree \(factor\)"):
+        config_from_hf({**scaled, "rope_scaling": {**scaled["rope_parameters"], "factor": 2.0}})
+    legacy = {k: v for k, v in scaled["rope_parameters"].items() if k != "rope_theta"}
+    assert config_from_hf({**scaled, "rope_scaling": legacy}) == CONFIGS["no_q_lora_one_group_yarn"]

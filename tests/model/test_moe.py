@@ -95,6 +95,25 @@ def test_grouped_path_matches_naive_reference_in_output_and_gradients(kernel, mo
     assert counts.sum() == 3 * 20 * cfg.num_experts_per_tok
 
 
+@pytest.mark.parametrize("hidden, inter", [(33, 24), (32, 22)], ids=["hidden-33", "expert-22"])
+def test_sizes_the_grouped_kernel_cannot_take_run_per_expert(hidden, inter):
+    """The grouped kernels need strides in multiples of 16 bytes: a hidden or expert size that is not a
+    multiple of 4 (fp32) or 8 (bf16) takes the per-expert GEMMs (it was a RuntimeError from the kernel
+    after the model was built). The same values as the reference, fp32 and bf16."""
+    torch.manual_seed(4)
+    moe = MoE(dataclasses.replace(TINY, hidden_size=hidden, moe_intermediate_size=inter))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 40, hidden, requires_grad=True)
+    y, _, _ = moe(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, naive_moe(moe, x), rtol=1e-5, atol=1e-5)  # fp32 summation order
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16, _, _ = moe(x)
+    y16.float().sum().backward()
+    torch.testing.assert_close(y16.float(), y, rtol=0.05, atol=0.05)  # bf16 GEMM inputs: ~1e-2 here
+
+
 def test_moe_is_bitwise_deterministic():
     torch.manual_seed(3)
     moe = MoE(dataclasses.replace(TINY, hidden_size=32))

@@ -114,6 +114,26 @@ def test_a_type_error_in_a_config_file_names_the_file(tmp_path):
         load_config(config=f)
 
 
+def test_a_mistake_in_a_config_files_model_table_names_the_file(tmp_path):
+    """The model table's keys are checked where the file is read, as the other tables' are (they were
+    checked later, when the model config was built, and the file went unnamed)."""
+    f = tmp_path / "run.toml"
+    for table, key in (("[model]\nhidden_sise = 64\n", "hidden_sise"), ("[model.sub]\nx = 1\n", "sub")):
+        f.write_text(table)
+        with pytest.raises(UserError, match=rf"^{f}: unknown config key 'model\.{key}'"):
+            load_config(config=f)
+    f.write_text("[model]\npreset = 5\n")
+    with pytest.raises(UserError, match=f"^{f}: model.preset=5: expected str$"):
+        load_config(config=f)
+
+
+def test_a_config_file_with_a_byte_order_mark_loads(tmp_path):
+    """Windows editors may start UTF-8 with a byte-order mark, which TOML does not allow: it is dropped."""
+    f = tmp_path / "run.toml"
+    f.write_bytes("\ufeff[train]\nsteps = 3\n".encode())
+    assert load_config(config=f).train.steps == 3
+
+
 def test_cuda_graphs_need_compile_and_no_activation_checkpointing():
     with pytest.raises(UserError, match="train.compile=true"):
         load_config(overrides=["train.cuda_graphs=true"])

@@ -86,6 +86,8 @@ class PrepareConfig:
             raise UserError("no inputs given")
         if self.dedup not in DEDUP_MODES:
             raise UserError(f"--dedup must be one of {', '.join(DEDUP_MODES)}, got {self.dedup!r}")
+        if not 0.0 < self.minhash_threshold < 1.0:  # checked with any --dedup: a typo is not ignored
+            raise UserError(f"--minhash-threshold must lie in (0, 1), got {self.minhash_threshold}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"--val-fraction must lie in [0, 1), got {self.val_fraction}")
         if self.workers < 1:

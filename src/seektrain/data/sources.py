@@ -124,6 +124,8 @@ def discover(inputs: list[str]) -> list[SourceFile]:
             continue
         path = Path(item)
         if not path.exists():
+            if path.is_symlink():  # as one inside a folder is reported
+                raise UserError(f"cannot read {item}: a broken symbolic link")
             raise UserError(f"input not found: {item}")
         if path.is_file():
             kind = _kind(path)

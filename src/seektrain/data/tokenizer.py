@@ -16,10 +16,11 @@ from pathlib import Path
 from seektrain.errors import UserError, first_line
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
-# EOS names other tokenizers use, tried in order when an existing tokenizer lacks ours.
-_EOS_FALLBACKS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<｜end▁of▁sentence｜>")
-_BOS_FALLBACKS = ("<s>", "<bos>", "<|begin_of_text|>", "<｜begin▁of▁sentence｜>")
-_PAD_FALLBACKS = ("<pad>", "<|padding|>")
+# Names tried in order when an existing tokenizer lacks the one asked for (--special-tokens): ours, then
+# other tokenizers'.
+_EOS_FALLBACKS = (EOS, "<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<｜end▁of▁sentence｜>")
+_BOS_FALLBACKS = (BOS, "<s>", "<bos>", "<|begin_of_text|>", "<｜begin▁of▁sentence｜>")
+_PAD_FALLBACKS = (PAD, "<pad>", "<|padding|>")
 
 
 @dataclass
@@ -94,14 +95,15 @@ def special_tokens(tok, cfg: TokenizerConfig) -> dict[str, dict]:
         ("eos", cfg.eos_token, _EOS_FALLBACKS),
         ("pad", cfg.pad_token, _PAD_FALLBACKS),
     ):
-        for candidate in (name, *fallbacks):
+        for candidate in dict.fromkeys((name, *fallbacks)):
             i = tok.token_to_id(candidate)
             if i is not None:
                 found[role] = {"token": candidate, "id": int(i)}
                 break
     if "eos" not in found:
+        names = ", ".join(dict.fromkeys((cfg.eos_token, *_EOS_FALLBACKS)))
         raise UserError(
-            f"tokenizer has no end-of-document token ({cfg.eos_token} or one of "
-            f"{', '.join(_EOS_FALLBACKS)}); use one that has, or let prepare train one"
+            f"tokenizer has no end-of-document token (one of {names}); use one that has, or let prepare "
+            "train one"
         )
     return found

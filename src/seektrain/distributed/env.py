@@ -13,11 +13,12 @@ same config, and what the trainer reads after joining the group (files a node ma
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from seektrain.errors import RanksError, UserError
+from seektrain.errors import RanksError, UserError, first_line
 
 T = TypeVar("T")
 
@@ -70,6 +71,27 @@ def launch_rank() -> int:
         return int(os.environ.get("RANK", 0))
     except ValueError:
         return 0
+
+
+# How a collective fails on the ranks that are left when another rank dies (killed, out of memory): gloo's
+# TCP transport's messages, and torch's DistBackendError (NCCL's and others' collective failures).
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo/transport")
+
+
+def lost_rank(e: BaseException) -> str | None:
+    """One line for a collective that failed because another rank of the launch went away, None for any
+    other error (and outside a launch): that rank's own output says why, and a traceback here would only
+    bury it."""
+    if "RANK" not in os.environ or not isinstance(e, RuntimeError):
+        return None
+    import torch.distributed as dist
+
+    backend_error = getattr(dist, "DistBackendError", ())
+    if not (isinstance(e, backend_error) or any(text in str(e) for text in _PEER_LOST)):
+        return None
+    # gloo: "[…/tcp/pair.cc:553] Connection closed by peer [ADDR]:PORT. This is typically caused by …"
+    why = re.sub(r"^\[[^\]]*\]\s*", "", first_line(e)).split(". ")[0]
+    return f"another rank stopped, so a collective failed ({why}); that rank's output says why"
 
 
 def under_torchrun() -> bool:

@@ -198,10 +198,11 @@ class ModelConfig:
         return scale
 
 
-def _yarn_problems(rs: dict[str, Any], rope_theta: float) -> list[str]:
+def _yarn_problems(rs: dict[str, Any]) -> list[str]:
     """What makes a YaRN table unusable beyond its type and factor: a non-numeric field, an original
-    length that is not a positive integer, a beta that is not positive, or rope_theta <= 1 (YaRN's
-    correction range divides by the logarithms of the betas' wavelengths and of rope_theta)."""
+    length that is not a positive integer, a beta that is not positive (YaRN's correction range divides by
+    the logarithms of the betas' wavelengths, and of rope_theta, which `_value_problems` keeps above 1),
+    betas in the wrong order, a negative mscale."""
     out = []
     numbers = {k: v for k, v in sorted(rs.items()) if k not in ("type", "rope_type")}
     for key, v in numbers.items():
@@ -213,8 +214,12 @@ def _yarn_problems(rs: dict[str, Any], rope_theta: float) -> list[str]:
     for key in ("beta_fast", "beta_slow"):
         if is_finite_number(numbers.get(key)) and numbers[key] <= 0:
             out.append(f"rope_scaling.{key} must be > 0, got {numbers[key]!r}")
-    if rope_theta <= 1:
-        out.append(f"rope_theta must be > 1 under YaRN, got {rope_theta!r}")
+    fast, slow = numbers.get("beta_fast", 32.0), numbers.get("beta_slow", 1.0)  # YaRN's defaults
+    if is_finite_number(fast) and is_finite_number(slow) and fast <= slow:
+        out.append(f"rope_scaling.beta_fast ({fast!r}) must exceed beta_slow ({slow!r}): the two swapped?")
+    for key in ("mscale", "mscale_all_dim"):
+        if is_finite_number(numbers.get(key)) and numbers[key] < 0:
+            out.append(f"rope_scaling.{key} must be >= 0, got {numbers[key]!r}")
     return out
 
 
@@ -303,11 +308,17 @@ def _value_problems(c: ModelConfig) -> list[str]:
             out.append(f"{name} must be >= 0, got {getattr(c, name)}")
     if c.q_lora_rank is not None and c.q_lora_rank < 1:
         out.append(f"q_lora_rank must be >= 1 or unset, got {c.q_lora_rank}")
-    for name in ("mtp_loss_weight", "seq_aux_loss_alpha", "routed_scaling_factor", "initializer_range"):
+    for name in ("mtp_loss_weight", "seq_aux_loss_alpha"):
         if getattr(c, name) < 0:
             out.append(f"{name} must be >= 0, got {getattr(c, name)}")
-    if c.rms_norm_eps <= 0 or c.rope_theta <= 0:
-        out.append("rms_norm_eps and rope_theta must be > 0")
+    # 0 would silence the routed experts, or start every weight at 0 (all heads and experts the same)
+    for name in ("routed_scaling_factor", "initializer_range"):
+        if getattr(c, name) <= 0:
+            out.append(f"{name} must be > 0, got {getattr(c, name)}")
+    if not 0 < c.rms_norm_eps < 1:  # an epsilon that outweighs the activations' mean square erases them
+        out.append(f"rms_norm_eps must be in (0, 1), got {c.rms_norm_eps}")
+    if c.rope_theta <= 1:  # every rotation frequency is theta^(-2i/d): 1 for all at theta = 1
+        out.append(f"rope_theta must be > 1, got {c.rope_theta}")
     if c.first_k_dense_replace > c.num_hidden_layers:
         out.append(
             f"first_k_dense_replace ({c.first_k_dense_replace}) exceeds "
@@ -341,7 +352,7 @@ def _value_problems(c: ModelConfig) -> list[str]:
         elif not is_finite_number(rs.get("factor")) or rs["factor"] < 1:
             out.append(f"rope_scaling.factor must be a finite number >= 1, got {rs.get('factor')!r}")
         else:
-            out += _yarn_problems(rs, c.rope_theta)
+            out += _yarn_problems(rs)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         v = getattr(c, name)
         if v is not None and not 0 <= v < c.vocab_size:

@@ -187,7 +187,17 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
         kw["eos_token_id"] = kw["eos_token_id"][0]
     rope, legacy = _table(d, "rope_parameters"), _table(d, "rope_scaling")
     kw["rope_theta"] = _number("rope_theta", rope.get("rope_theta", d.get("rope_theta", 10000.0)), float)
-    kind = rope.get("rope_type") or legacy.get("type") or legacy.get("rope_type") or "default"
+    legacy_kind = legacy.get("type") or legacy.get("rope_type")
+    if rope.get("rope_type") and legacy_kind:
+        shared = [k for k in YARN_FIELDS if k in rope and k in legacy and rope[k] != legacy[k]]
+        if rope["rope_type"] != legacy_kind or shared:
+            # transformers merges the two one way; importing the other would give another model
+            differ = f"types {rope['rope_type']!r} and {legacy_kind!r}" if not shared else ", ".join(shared)
+            raise UserError(
+                f"config.json's rope_parameters and its legacy rope_scaling disagree ({differ}): "
+                "keep the one that describes the model and remove the other"
+            )
+    kind = rope.get("rope_type") or legacy_kind or "default"
     if kind == "yarn":
         src = rope if rope.get("rope_type") == "yarn" else legacy
         _check_rope_extras(src)

@@ -51,7 +51,7 @@ def route(
 def _has_grouped_mm_kernel(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether this build/device/dtype has a native grouped GEMM (else the per-expert fallback runs)."""
     fn_available = hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")
-    if not fn_available or x.dtype != w.dtype:
+    if not fn_available or x.dtype != w.dtype or not _aligned(x, w):
         return False
     if x.device.type == "cuda":
         major_minor = torch.cuda.get_device_capability(x.device)
@@ -65,6 +65,14 @@ def _has_grouped_mm_kernel(x: torch.Tensor, w: torch.Tensor) -> bool:
             return True
         return _TORCH_VERSION >= (2, 9) and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
     return False
+
+
+def _aligned(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """The grouped kernels (CPU and CUDA) take operands whose strides are multiples of 16 bytes, the
+    backward's too (x^T, and the output's gradient, rows of w's last size): not so for a hidden or expert
+    size that is not a multiple of 8 (bf16) or 4 (fp32), e.g. 257."""
+    strides = [*x.stride(), *w.stride(), w.shape[-1]]
+    return all(stride * x.element_size() % 16 == 0 for stride in strides if stride != 1)
 
 
 # On CPU, low-precision GEMMs run through oneDNN, which builds (JIT-compiles) a kernel for every new shape
