@@ -1,9 +1,12 @@
 """Checks on a directory a command is about to create or fill, so that a path it cannot use fails with
-one line before any work, not with an OSError halfway (a regular file where a directory should be)."""
+one line before any work, not with an OSError halfway (a regular file where a directory should be); a
+lock that keeps a second process from filling it at the same time; atomic writes, and what killed ones
+leave behind."""
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -49,7 +52,7 @@ def recover_interrupted(out: Path, swap_marker: str | None = None) -> None:
     prefix = f".{out.name}."  # compared as text: a name may hold glob characters (`data[1]`, `d?`)
     for leftover in sorted(p for p in out.parent.iterdir() if p.name.startswith(prefix)):
         kind, _, pid = leftover.name[len(prefix) :].partition("-")
-        if kind not in kinds or not pid.isdigit() or _pid_alive(int(pid)):
+        if kind not in kinds or not pid.isdigit() or pid_alive(int(pid)):
             continue
         if kind == "old" and not out.exists() and (leftover / swap_marker).exists():
             os.replace(leftover, out)
@@ -57,7 +60,7 @@ def recover_interrupted(out: Path, swap_marker: str | None = None) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether a process with this id runs on this machine (signal 0 checks without sending)."""
     try:
         os.kill(pid, 0)
@@ -93,3 +96,61 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         atomic_write(path, write)
     except OSError as e:
         raise OSError(e.errno, e.strerror, str(path)) from e
+
+
+# atomic_write's temporary names: .NAME.PID-XXXXXXXX.tmp
+_TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+
+
+def remove_stale_temp_files(directory: Path) -> None:
+    """Delete the temporary files that `atomic_write` calls of processes no longer running left in
+    `directory` (killed mid-write, where no handler could remove them)."""
+    for p in directory.iterdir():
+        match = _TEMP_FILE.match(p.name)
+        if match and p.is_file() and not pid_alive(int(match["pid"])):
+            p.unlink(missing_ok=True)
+
+
+class DirLock:
+    """An exclusive lock on `directory/.lock` (flock): while one process holds it, another that would fill
+    the same directory is refused, in one line naming the holder's pid. The kernel drops it when the
+    holder ends, a kill -9 included, so a stale one never blocks. A no-op where flock does not exist."""
+
+    FILE = ".lock"
+
+    def __init__(self, directory: Path, what: str):
+        self.directory, self.what = Path(directory), what
+        self._file = None
+
+    def acquire(self) -> None:
+        """Take the lock (again: a no-op); UserError where another process holds it."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            return
+        if self._file is not None:
+            return
+        path = self.directory / self.FILE
+        try:
+            file = open(path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+        except OSError as e:
+            raise UserError(f"{self.what} {self.directory}: cannot write {path} ({e.strerror or e})") from e
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            file.seek(0)
+            holder = file.read().strip() or "unknown"
+            file.close()
+            raise UserError(
+                f"{self.what} {self.directory} is in use by another seektrain process (pid {holder}): "
+                "wait for it to end or stop it, or choose another directory"
+            ) from None
+        file.truncate(0)
+        file.write(str(os.getpid()))
+        file.flush()
+        self._file = file
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the file drops the lock
+            self._file = None

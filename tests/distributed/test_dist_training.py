@@ -98,13 +98,21 @@ def test_fsdp_matches_one_process_and_its_checkpoint_resumes_on_one_rank(toy, re
     assert_same_curve(resumed, ref_run, range(5, 9))
     assert [m.e_score_correction_bias.tolist() for m in load_run(resumed).model.moe_layers()] == ref_biases
 
-    # a shard file lost: one error line naming the checkpoint, for training and for the readers
+    # a shard file lost or cut short: the checkpoint is not complete (meta.json lists every file with its
+    # size), one error line naming it and the file, for training and for the readers
     damaged = tmp_path / "damaged" / "step_00000004"
     shutil.copytree(step4, damaged)
     (damaged / "dcp" / "__1_0.distcp").unlink()
-    with pytest.raises(UserError, match=f"^cannot read checkpoint {damaged}: .*__1_0.distcp"):
+    lacks = "not a complete checkpoint: it lacks dcp/__1_0.distcp"
+    with pytest.raises(UserError, match=f"^--resume {damaged}: {lacks}$"):
         train_here(toy, tmp_path / "from-damaged", resume=str(damaged))
-    with pytest.raises(UserError, match=f"^cannot read checkpoint {damaged}: "):
+    with pytest.raises(UserError, match=f"^{damaged} is {lacks}$"):
+        load_run(run, checkpoint=damaged)
+    shard = damaged / "dcp" / "__0_0.distcp"
+    size = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[:100])
+    cut = rf"all of dcp/__0_0.distcp \(100 of {size:,} bytes\), dcp/__1_0.distcp"  # in meta.json's order
+    with pytest.raises(UserError, match=f"^{damaged} is not a complete checkpoint: it lacks {cut}$"):
         load_run(run, checkpoint=damaged)
 
     # generate/eval/export read a sharded checkpoint's weights like a one-process one

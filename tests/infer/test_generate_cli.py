@@ -55,7 +55,9 @@ def test_bad_input_gives_one_error_line(trained_run, tmp_path, seektrain):
     state = truncated / "state.pt"
     state.write_bytes(state.read_bytes()[:4096])
     cases = {
-        "cannot read checkpoint": ["--run", tmp_path / "truncated", "--prompt", "x"],
+        "has no complete checkpoint (step_00000001 lacks all of state.pt (4,096 of": [
+            "--run", tmp_path / "truncated", "--prompt", "x"
+        ],
         "has no checkpoints": ["--run", tmp_path, "--prompt", "x"],
         "exceeds the model's context of 2048 tokens": ["--run", trained_run, "--prompt", "word " * 3000],
         "--temperature must be >= 0": ["--run", trained_run, "--prompt", "x", "--temperature", "-1"],

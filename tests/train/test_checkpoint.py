@@ -88,3 +88,59 @@ def test_kill_during_write_leaves_previous_checkpoint(tmp_path):
 def test_resume_path_errors(tmp_path):
     with pytest.raises(UserError, match="not a complete checkpoint"):
         resolve_resume(str(tmp_path / "missing"), tmp_path)
+
+
+def test_a_file_cut_short_or_lost_makes_a_checkpoint_incomplete(tmp_path):
+    """meta.json lists every other file with its size: a checkpoint holding a file cut short (a partial
+    copy) or missing one it was written with (a lost shard) is not resumed from, and says what it lacks."""
+    from seektrain.checkpoint.manager import missing_files
+
+    mgr = CheckpointManager(tmp_path / "checkpoints", keep=3)
+    save(mgr, 10)
+    newest = save(mgr, 20)
+    (newest / "extra.bin").write_bytes(b"not listed: not checked")
+    assert missing_files(newest) == [] and mgr.latest() == newest
+    size = (newest / "state.pt").stat().st_size
+    (newest / "state.pt").write_bytes((newest / "state.pt").read_bytes()[:-1])
+    assert missing_files(newest) == [f"all of state.pt ({size - 1:,} of {size:,} bytes)"]
+    assert mgr.latest().name == "step_00000010" and mgr.damaged() == [newest]
+    lacks = r"step_00000020: not a complete checkpoint: it lacks all of state.pt"
+    with pytest.raises(UserError, match=rf"^--resume .*{lacks}"):
+        resolve_resume(str(newest), tmp_path)
+
+
+def test_a_save_killed_between_replacing_renames_leaves_the_old_checkpoint_to_put_back(tmp_path):
+    """A save of a step that has a checkpoint (a rollback's) moves the old one aside, renames the new one
+    into its place, then deletes the old. Killed between the two renames, neither has the step's name:
+    `recover` (which the trainer runs at its start) puts the old one back. Deleting it before the rename,
+    as before, lost it, and a rerun started a new run over the run dir."""
+    root = tmp_path / "checkpoints"
+    mgr = CheckpointManager(root, keep=3)
+    save(mgr, 10)
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        from seektrain.checkpoint import manager
+        real, calls = os.replace, []
+        def dying_replace(src, dst):
+            calls.append(1)
+            if len(calls) == 2:  # the new one's rename, after the old one moved aside
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(src, dst)
+        manager.os.replace = dying_replace
+        manager.CheckpointManager({str(root)!r}, keep=3).save(10, {{"w": torch.zeros(3)}}, "", {{}})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert proc.returncode == -9, proc.stderr
+    assert mgr.latest() is None and any(p.name.startswith(".replaced-step_00000010-") for p in root.iterdir())
+    assert mgr.recover() == [root / "step_00000010"]
+    assert load_checkpoint(mgr.latest())["w"][0] == 10  # the old one, whole
+    save(mgr, 20)  # the next save removes the killed one's temporary directory
+    assert sorted(os.listdir(root)) == ["step_00000010", "step_00000020"]
+
+
+def test_a_checkpoint_moved_aside_by_a_running_save_is_left_alone(tmp_path):
+    """Only a dead process's replacement is undone: a live one is between its renames."""
+    mgr = CheckpointManager(tmp_path / "checkpoints", keep=3)
+    aside = mgr.root / f".replaced-step_00000010-{os.getpid()}"
+    os.replace(save(mgr, 10), aside)
+    assert mgr.recover() == [] and aside.is_dir()

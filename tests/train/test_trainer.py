@@ -365,6 +365,72 @@ def test_a_damaged_checkpoint_is_named_and_kept_not_replaced(make, tmp_path, cap
     ]
 
 
+def test_a_run_dir_in_use_is_refused_and_a_killed_runs_leftovers_are_cleaned_up(make, tmp_path):
+    """A trainer holds a lock on its run dir while it trains (fit): a second process that would write the
+    same run (another start, ranks that a killed torchrun left running) is refused in one line naming the
+    holder, before it writes anything; the kernel drops the lock with its holder, a kill -9 included. A
+    start cleans up after a killed run: the checkpoint a save was replacing is put back, atomic writes'
+    temporary files go."""
+    import os
+    import subprocess
+    import sys
+
+    from seektrain.errors import UserError
+    from seektrain.paths import DirLock
+
+    run = tmp_path / "run"
+    base = ("checkpoint.every=1", "train.eval_every=0")
+    assert make(run, *base, "train.steps=2").fit() == 0
+    other = DirLock(run, "--run-dir")  # as another process's trainer holds it (flock: per open file)
+    other.acquire()
+    in_use = rf"is in use by another seektrain process \(pid {os.getpid()}\): "
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    with pytest.raises(UserError, match=rf"^--run-dir {re.escape(str(run))} {in_use}"):
+        make(run, *base, "train.steps=3").fit()
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    other.release()
+    assert make(run, *base, "train.steps=3").fit() == 0
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    ckpts = run / "checkpoints"
+    os.replace(ckpts / "step_00000003", ckpts / f".replaced-step_00000003-{dead.pid}")
+    temp = run / f".config.toml.{dead.pid}-0123abcd.tmp"
+    temp.write_text("cut short")
+    resumed = make(run, *base, "train.steps=4")
+    assert resumed.counters.step == 3 and not temp.exists()
+    assert resumed.fit() == 0
+
+
+def test_a_checkpoints_path_that_is_a_file_is_refused_before_any_work(make, tmp_path):
+    """A run dir whose checkpoints/ is a file (or a folder that takes no files) is refused at the start,
+    with the run's files untouched; it was found at the first save, after the run had started over and
+    rewritten metrics.jsonl."""
+    import shutil
+
+    from seektrain.errors import UserError
+
+    run = tmp_path / "run"
+    assert make(run, "train.steps=2", "checkpoint.every=1", "train.eval_every=0").fit() == 0
+    shutil.rmtree(run / "checkpoints")
+    (run / "checkpoints").write_text("x")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    refused = rf"^checkpoint directory {re.escape(str(run))}/checkpoints exists and is not a directory$"
+    with pytest.raises(UserError, match=refused):
+        make(run, "train.steps=3", "checkpoint.every=1", "train.eval_every=0")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_context_too_short_is_refused_before_the_default_corpus_is_prepared(tmp_path, monkeypatch):
+    """A mistake in the config alone is found before `seektrain train` prepares the stdlib (~10-45 s)."""
+    from seektrain.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"^data.seq_len=4096 is longer than the model's context, model.max_"):
+        Trainer(load_config(overrides=["data.seq_len=4096"]), tmp_path / "run")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+
+
 def test_resume_accepts_model_fields_no_weight_depends_on(make, tmp_path):
     """An export then import fills in the BOS/PAD ids from the tokenizer; a resume with such a config (or
     another initializer_range) continues, while a shape change is still refused."""
@@ -400,6 +466,9 @@ def test_a_checkpoint_from_before_mtp_input_resumes_only_as_it_was_trained(make,
     assert state["config"]["model"]["mtp_input"] == "normed"
     del state["config"]["model"]["mtp_input"]  # as written before the field existed
     torch.save(state, path)
+    meta = json.loads((path.parent / "meta.json").read_text())
+    del meta["files"]  # nor did meta.json list the files then
+    (path.parent / "meta.json").write_text(json.dumps(meta))
     assert load_run(run).config.model_config().mtp_input == "unnormed"
     with pytest.raises(UserError, match=r"model\.mtp_input: checkpoint 'unnormed', now 'normed'.*"
                        r"--set model\.mtp_input=unnormed continues it as trained"):

@@ -3,7 +3,11 @@
 A checkpoint is written into a hidden temporary directory, every file fsynced, and only then renamed
 to its final name; a directory with a final name is therefore always complete, and a crash mid-write
 leaves only a `.tmp-*` directory that discovery ignores and the next save removes. Old checkpoints
-are removed by renaming them to a hidden name first, so a half-deleted one never looks complete.
+are removed by renaming them to a hidden name first, so a half-deleted one never looks complete. A save
+of a step that has a checkpoint already (a rollback's) moves that one aside and deletes it only once the
+new one has its name: a kill between the two renames leaves it to be put back (`recover`). meta.json
+lists every other file with its size, so a checkpoint that lost a shard, or holds a file cut short (a
+partial copy), is not complete either.
 
 Under torchrun (`save_sharded`) every rank writes its shards of model and optimizer into the same
 temporary directory (`sharded.py`); rank 0 writes the rest and renames the directory only after a
@@ -30,12 +34,14 @@ import torch
 
 from seektrain.checkpoint.sharded import DCP_DIR, METADATA_FILE
 from seektrain.errors import RanksError, UserError, first_line
+from seektrain.paths import pid_alive
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 CONFIG_FILE = "config.toml"
 _NAME = re.compile(r"^step_(\d{8})$")
 ABANDONED_DIR = "abandoned"  # checkpoints newer than the one a run was resumed from
+_REPLACED = ".replaced-"  # + step_XXXXXXXX-PID: a checkpoint a save of its step is replacing
 
 
 def step_dir_name(step: int) -> str:
@@ -163,12 +169,17 @@ class CheckpointManager:
 
     def _finish(self, tmp: Path, final: Path, step: int, config_toml: str, meta: dict[str, Any]) -> Path:
         _write(tmp / CONFIG_FILE, lambda f: f.write(config_toml.encode()))
-        _write(tmp / META_FILE, lambda f: f.write(json.dumps({"step": step, **meta}, indent=1).encode()))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in files}
+        record = {"step": step, **meta, "files": sizes}
+        _write(tmp / META_FILE, lambda f: f.write(json.dumps(record, indent=1).encode()))
         _fsync_dir(tmp)
-        if final.exists():
-            self._discard(final)
+        replaced = self.root / f"{_REPLACED}{final.name}-{os.getpid()}"
+        if final.exists():  # deleted only once the new one has its name
+            os.replace(final, replaced)
         os.replace(tmp, final)
         _fsync_dir(self.root)
+        shutil.rmtree(replaced, ignore_errors=True)
         for old in self.list()[: -self.keep]:
             self._discard(old)
         return final
@@ -205,19 +216,51 @@ class CheckpointManager:
         os.replace(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
+    def recover(self) -> list[Path]:
+        """Put back each checkpoint that a save of its step had moved aside when it was killed before the
+        new one took its name (so neither has it); returns them. Not where that process still runs."""
+        back = []
+        for p in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            name, _, pid = p.name.removeprefix(_REPLACED).rpartition("-")
+            final = self.root / name
+            if not p.name.startswith(_REPLACED) or not _NAME.match(name) or not pid.isdigit():
+                continue
+            if not final.exists() and not pid_alive(int(pid)) and is_complete(p):
+                os.replace(p, final)
+                back.append(final)
+        return back
+
     def _remove_stale(self) -> None:
-        """Leftovers of interrupted saves/deletes (any process: they are never resumed from)."""
+        """Leftovers of interrupted saves/deletes (any process: they are never resumed from), after
+        putting back what `recover` can."""
+        self.recover()
         for p in self.root.iterdir():
-            if p.name.startswith((".tmp-", ".trash-")):
+            if p.name.startswith((".tmp-", ".trash-", _REPLACED)):
                 shutil.rmtree(p, ignore_errors=True)
 
 
 def missing_files(path: Path) -> list[str]:
-    """The files of a checkpoint that `path` lacks (none: it is complete)."""
+    """What `path` lacks of a checkpoint's files (none: it is complete): those missing, and `all of NAME
+    (SIZE of RECORDED bytes)` for one whose size is not the one meta.json recorded (checkpoints written
+    before meta.json listed them are checked for their names only)."""
     files = [STATE_FILE, META_FILE, CONFIG_FILE]
     if (path / DCP_DIR).exists():
         files.append(f"{DCP_DIR}/{METADATA_FILE}")
-    return [name for name in files if not (path / name).is_file()]
+    missing = [name for name in files if not (path / name).is_file()]
+    if META_FILE in missing:
+        return missing
+    try:
+        recorded = json.loads((path / META_FILE).read_bytes()).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        return [*missing, f"a readable {META_FILE}"]
+    for name, size in recorded.items():
+        file = path / name
+        if not file.is_file():
+            if name not in missing:
+                missing.append(name)
+        elif (actual := file.stat().st_size) != size:
+            missing.append(f"all of {name} ({actual:,} of {size:,} bytes)")
+    return missing
 
 
 def is_complete(path: Path) -> bool:
@@ -232,7 +275,9 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     if resume == "auto":
         return CheckpointManager(run_dir / "checkpoints", keep=1).latest()
     path = Path(resume)
-    if _NAME.match(path.name) and is_complete(path):
+    if _NAME.match(path.name) and path.is_dir():
+        if missing := missing_files(path):
+            raise UserError(f"--resume {resume}: not a complete checkpoint: it lacks {', '.join(missing)}")
         return path
     latest = CheckpointManager(path / "checkpoints", keep=1).latest() if path.is_dir() else None
     if latest is None:

@@ -56,6 +56,9 @@ def find_checkpoint(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | 
         raise UserError(f"run directory {run} {'is not a directory' if run.exists() else 'does not exist'}")
     checkpoints = CheckpointManager(run / "checkpoints", keep=1)
     latest = checkpoints.latest()
+    if latest is None and (damaged := checkpoints.damaged()):
+        lacks = "; ".join(f"{p.name} lacks {', '.join(missing_files(p))}" for p in damaged[-3:])
+        raise UserError(f"{run} has no complete checkpoint ({lacks})")
     if latest is None:
         raise UserError(
             f"{run} has no checkpoints (checkpoints/step_XXXXXXXX/): train it first with "

@@ -14,6 +14,7 @@ fails on all ranks or none (`agree`), so a bad input is reported once, by rank 0
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -42,7 +43,7 @@ from seektrain.distributed.env import (
     ranks_on_this_host,
 )
 from seektrain.errors import UserError
-from seektrain.paths import atomic_write_bytes, check_writable_dir
+from seektrain.paths import DirLock, atomic_write_bytes, check_writable_dir, remove_stale_temp_files
 from seektrain.train import balance, resume
 from seektrain.train.display import Display
 from seektrain.train.guard import OK, ROLLBACK, SKIP, Guard
@@ -92,7 +93,9 @@ class Trainer:
             raise UserError(f"train.cuda_graphs needs a CUDA GPU; this run is on {self.device.type}")
         _check_sharded_fp16(cfg, self.dist)
         init_process_group(self.dist, self.device)
+        self.run_lock = DirLock(self.run_dir, "--run-dir")  # rank 0's, while `fit` runs
         # Ranks may see different files (a data dir on one node only): each phase fails on all or none.
+        agree(self.dist, self._clean_up_after_a_kill)
         self.resume_from = agree(
             self.dist, lambda: self._find_inputs(cfg, resume), what="the checkpoint to resume from"
         )
@@ -102,17 +105,34 @@ class Trainer:
         self._build()
 
     # --- setup -------------------------------------------------------------------------------------
+    def _clean_up_after_a_kill(self) -> None:
+        """Rank 0: a checkpoint that a killed run was replacing is put back, its temporary files go (only
+        a dead process's: nothing a running trainer is writing)."""
+        if self.dist.is_main and self.run_dir.is_dir():
+            with contextlib.suppress(OSError):  # a folder it cannot change: the checks that follow say so
+                CheckpointManager(self.run_dir / "checkpoints", keep=1).recover()
+                remove_stale_temp_files(self.run_dir)
+
     def _find_inputs(self, cfg: RunConfig, resume: str) -> Path | None:
         """The checkpoint to resume from (None: a new run), after refusing to start a new run over one
-        already in the run directory; rank 0 prepares the default corpus when it is missing."""
+        already in the run directory; rank 0 prepares the default corpus when it is missing (after every
+        check that needs no data)."""
+        context = cfg.model_config().max_position_embeddings  # the data sets the vocabulary, not this
+        if cfg.data.seq_len > context:
+            raise UserError(
+                f"data.seq_len={cfg.data.seq_len} is longer than the model's context, "
+                f"model.max_position_embeddings={context}"
+            )
         check_writable_dir(self.run_dir, "--run-dir")
+        # a file there, or a folder that takes no files, found now: not at the first save, steps later
+        check_writable_dir(self.run_dir / "checkpoints", "checkpoint directory")
         resume_from = resolve_resume(resume, self.run_dir)
         if resume == "never" or (resume_from is not None and not _belongs_to(resume_from, self.run_dir)):
             _refuse_to_overwrite(self.run_dir, resume)
         data_dir = Path(cfg.data.path)
         missing = not (data_dir / "manifest.json").exists()
         if self.dist.is_main and missing and data_dir.resolve() == DEFAULT_DATA.resolve():
-            self._prepare_default(data_dir)
+            self._prepare_default(data_dir, cfg.log.progress)
         return resume_from
 
     def _open_inputs(self, cfg: RunConfig) -> None:
@@ -147,11 +167,6 @@ class Trainer:
         loader = self.loader
         self.cfg = _with_data_vocab(cfg, loader.vocab_size, loader.eos_id, loader.special_ids)
         self.model_cfg = self.cfg.model_config()
-        if cfg.data.seq_len > self.model_cfg.max_position_embeddings:
-            raise UserError(
-                f"data.seq_len={cfg.data.seq_len} is longer than the model's context, "
-                f"model.max_position_embeddings={self.model_cfg.max_position_embeddings}"
-            )
         self.notes: list[str] = []  # said once the run starts (rank 0)
         self.val = self._open_val(cfg)
         self.resume_state = None
@@ -280,11 +295,11 @@ class Trainer:
         self.peak = peak_flops(self.device)
 
     @staticmethod
-    def _prepare_default(data_dir: Path) -> None:
+    def _prepare_default(data_dir: Path, progress: bool) -> None:
         from seektrain.data.prepare import PrepareConfig, prepare
 
         print(f"{data_dir} is missing: preparing Python's standard library as the default corpus")
-        prepare(PrepareConfig(inputs=["stdlib"], out_dir=str(data_dir)))
+        prepare(PrepareConfig(inputs=["stdlib"], out_dir=str(data_dir), progress=progress))
 
     # --- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -343,6 +358,12 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------------
     def fit(self) -> int:
+        try:
+            return self._fit()
+        finally:
+            self.run_lock.release()
+
+    def _fit(self) -> int:
         t, c = self.cfg.train, self.counters
         if c.step >= t.steps:
             if self.dist.is_main:
@@ -354,9 +375,10 @@ class Trainer:
         if self.dist.is_main:
             abandoned = []
             try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self.run_lock.acquire()  # before anything is written: another process may be training here
                 if self.resume_from is None or _belongs_to(self.resume_from, self.run_dir):
                     abandoned = self.checkpoints.set_aside_after(c.step)  # as metrics.jsonl is cut back
-                self.run_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write_bytes(self.run_dir / "config.toml", self.cfg.to_toml().encode())
                 own = self.resume_from is not None and _belongs_to(self.resume_from, self.run_dir)
                 self.notes += _keep_tokenizer(Path(self.cfg.data.path), self.run_dir, fresh=not own)
