@@ -130,9 +130,12 @@ def import_hf(
         from seektrain.train.trainer import Trainer
 
         trainer = Trainer(run_cfg, tmp, resume="never")  # a fresh run on `data` ...
-        trainer.model.load_state_dict(model.state_dict())  # ... that starts from the imported weights
-        trainer.save_checkpoint()
-        (tmp / "config.toml").write_text(trainer.cfg.to_toml())
+        try:
+            trainer.model.load_state_dict(model.state_dict())  # ... that starts from the imported weights
+            trainer.save_checkpoint()
+            (tmp / "config.toml").write_text(trainer.cfg.to_toml())
+        finally:
+            trainer.close()
 
     return _build_atomically(out, write)
 

@@ -112,15 +112,19 @@ def remove_stale_temp_files(directory: Path) -> None:
 
 
 class DirLock:
-    """An exclusive lock on `directory/.lock` (flock): while one process holds it, another that would fill
-    the same directory is refused, in one line naming the holder's pid. The kernel drops it when the
-    holder ends, a kill -9 included, so a stale one never blocks. A no-op where flock does not exist."""
+    """An exclusive lock on `directory/.lock` (flock) that keeps other processes from filling the same
+    directory: one that holds it refuses another in one line naming the holder's pid. The kernel drops it
+    when the holder ends, a kill -9 included, so a stale one never blocks. Within one process the holders
+    of a directory share it (Trainers built side by side in Python). Where the filesystem has no flock
+    (`unsupported` then says why) or the platform none, it does nothing."""
 
     FILE = ".lock"
+    _held: dict[Path, list] = {}  # resolved directory -> [open file, holders] in this process
 
     def __init__(self, directory: Path, what: str):
         self.directory, self.what = Path(directory), what
-        self._file = None
+        self.unsupported: str | None = None
+        self._key: Path | None = None
 
     def acquire(self) -> None:
         """Take the lock (again: a no-op); UserError where another process holds it."""
@@ -128,7 +132,12 @@ class DirLock:
             import fcntl
         except ImportError:  # not POSIX
             return
-        if self._file is not None:
+        if self._key is not None:
+            return
+        key = self.directory.resolve()
+        if key in self._held:
+            self._held[key][1] += 1
+            self._key = key
             return
         path = self.directory / self.FILE
         try:
@@ -137,7 +146,7 @@ class DirLock:
             raise UserError(f"{self.what} {self.directory}: cannot write {path} ({e.strerror or e})") from e
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             file.seek(0)
             holder = file.read().strip() or "unknown"
             file.close()
@@ -145,12 +154,22 @@ class DirLock:
                 f"{self.what} {self.directory} is in use by another seektrain process (pid {holder}): "
                 "wait for it to end or stop it, or choose another directory"
             ) from None
+        except OSError as e:  # no flock on this filesystem (ENOLCK, EOPNOTSUPP): no lock, said once
+            file.close()
+            self.unsupported = f"cannot lock {path} ({e.strerror or e}): a second process is not kept out"
+            return
         file.truncate(0)
         file.write(str(os.getpid()))
         file.flush()
-        self._file = file
+        self._held[key] = [file, 1]
+        self._key = key
 
     def release(self) -> None:
-        if self._file is not None:
-            self._file.close()  # closing the file drops the lock
-            self._file = None
+        if self._key is None:
+            return
+        held = self._held[self._key]
+        held[1] -= 1
+        if not held[1]:
+            held[0].close()  # closing the file drops the lock
+            del self._held[self._key]
+        self._key = None

@@ -183,7 +183,8 @@ def test_host_memory_counts_every_rank_of_the_node_and_what_each_holds(toy, tmp_
 def test_a_collective_that_fails_because_another_rank_died_is_one_line(tmp_path):
     """A rank killed (out of memory, kill -9) breaks the collective the others are in: their error is one
     line that points at the rank that died, not a traceback that buries its output. Two real gloo ranks,
-    launched by hand so that no launcher stops rank 0 first: rank 1 exits, rank 0's all_reduce fails."""
+    launched by hand so that no launcher stops rank 0 first: rank 1 exits, and once it has, rank 0 is told
+    to go on into an all_reduce, which fails."""
     import socket
     import sys
     import textwrap
@@ -193,26 +194,25 @@ def test_a_collective_that_fails_because_another_rank_died_is_one_line(tmp_path)
         port = s.getsockname()[1]
     script = tmp_path / "rank.py"
     script.write_text(textwrap.dedent("""
-        import os, time, torch, torch.distributed as dist
+        import os, sys, torch, torch.distributed as dist
         from seektrain.distributed.env import lost_rank
         dist.init_process_group("gloo")
         dist.barrier()
         if dist.get_rank() == 1:
             os._exit(1)
-        time.sleep(1.0)
+        sys.stdin.readline()  # rank 1 is gone
         try:
             dist.all_reduce(torch.ones(1))
         except RuntimeError as e:
             print(lost_rank(e))
     """))
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
-    procs = [
-        subprocess.Popen([sys.executable, str(script)], env={**os.environ, **env, "RANK": str(rank)},
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-        for rank in (0, 1)
-    ]
-    out, err = procs[0].communicate(timeout=120)
-    procs[1].wait(timeout=30)
-    why = r"Connection (closed|reset) by peer \[127.0.0.1\]:\d+"  # gloo's own line, less its source file
+    pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ranks = [{**os.environ, **env, "RANK": str(rank)} for rank in (0, 1)]
+    procs = [subprocess.Popen([sys.executable, str(script)], env=e, **pipes) for e in ranks]
+    assert procs[1].wait(timeout=120) == 1
+    out, err = procs[0].communicate("go\n", timeout=120)
+    # gloo's own words, less its source location: "Connection closed by peer [127.0.0.1]:PORT", or a reset
+    why = r"[^\n]*Connection (closed|reset) by peer[^\n]*"
     line = rf"another rank stopped, so a collective failed \({why}\); that rank's output says why\n"
     assert re.fullmatch(line, out), (out, err)

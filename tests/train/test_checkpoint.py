@@ -1,5 +1,6 @@
 """Checkpoint directories: atomic appearance, retention, discovery that ignores partial writes."""
 
+import json
 import os
 import subprocess
 import sys
@@ -138,9 +139,34 @@ def test_a_save_killed_between_replacing_renames_leaves_the_old_checkpoint_to_pu
     assert sorted(os.listdir(root)) == ["step_00000010", "step_00000020"]
 
 
-def test_a_checkpoint_moved_aside_by_a_running_save_is_left_alone(tmp_path):
-    """Only a dead process's replacement is undone: a live one is between its renames."""
-    mgr = CheckpointManager(tmp_path / "checkpoints", keep=3)
+def test_a_checkpoint_moved_aside_is_put_back_whatever_pid_its_name_holds(tmp_path):
+    """One writer at a time (the trainer holds the run dir's lock), so a checkpoint moved aside without a
+    step dir in its place is a killed save's, also where its pid lives again (a restarted container's is
+    often the same): put back, never deleted as a leftover. One whose step has a checkpoint is."""
+    from seektrain.infer.runs import find_checkpoint
+
+    mgr = CheckpointManager(tmp_path / "run" / "checkpoints", keep=3)
     aside = mgr.root / f".replaced-step_00000010-{os.getpid()}"
     os.replace(save(mgr, 10), aside)
-    assert mgr.recover() == [] and aside.is_dir()
+    said = r"\.replaced-step_00000010-\d+ is step_00000010, moved aside by a killed save \(`seektrain train"
+    with pytest.raises(UserError, match=f"has no checkpoint under its own name: {said}"):
+        find_checkpoint(tmp_path / "run")
+    save(mgr, 20)  # a save first puts it back
+    assert [p.name for p in mgr.list()] == ["step_00000010", "step_00000020"]
+    leftover = mgr.root / ".replaced-step_00000020-1"
+    leftover.mkdir()
+    save(mgr, 30)
+    assert not leftover.exists()
+
+
+def test_a_meta_json_that_lists_no_files_properly_is_damage_not_a_crash(tmp_path):
+    from seektrain.checkpoint.manager import missing_files
+
+    mgr = CheckpointManager(tmp_path / "checkpoints", keep=3)
+    path = save(mgr, 10)
+    for files in (None, [1, 2], {"state.pt": "big"}):
+        (path / "meta.json").write_text(json.dumps({"step": 10, "files": files}))
+        assert missing_files(path) == ["a readable meta.json"] and mgr.latest() is None
+    size = (path / "state.pt").stat().st_size
+    (path / "meta.json").write_text(json.dumps({"step": 10, "files": {"state.pt": size - 1}}))
+    assert missing_files(path) == [f"state.pt as written ({size:,} bytes, {size - 1:,} recorded)"]

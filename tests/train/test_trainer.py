@@ -376,20 +376,23 @@ def test_a_run_dir_in_use_is_refused_and_a_killed_runs_leftovers_are_cleaned_up(
     import sys
 
     from seektrain.errors import UserError
-    from seektrain.paths import DirLock
-
     run = tmp_path / "run"
     base = ("checkpoint.every=1", "train.eval_every=0")
     assert make(run, *base, "train.steps=2").fit() == 0
-    other = DirLock(run, "--run-dir")  # as another process's trainer holds it (flock: per open file)
-    other.acquire()
-    in_use = rf"is in use by another seektrain process \(pid {os.getpid()}\): "
-    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    holder = subprocess.Popen(  # another process's trainer there, as far as the lock goes
+        [sys.executable, "-c", f"from seektrain.paths import DirLock; DirLock({str(run)!r}, '').acquire(); "
+         "print('held', flush=True); input()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline() == "held\n"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    in_use = rf"is in use by another seektrain process \(pid {holder.pid}\): "
     with pytest.raises(UserError, match=rf"^--run-dir {re.escape(str(run))} {in_use}"):
-        make(run, *base, "train.steps=3").fit()
-    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
-    other.release()
-    assert make(run, *base, "train.steps=3").fit() == 0
+        make(run, *base, "train.steps=3")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    holder.communicate("")  # it ends, and the kernel drops its lock
+    side_by_side = make(run, *base, "train.steps=3")  # in one process, trainers share it
+    assert make(run, *base, "train.steps=3").fit() == 0 and side_by_side.counters.step == 2
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -737,6 +740,31 @@ def test_weights_that_diverge_with_a_finite_loss_are_rolled_back_not_saved(
     calmer = make(run, *base, "optim.lr=3e-3", "optim.schedule=constant", "train.steps=12")
     assert calmer.counters.step == 5 and calmer.fit() == 0
     assert math.isfinite(train_lines(run)[-1]["loss"])
+
+
+def test_a_stop_does_not_save_weights_that_diverged_behind_a_finite_loss(make, tmp_path):
+    """A signal at a step without a scheduled checkpoint writes the resume point: where that step's update
+    diverged the weights (its own loss, computed before, finite), it rolls back to the last checkpoint
+    instead (the rollback writes one there), so the resume point is not a checkpoint no rollback gets
+    past."""
+    import signal
+
+    run = tmp_path / "run"
+    jump = ("optim.lr=1e20", "optim.schedule=multistep", "optim.multistep_milestones=[[0, 3e-23], [0.45, 1]]")
+    tr = make(run, *jump, "train.precision=fp32", "optim.warmup_steps=0", "train.spike_zscore=0",
+              "checkpoint.every=7", "train.eval_every=0", "train.steps=20")  # fmt: skip
+
+    def stop_at_step_10(stop):
+        if tr.counters.step == 10:
+            stop.signum = signal.SIGTERM
+        return stop.signum is not None
+
+    tr._stopping = stop_at_step_10
+    assert tr.fit() == 128 + signal.SIGTERM
+    events = [r for r in read_metrics(run / "metrics.jsonl") if "event" in r]
+    assert [(e["event"], e["step"]) for e in events] == [("rollback", 7), ("stopped", 7)]
+    assert events[0]["at_step"] == 10 and events[0]["reason"] == "loss nan after the update"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000007"]
 
 
 def test_the_rollback_limit_counts_across_a_resume(make, tmp_path):

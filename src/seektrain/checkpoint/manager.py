@@ -34,7 +34,6 @@ import torch
 
 from seektrain.checkpoint.sharded import DCP_DIR, METADATA_FILE
 from seektrain.errors import RanksError, UserError, first_line
-from seektrain.paths import pid_alive
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -177,7 +176,12 @@ class CheckpointManager:
         replaced = self.root / f"{_REPLACED}{final.name}-{os.getpid()}"
         if final.exists():  # deleted only once the new one has its name
             os.replace(final, replaced)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if replaced.exists():
+                os.replace(replaced, final)  # the old one keeps its name
+            raise
         _fsync_dir(self.root)
         shutil.rmtree(replaced, ignore_errors=True)
         for old in self.list()[: -self.keep]:
@@ -217,25 +221,32 @@ class CheckpointManager:
         shutil.rmtree(trash, ignore_errors=True)
 
     def recover(self) -> list[Path]:
-        """Put back each checkpoint that a save of its step had moved aside when it was killed before the
-        new one took its name (so neither has it); returns them. Not where that process still runs."""
+        """Put back each checkpoint that a save of its step had moved aside when the save was killed
+        before the new one took its name (so neither has it); returns them. For one writer of the run at
+        a time (the trainer holds the run dir's lock): any such directory is a killed save's."""
         back = []
-        for p in sorted(self.root.iterdir()) if self.root.is_dir() else []:
-            name, _, pid = p.name.removeprefix(_REPLACED).rpartition("-")
-            final = self.root / name
-            if not p.name.startswith(_REPLACED) or not _NAME.match(name) or not pid.isdigit():
-                continue
-            if not final.exists() and not pid_alive(int(pid)) and is_complete(p):
+        for p, final in self.moved_aside():
+            if is_complete(p):
                 os.replace(p, final)
                 back.append(final)
         return back
 
+    def moved_aside(self) -> list[tuple[Path, Path]]:
+        """(directory, its step_ name) of the checkpoints a killed save left moved aside (see `recover`)."""
+        found = []
+        for p in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            name = p.name.removeprefix(_REPLACED).rpartition("-")[0]
+            if p.name.startswith(_REPLACED) and _NAME.match(name) and not (self.root / name).exists():
+                found.append((p, self.root / name))
+        return found
+
     def _remove_stale(self) -> None:
         """Leftovers of interrupted saves/deletes (any process: they are never resumed from), after
-        putting back what `recover` can."""
+        putting back what `recover` can; a checkpoint moved aside is deleted only where its step has one."""
         self.recover()
+        kept = {p for p, _ in self.moved_aside()}
         for p in self.root.iterdir():
-            if p.name.startswith((".tmp-", ".trash-", _REPLACED)):
+            if p.name.startswith((".tmp-", ".trash-", _REPLACED)) and p not in kept:
                 shutil.rmtree(p, ignore_errors=True)
 
 
@@ -251,6 +262,8 @@ def missing_files(path: Path) -> list[str]:
         return missing
     try:
         recorded = json.loads((path / META_FILE).read_bytes()).get("files", {})
+        if not all(isinstance(k, str) and type(v) is int for k, v in recorded.items()):
+            raise ValueError("files: not names with sizes")
     except (OSError, ValueError, AttributeError):
         return [*missing, f"a readable {META_FILE}"]
     for name, size in recorded.items():
@@ -258,8 +271,10 @@ def missing_files(path: Path) -> list[str]:
         if not file.is_file():
             if name not in missing:
                 missing.append(name)
-        elif (actual := file.stat().st_size) != size:
+        elif (actual := file.stat().st_size) < size:
             missing.append(f"all of {name} ({actual:,} of {size:,} bytes)")
+        elif actual > size:
+            missing.append(f"{name} as written ({actual:,} bytes, {size:,} recorded)")
     return missing
 
 

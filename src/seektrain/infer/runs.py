@@ -56,6 +56,14 @@ def find_checkpoint(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | 
         raise UserError(f"run directory {run} {'is not a directory' if run.exists() else 'does not exist'}")
     checkpoints = CheckpointManager(run / "checkpoints", keep=1)
     latest = checkpoints.latest()
+    aside = [(p, final) for p, final in checkpoints.moved_aside() if not latest or final.name > latest.name]
+    if aside:  # a save killed between its renames: `seektrain train` on the run puts it back
+        p, final = aside[-1]
+        said = f"{p.name} is {final.name}, moved aside by a killed save (`seektrain train --run-dir {run}`"
+        said += " puts it back)"
+        if latest is None:
+            raise UserError(f"{run} has no checkpoint under its own name: {said}")
+        print(f"note: {said}: using {latest.name}", file=sys.stderr)
     if latest is None and (damaged := checkpoints.damaged()):
         lacks = "; ".join(f"{p.name} lacks {', '.join(missing_files(p))}" for p in damaged[-3:])
         raise UserError(f"{run} has no complete checkpoint ({lacks})")

@@ -93,9 +93,19 @@ class Trainer:
             raise UserError(f"train.cuda_graphs needs a CUDA GPU; this run is on {self.device.type}")
         _check_sharded_fp16(cfg, self.dist)
         init_process_group(self.dist, self.device)
-        self.run_lock = DirLock(self.run_dir, "--run-dir")  # rank 0's, while `fit` runs
+        # Rank 0 holds the run dir's lock from here to the end of `fit` (a new run dir's once `fit` makes
+        # it): another process's trainer there is refused before this one changes anything.
+        self.run_lock = DirLock(self.run_dir, "--run-dir")
+        try:
+            self._set_up(cfg, resume)
+        except BaseException:
+            self.run_lock.release()
+            raise
+
+    # --- setup -------------------------------------------------------------------------------------
+    def _set_up(self, cfg: RunConfig, resume: str) -> None:
         # Ranks may see different files (a data dir on one node only): each phase fails on all or none.
-        agree(self.dist, self._clean_up_after_a_kill)
+        agree(self.dist, lambda: self._lock_run_dir(create=False))
         self.resume_from = agree(
             self.dist, lambda: self._find_inputs(cfg, resume), what="the checkpoint to resume from"
         )
@@ -104,14 +114,20 @@ class Trainer:
         _check_sharded_fp16(self.cfg, self.dist, "the checkpoint's ")  # `auto` may have become fp16
         self._build()
 
-    # --- setup -------------------------------------------------------------------------------------
-    def _clean_up_after_a_kill(self) -> None:
-        """Rank 0: a checkpoint that a killed run was replacing is put back, its temporary files go (only
-        a dead process's: nothing a running trainer is writing)."""
-        if self.dist.is_main and self.run_dir.is_dir():
-            with contextlib.suppress(OSError):  # a folder it cannot change: the checks that follow say so
-                CheckpointManager(self.run_dir / "checkpoints", keep=1).recover()
-                remove_stale_temp_files(self.run_dir)
+    def _lock_run_dir(self, create: bool) -> None:
+        """Rank 0 takes the run dir's lock (making the dir first with `create`), then cleans up after a
+        killed trainer there: a checkpoint it was replacing is put back, its temporary files go."""
+        if not self.dist.is_main or not (create or self.run_dir.is_dir()):
+            return
+        if create:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"--run-dir {self.run_dir}: cannot create it ({e.strerror or e})") from e
+        self.run_lock.acquire()
+        with contextlib.suppress(OSError):  # a folder it cannot change: the checks that follow say so
+            CheckpointManager(self.run_dir / "checkpoints", keep=1).recover()
+            remove_stale_temp_files(self.run_dir)
 
     def _find_inputs(self, cfg: RunConfig, resume: str) -> Path | None:
         """The checkpoint to resume from (None: a new run), after refusing to start a new run over one
@@ -361,7 +377,11 @@ class Trainer:
         try:
             return self._fit()
         finally:
-            self.run_lock.release()
+            self.close()
+
+    def close(self) -> None:
+        """Let go of the run dir (its lock), for a trainer used without `fit`, which does it itself."""
+        self.run_lock.release()
 
     def _fit(self) -> int:
         t, c = self.cfg.train, self.counters
@@ -372,16 +392,17 @@ class Trainer:
                     "Raise train.steps to continue, or use another --run-dir."
                 )
             return 0
+        agree(self.dist, lambda: self._lock_run_dir(create=True))  # held already where the dir was
         if self.dist.is_main:
             abandoned = []
             try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                self.run_lock.acquire()  # before anything is written: another process may be training here
-                if self.resume_from is None or _belongs_to(self.resume_from, self.run_dir):
+                own = self.resume_from is not None and _belongs_to(self.resume_from, self.run_dir)
+                if self.resume_from is None or own:
                     abandoned = self.checkpoints.set_aside_after(c.step)  # as metrics.jsonl is cut back
                 atomic_write_bytes(self.run_dir / "config.toml", self.cfg.to_toml().encode())
-                own = self.resume_from is not None and _belongs_to(self.resume_from, self.run_dir)
                 self.notes += _keep_tokenizer(Path(self.cfg.data.path), self.run_dir, fresh=not own)
+                if self.run_lock.unsupported:
+                    self.notes.append(self.run_lock.unsupported)
                 self.metrics = MetricsLog(
                     self.run_dir, c.step if self.resume_from else -1, self.cfg.log.tensorboard
                 )
@@ -495,9 +516,13 @@ class Trainer:
             if save:
                 self.save_checkpoint()
             if step < t.steps and self._stopping(stop):  # at the last step the run is done anyway
-                if not save:  # the resume point, bad streak or not (the guard's count is saved too)
-                    self.save_checkpoint()
-                name = signal.Signals(stop.signum).name
+                if not save:  # the resume point, bad streak or not (the guard's count is saved too) ...
+                    loss = math.nan if self.guard.consecutive_bad else self._loss_after_update(*batches[0])
+                    if self.guard.consecutive_bad or math.isfinite(loss):
+                        self.save_checkpoint()
+                    else:  # ... but not weights this step's update diverged: its rollback saves one
+                        self._rollback(step, f"loss {loss} after the update")
+                name, step = signal.Signals(stop.signum).name, self.counters.step
                 self.metrics.write({"step": step, "event": "stopped", "signal": name})
                 self.display.print(f"{name}: checkpoint written at step {step}; continue with --resume auto")
                 return 128 + stop.signum
