@@ -59,5 +59,6 @@ def check() -> str | None:
 if __name__ == "__main__":
     dist.init_process_group("gloo")
     problem = check()  # its models (and FSDP2's hold on the group) are gone when it returns
+    dist.barrier()  # no rank tears its group down while another still talks to it (a gloo abort, seen once)
     destroy_process_group()
     raise SystemExit(problem)
