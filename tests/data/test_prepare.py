@@ -157,6 +157,9 @@ def test_bad_jsonl_line_fails_or_is_counted(tmp_path):
         prepare(small_config([tmp_path / "in.jsonl"], tmp_path / "out"))
     report = prepare(small_config([tmp_path / "in.jsonl"], tmp_path / "out", skip_bad_lines=True))
     assert report["bad_jsonl_lines"] == 1 and report["documents_kept"] == 6
+    (tmp_path / "all_bad.jsonl").write_text("{not json\n[1]\n")  # nothing left: the error says why
+    with pytest.raises(UserError, match=r"dropped no documents read; skipped 2 JSONL lines that were not"):
+        prepare(small_config([tmp_path / "all_bad.jsonl"], tmp_path / "none", skip_bad_lines=True))
     lines[3] = "[" * 100_000  # nested deeper than json's recursion limit: was a RecursionError traceback
     (tmp_path / "deep.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(UserError, match=r"deep.jsonl:4: JSONL line is not valid"):

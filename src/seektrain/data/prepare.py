@@ -386,12 +386,12 @@ def prepare(cfg: PrepareConfig) -> dict:
         kept = _dedup(keys, band_rows, cfg.dedup, stats["dropped"])
         seconds["dedup"] = time.perf_counter() - t
         if not len(kept):
-            reasons = (
-                ", ".join(f"{k}: {v}" for k, v in sorted(stats["dropped"].items())) or "no documents read"
-            )
-            raise UserError(
-                f"empty corpus after filtering ({stats['documents_in']} documents in; dropped {reasons})"
-            )
+            dropped = {k: v for k, v in sorted(stats["dropped"].items()) if v}
+            reasons = ", ".join(f"{k}: {v}" for k, v in dropped.items()) or "no documents read"
+            if skipped := stats.get("bad_jsonl_lines", 0):
+                reasons += f"; skipped {skipped} JSONL lines that were not objects with a text field"
+            documents = stats["documents_in"]
+            raise UserError(f"empty corpus after filtering ({documents} documents in; dropped {reasons})")
 
         t = time.perf_counter()
         if tokenizer is None:
