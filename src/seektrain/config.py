@@ -175,8 +175,15 @@ class OptimConfig:
         if self.state_dtype != "fp32" and self.name != "adamw":
             raise UserError(f"optim.state_dtype={self.state_dtype} is for adamw, not {self.name}")
         _positive(self, "eps")  # 0 divides by sqrt(v) = 0 where a gradient was 0
+        if self.eps >= 1:  # it is added to sqrt(v), of gradients' size: this large, no weight moves
+            raise UserError(f"optim.eps={self.eps} must be below 1 (typically 1e-8)")
         for name in ("weight_decay", "warmup_steps"):
             _non_negative(self, name)
+        if self.lr * self.weight_decay >= 1:  # decoupled decay multiplies each weight by 1 - lr·wd
+            raise UserError(
+                f"optim.lr × optim.weight_decay = {self.lr * self.weight_decay:g} must be below 1: each step "
+                "would shrink every weight past zero"
+            )
         for name in ("beta1", "beta2"):  # 1 would never move the moments (torch refuses it)
             value = getattr(self, name)
             if not 0 <= value < 1:

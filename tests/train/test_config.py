@@ -144,6 +144,14 @@ def test_cuda_graphs_need_compile_and_no_activation_checkpointing():
     assert load_config(overrides=["train.compile=true", "train.cuda_graphs=true"]).train.cuda_graphs
 
 
+def test_optimizer_values_that_would_stop_every_weight_are_refused():
+    with pytest.raises(UserError, match=r"^optim.eps=1e\+30 must be below 1"):
+        load_config(overrides=["optim.eps=1e30"])
+    with pytest.raises(UserError, match=r"^optim.lr × optim.weight_decay = 2 must be below 1"):
+        load_config(overrides=["optim.lr=2e-3", "optim.weight_decay=1000"])
+    assert load_config(overrides=["optim.lr=1e-3", "optim.weight_decay=10"]).optim.weight_decay == 10
+
+
 def test_bf16_moments_are_for_adamw():
     with pytest.raises(UserError, match="optim.state_dtype=bf16 is for adamw, not lamb"):
         load_config(overrides=["optim.name=lamb", "optim.state_dtype=bf16"])

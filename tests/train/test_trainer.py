@@ -728,7 +728,8 @@ def test_weights_that_diverge_with_a_finite_loss_are_rolled_back_not_saved(
     from seektrain.errors import UserError
 
     run = tmp_path / "run"
-    jump = ("optim.lr=1e20", "optim.schedule=multistep", "optim.multistep_milestones=[[0, 3e-23], [0.45, 1]]")
+    jump = ("optim.lr=1e20", "optim.weight_decay=0", "optim.schedule=multistep",
+            "optim.multistep_milestones=[[0, 3e-23], [0.45, 1]]")  # fmt: skip
     base = ("train.precision=fp32", "optim.warmup_steps=0", "train.spike_zscore=0", "train.max_bad_steps=2",
             "checkpoint.every=5", f"train.eval_every={eval_every}", "train.steps=20")  # fmt: skip
     limit = rf"rolled back to step 5 3 times .*\({scored} nan after the update\)"
@@ -750,7 +751,8 @@ def test_a_stop_does_not_save_weights_that_diverged_behind_a_finite_loss(make, t
     import signal
 
     run = tmp_path / "run"
-    jump = ("optim.lr=1e20", "optim.schedule=multistep", "optim.multistep_milestones=[[0, 3e-23], [0.45, 1]]")
+    jump = ("optim.lr=1e20", "optim.weight_decay=0", "optim.schedule=multistep",
+            "optim.multistep_milestones=[[0, 3e-23], [0.45, 1]]")  # fmt: skip
     tr = make(run, *jump, "train.precision=fp32", "optim.warmup_steps=0", "train.spike_zscore=0",
               "checkpoint.every=7", "train.eval_every=0", "train.steps=20")  # fmt: skip
 
