@@ -769,6 +769,68 @@ def test_a_stop_does_not_save_weights_that_diverged_behind_a_finite_loss(make, t
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000007"]
 
 
+def test_a_stop_during_a_bad_streak_rolls_back_rather_than_saving_its_weights(make, tmp_path):
+    """Steps from 5 on are non-finite (skipped), and a signal comes at step 6: the resume point is the last
+    checkpoint's weights with the data position, written by a rollback, not the weights that give NaN
+    (with checkpoint.keep=1 those replaced the only good checkpoint)."""
+    import signal
+
+    run = tmp_path / "run"
+    tr = make(run, "checkpoint.every=4", "checkpoint.keep=1", "train.eval_every=0", "train.max_bad_steps=10",
+              "train.steps=20")  # fmt: skip
+    nan_from(tr, 5)
+
+    def stop_at_step_6(stop):
+        if tr.counters.step == 6:
+            stop.signum = signal.SIGTERM
+        return stop.signum is not None
+
+    tr._stopping = stop_at_step_6
+    assert tr.fit() == 128 + signal.SIGTERM
+    events = [r for r in read_metrics(run / "metrics.jsonl") if r.get("event") in ("rollback", "stopped")]
+    assert [(e["event"], e["step"]) for e in events] == [("rollback", 4), ("stopped", 4)]
+    assert events[0]["reason"] == "stopped after 2 non-finite steps"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004"]
+
+
+def test_a_run_another_trainer_started_in_a_new_run_dir_meanwhile_is_not_started_over(make, tmp_path):
+    """Two starts on a run dir that does not exist yet: the one that gets to `fit` second finds a run there
+    that it did not see at its start, and is refused rather than starting a new run over it."""
+    from seektrain.errors import UserError
+
+    run = tmp_path / "run"
+    late = make(run, "train.steps=2", "train.eval_every=0")
+    assert make(run, "train.steps=2", "train.eval_every=0").fit() == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match=r"was not there when this run started, and another trainer has"):
+        late.fit()
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_reader_takes_the_next_newest_checkpoint_when_retention_removes_the_one_it_reads(
+    make, tmp_path, monkeypatch
+):
+    """generate/eval/export on a run in training: retention may delete the newest checkpoint while it is
+    read (a sharded one takes a while); the reader then takes the newest again instead of failing."""
+    import shutil
+
+    import seektrain.infer.runs as runs
+
+    run = tmp_path / "run"
+    overrides = ("train.steps=3", "checkpoint.every=1", "checkpoint.keep=2", "train.eval_every=0")
+    assert make(run, *overrides).fit() == 0
+    read, reads = runs.load_checkpoint, []
+
+    def retention_strikes_first(path, **kw):
+        reads.append(path.name)
+        if len(reads) == 1:
+            shutil.rmtree(path)  # as the trainer's retention does, mid-read
+        return read(path, **kw)
+
+    monkeypatch.setattr(runs, "load_checkpoint", retention_strikes_first)
+    assert runs.load_run(run).step == 2 and reads == ["step_00000003", "step_00000002"]
+
+
 def test_the_rollback_limit_counts_across_a_resume(make, tmp_path):
     """The rollbacks to one checkpoint are counted in the checkpoints, so a run that stopped at the limit
     and is resumed (or one interrupted between rollbacks) does not get three more: resumed into the same

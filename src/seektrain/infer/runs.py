@@ -87,10 +87,18 @@ def load_run(
 ) -> LoadedRun:
     """The model of a run's newest (or the given) checkpoint, on `device` in `dtype`
     (the routers' correction biases stay fp32)."""
-    path = find_checkpoint(run_dir, checkpoint)
-    state = load_checkpoint(path, mmap=True)  # only the model's tensors are read, not the optimizer's
-    if "model" not in state and is_sharded(path):  # written by several ranks: weights in path/dcp
-        state["model"] = read_model_state(path)
+    for attempt in range(3):
+        path = find_checkpoint(run_dir, checkpoint)
+        try:
+            state = load_checkpoint(path, mmap=True)  # only the model's tensors, not the optimizer's
+            if "model" not in state and is_sharded(path):  # written by several ranks: weights in path/dcp
+                state["model"] = read_model_state(path)
+            break
+        except UserError:
+            # The newest checkpoint of a run in training can go while it is read (retention keeps
+            # `checkpoint.keep`; a sharded one takes a while to read): then the newest again.
+            if checkpoint is not None or path.exists() or attempt == 2:
+                raise
     if "model" not in state or "config" not in state:
         raise UserError(f"{path / 'state.pt'} is not a seektrain checkpoint (no model or config)")
     config = RunConfig.from_dict(state["config"])

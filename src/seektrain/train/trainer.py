@@ -96,6 +96,7 @@ class Trainer:
         # Rank 0 holds the run dir's lock from here to the end of `fit` (a new run dir's once `fit` makes
         # it): another process's trainer there is refused before this one changes anything.
         self.run_lock = DirLock(self.run_dir, "--run-dir")
+        self._found_run_dir = False  # whether the run dir was there at the start (rank 0)
         try:
             self._set_up(cfg, resume)
         except BaseException:
@@ -116,9 +117,19 @@ class Trainer:
 
     def _lock_run_dir(self, create: bool) -> None:
         """Rank 0 takes the run dir's lock (making the dir first with `create`), then cleans up after a
-        killed trainer there: a checkpoint it was replacing is put back, its temporary files go."""
+        killed trainer there: a checkpoint it was replacing is put back, its temporary files go. A run
+        dir that another trainer made and filled after this one found none is refused."""
         if not self.dist.is_main or not (create or self.run_dir.is_dir()):
             return
+        if not create:
+            self._found_run_dir = True
+        elif not self._found_run_dir and self.run_dir.is_dir():
+            self.run_lock.acquire()
+            if any((self.run_dir / name).exists() for name in (*RUN_FILES, "checkpoints")):
+                raise UserError(
+                    f"{self.run_dir} was not there when this run started, and another trainer has written "
+                    "a run there since: run the command again to continue that run, or use another --run-dir"
+                )
         if create:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -516,12 +527,15 @@ class Trainer:
             if save:
                 self.save_checkpoint()
             if step < t.steps and self._stopping(stop):  # at the last step the run is done anyway
-                if not save:  # the resume point, bad streak or not (the guard's count is saved too) ...
-                    loss = math.nan if self.guard.consecutive_bad else self._loss_after_update(*batches[0])
-                    if self.guard.consecutive_bad or math.isfinite(loss):
+                if not save:  # the resume point: these weights if they score finite outside a bad streak,
+                    # else the last checkpoint's, which the rollback saves with the data position
+                    bad = self.guard.consecutive_bad
+                    loss = math.nan if bad else self._loss_after_update(*batches[0])
+                    if math.isfinite(loss):
                         self.save_checkpoint()
-                    else:  # ... but not weights this step's update diverged: its rollback saves one
-                        self._rollback(step, f"loss {loss} after the update")
+                    else:
+                        reason = f"loss {loss} after the update"
+                        self._rollback(step, f"stopped after {bad} non-finite steps" if bad else reason)
                 name, step = signal.Signals(stop.signum).name, self.counters.step
                 self.metrics.write({"step": step, "event": "stopped", "signal": name})
                 self.display.print(f"{name}: checkpoint written at step {step}; continue with --resume auto")
