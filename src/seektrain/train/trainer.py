@@ -121,9 +121,7 @@ class Trainer:
         dir that another trainer made and filled after this one found none is refused."""
         if not self.dist.is_main or not (create or self.run_dir.is_dir()):
             return
-        if not create:
-            self._found_run_dir = True
-        elif not self._found_run_dir and self.run_dir.is_dir():
+        if create and not self._found_run_dir and self.run_dir.is_dir():
             self.run_lock.acquire()
             if any((self.run_dir / name).exists() for name in (*RUN_FILES, "checkpoints")):
                 raise UserError(
@@ -136,6 +134,7 @@ class Trainer:
             except OSError as e:
                 raise UserError(f"--run-dir {self.run_dir}: cannot create it ({e.strerror or e})") from e
         self.run_lock.acquire()
+        self._found_run_dir = True  # this trainer's from here (a second `fit` finds its own files)
         with contextlib.suppress(OSError):  # a folder it cannot change: the checks that follow say so
             CheckpointManager(self.run_dir / "checkpoints", keep=1).recover()
             remove_stale_temp_files(self.run_dir)
