@@ -743,6 +743,18 @@ def test_weights_that_diverge_with_a_finite_loss_are_rolled_back_not_saved(
     assert math.isfinite(train_lines(run)[-1]["loss"])
 
 
+def stop_at(tr, step):
+    """Make the loop see a SIGTERM at the end of `step`, as its signal handler would set it."""
+    import signal
+
+    def stopping(stop):
+        if tr.counters.step == step:
+            stop.signum = signal.SIGTERM
+        return stop.signum is not None
+
+    tr._stopping = stopping
+
+
 def test_a_stop_does_not_save_weights_that_diverged_behind_a_finite_loss(make, tmp_path):
     """A signal at a step without a scheduled checkpoint writes the resume point: where that step's update
     diverged the weights (its own loss, computed before, finite), it rolls back to the last checkpoint
@@ -755,13 +767,7 @@ def test_a_stop_does_not_save_weights_that_diverged_behind_a_finite_loss(make, t
             "optim.multistep_milestones=[[0, 3e-23], [0.45, 1]]")  # fmt: skip
     tr = make(run, *jump, "train.precision=fp32", "optim.warmup_steps=0", "train.spike_zscore=0",
               "checkpoint.every=7", "train.eval_every=0", "train.steps=20")  # fmt: skip
-
-    def stop_at_step_10(stop):
-        if tr.counters.step == 10:
-            stop.signum = signal.SIGTERM
-        return stop.signum is not None
-
-    tr._stopping = stop_at_step_10
+    stop_at(tr, 10)
     assert tr.fit() == 128 + signal.SIGTERM
     events = [r for r in read_metrics(run / "metrics.jsonl") if "event" in r]
     assert [(e["event"], e["step"]) for e in events] == [("rollback", 7), ("stopped", 7)]
@@ -779,13 +785,7 @@ def test_a_stop_during_a_bad_streak_rolls_back_rather_than_saving_its_weights(ma
     tr = make(run, "checkpoint.every=4", "checkpoint.keep=1", "train.eval_every=0", "train.max_bad_steps=10",
               "train.steps=20")  # fmt: skip
     nan_from(tr, 5)
-
-    def stop_at_step_6(stop):
-        if tr.counters.step == 6:
-            stop.signum = signal.SIGTERM
-        return stop.signum is not None
-
-    tr._stopping = stop_at_step_6
+    stop_at(tr, 6)
     assert tr.fit() == 128 + signal.SIGTERM
     events = [r for r in read_metrics(run / "metrics.jsonl") if r.get("event") in ("rollback", "stopped")]
     assert [(e["event"], e["step"]) for e in events] == [("rollback", 4), ("stopped", 4)]
