@@ -5,6 +5,7 @@ bare barrier left them waiting for rank 0. Prints `rank R: MESSAGE`; exits non-z
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
 import sys
@@ -27,7 +28,7 @@ if __name__ == "__main__":
     try:
         manager.save_sharded(8, lambda tmp: None, {"x": torch.zeros(1 << 14)}, "", {}, is_main=rank == 0)
     except RanksError as e:
-        print(f"rank {rank}: {e}", flush=True)
+        os.write(1, f"rank {rank}: {e}\n".encode())  # one write: the ranks' lines never interleave
     else:
         raise SystemExit(f"rank {rank}: the save did not fail")
     finally:
