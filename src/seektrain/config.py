@@ -249,12 +249,19 @@ class ModelSection:
         if self.preset not in ModelConfig.preset_names():
             raise UserError(_unknown("model.preset", self.preset, ModelConfig.preset_names()))
         base = ModelConfig.from_preset(self.preset)
-        names = [f.name for f in dataclasses.fields(ModelConfig)]
         for key in self.overrides:
-            if key not in names:
-                raise UserError(_unknown("model." + key, None, ["model." + n for n in names + ["preset"]]))
+            self.check_key(key)
         values = {k: _none_from_toml(v) for k, v in self.overrides.items()}
         return dataclasses.replace(base, **values)
+
+    @staticmethod
+    def check_key(key: str, origin: str = "") -> None:
+        """UserError unless `key` is `preset` or a `ModelConfig` field, naming where it came from."""
+        from seektrain.model.config import ModelConfig
+
+        names = ["preset", *(f.name for f in dataclasses.fields(ModelConfig))]
+        if key not in names:
+            raise UserError(_unknown(f"model.{key}", None, [f"model.{n}" for n in names], origin))
 
 
 SECTIONS = {
@@ -390,13 +397,9 @@ def _apply(cfg: RunConfig, d: dict, origin: str) -> RunConfig:
         if not isinstance(values, dict):
             raise UserError(f"{origin}: [{section}] must be a table of keys")
         if section == "model":
-            from seektrain.model.config import ModelConfig
-
             model = dataclasses.replace(cfg.model, overrides=dict(cfg.model.overrides))
-            names = ["preset", *(f.name for f in dataclasses.fields(ModelConfig))]
             for key, value in values.items():
-                if key not in names:
-                    raise UserError(_unknown(f"model.{key}", None, [f"model.{n}" for n in names], origin))
+                ModelSection.check_key(key, origin)
                 if key == "preset":
                     model.preset = _check_type("model.preset", value, str, origin)
                 else:

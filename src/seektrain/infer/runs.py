@@ -64,7 +64,8 @@ def find_checkpoint(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | 
         if latest is None:
             raise UserError(f"{run} has no checkpoint under its own name: {said}")
         print(f"note: {said}: using {latest.name}", file=sys.stderr)
-    if latest is None and (damaged := checkpoints.damaged()):
+    damaged = checkpoints.damaged()
+    if latest is None and damaged:
         lacks = "; ".join(f"{p.name} lacks {', '.join(missing_files(p))}" for p in damaged[-3:])
         raise UserError(f"{run} has no complete checkpoint ({lacks})")
     if latest is None:
@@ -72,10 +73,10 @@ def find_checkpoint(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | 
             f"{run} has no checkpoints (checkpoints/step_XXXXXXXX/): train it first with "
             f"`seektrain train --run-dir {run}`, or import one with `seektrain import`"
         )
-    for damaged in checkpoints.damaged():
-        if damaged.name > latest.name:  # the run's newest, but not whole: say which one is used instead
-            lacks = ", ".join(missing_files(damaged))
-            print(f"note: {damaged} lacks {lacks}: using {latest.name}", file=sys.stderr)
+    for path in damaged:
+        if path.name > latest.name:  # the run's newest, but not whole: say which one is used instead
+            lacks = ", ".join(missing_files(path))
+            print(f"note: {path} lacks {lacks}: using {latest.name}", file=sys.stderr)
     return latest
 
 

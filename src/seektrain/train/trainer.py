@@ -118,22 +118,23 @@ class Trainer:
     def _lock_run_dir(self, create: bool) -> None:
         """Rank 0 takes the run dir's lock (making the dir first with `create`), then cleans up after a
         killed trainer there: a checkpoint it was replacing is put back, its temporary files go. A run
-        dir that another trainer made and filled after this one found none is refused."""
-        if not self.dist.is_main or not (create or self.run_dir.is_dir()):
+        dir that another trainer made and filled after this one found none is refused. Once per trainer:
+        at its start where the dir was there, else in `fit`."""
+        if not self.dist.is_main or self._found_run_dir:
             return
-        if create and not self._found_run_dir and self.run_dir.is_dir():
-            self.run_lock.acquire()
-            if any((self.run_dir / name).exists() for name in (*RUN_FILES, "checkpoints")):
-                raise UserError(
-                    f"{self.run_dir} was not there when this run started, and another trainer has written "
-                    "a run there since: run the command again to continue that run, or use another --run-dir"
-                )
         if create:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise UserError(f"--run-dir {self.run_dir}: cannot create it ({e.strerror or e})") from e
+        elif not self.run_dir.is_dir():
+            return
         self.run_lock.acquire()
+        if create and any((self.run_dir / name).exists() for name in (*RUN_FILES, "checkpoints")):
+            raise UserError(
+                f"{self.run_dir} was not there when this run started, and another trainer has written "
+                "a run there since: run the command again to continue that run, or use another --run-dir"
+            )
         self._found_run_dir = True  # this trainer's from here (a second `fit` finds its own files)
         with contextlib.suppress(OSError):  # a folder it cannot change: the checks that follow say so
             CheckpointManager(self.run_dir / "checkpoints", keep=1).recover()
@@ -510,17 +511,17 @@ class Trainer:
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
                 val_loss = self._evaluate()
                 if val_loss is not None and not math.isfinite(val_loss):
-                    diverged = f"val_loss {val_loss}"
+                    diverged = f"val_loss {val_loss} after the update"
             save = False
             if checkpoint_due or step % ck.every == 0 or step == t.steps:
                 # Weights that just gave a non-finite loss are not saved on schedule: a rollback to them
                 # would land in the same divergence (and never reach the rollback limit).
                 checkpoint_due = self.guard.consecutive_bad > 0
                 save = not checkpoint_due and diverged is None
-                if save and not math.isfinite(loss := self._loss_after_update(*batches[0])):
-                    diverged, save = f"loss {loss}", False
+                if save and (diverged := self._diverged_after_update(batches[0])):
+                    save = False
             if diverged is not None:
-                self._rollback(step, f"{diverged} after the update")
+                self._rollback(step, diverged)
                 checkpoint_due = False
                 continue
             if save:
@@ -528,13 +529,14 @@ class Trainer:
             if step < t.steps and self._stopping(stop):  # at the last step the run is done anyway
                 if not save:  # the resume point: these weights if they score finite outside a bad streak,
                     # else the last checkpoint's, which the rollback saves with the data position
-                    bad = self.guard.consecutive_bad
-                    loss = math.nan if bad else self._loss_after_update(*batches[0])
-                    if math.isfinite(loss):
+                    if bad := self.guard.consecutive_bad:
+                        why = f"stopped after {bad} non-finite steps"
+                    else:
+                        why = self._diverged_after_update(batches[0])
+                    if why is None:
                         self.save_checkpoint()
                     else:
-                        reason = f"loss {loss} after the update"
-                        self._rollback(step, f"stopped after {bad} non-finite steps" if bad else reason)
+                        self._rollback(step, why)
                 name, step = signal.Signals(stop.signum).name, self.counters.step
                 self.metrics.write({"step": step, "event": "stopped", "signal": name})
                 self.display.print(f"{name}: checkpoint written at step {step}; continue with --resume auto")
@@ -611,17 +613,17 @@ class Trainer:
         return total / count if count else None
 
     @torch.no_grad()
-    def _loss_after_update(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """The training loss (main model and MTP) of the step's first micro-batch, scored again on the
-        weights its update left, summed over the ranks: not finite where the update diverged them (the
-        step's own loss came before it). MTP included: its modules can diverge while the main model's
-        loss stays finite."""
+    def _diverged_after_update(self, batch: tuple[torch.Tensor, torch.Tensor]) -> str | None:
+        """Why the weights the step just left must not be saved, or None: the training loss (main model
+        and MTP) of the step's first micro-batch, scored again on them and summed over the ranks, is not
+        finite (the step's own loss came before its update). MTP included: its modules can diverge while
+        the main model's loss stays finite."""
         self.stepper.model.eval()
-        loss = self._forward(x, y, mtp=True).loss.detach().double().reshape(1)
+        loss = self._forward(*batch, mtp=True).loss.detach().double().reshape(1)
         self.stepper.model.train()
         if self.dist.world_size > 1:
             torch.distributed.all_reduce(loss)
-        return loss.item()
+        return None if math.isfinite(loss.item()) else f"loss {loss.item()} after the update"
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor, mtp: bool):
         """The model's forward with losses, as a step runs it (autocast), outside a step."""
