@@ -53,7 +53,25 @@ def main() -> None:
         (Path(args.run_dir) / "biases.json").write_text(json.dumps(gathered))
     del trainer
     destroy_process_group()
+    if left := live_gloo_groups():  # they would run into interpreter exit, which can abort
+        raise SystemExit(f"{left} gloo process group(s) alive after destroy_process_group")
     raise SystemExit(code)
+
+
+def live_gloo_groups() -> int:
+    """The gloo process groups alive in this process, by their worker threads (two each, named
+    pt_gloo_runloop; Linux only, else 0)."""
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks):
+        return 0
+    names = []
+    for tid in os.listdir(tasks):
+        try:
+            with open(f"{tasks}/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended meanwhile
+            continue
+    return names.count("pt_gloo_runloop") // 2
 
 
 if __name__ == "__main__":

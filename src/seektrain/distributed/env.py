@@ -125,15 +125,26 @@ def init_process_group(env: DistEnv, device) -> None:
 
 def destroy_process_group() -> None:
     """Leave the process group. Call it once nothing references the group any more (drop the Trainer
-    first): a gloo group that outlives this call is torn down during interpreter exit, which can abort
-    ("terminate called without an active exception") or hang."""
+    first): a gloo group that outlives this call keeps its worker threads running into interpreter exit,
+    which can abort there ("terminate called without an active exception", rank 1 of an FSDP run in CI
+    once) or hang. Every DeviceMesh drops its groups too: FSDP2's sharding specs outlive the model
+    (torch 2.13 keeps them in its DTensor dispatch caches) and with them their mesh, whose registry of
+    groups (`_pg_registry`) would keep the groups alive."""
     import gc
 
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        gc.collect()  # DDP/FSDP modules in reference cycles hold the group
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    from torch.distributed.device_mesh import DeviceMesh
+
+    gc.collect()  # DDP/FSDP modules in reference cycles hold the group
+    # by type: isinstance would read `__class__` of every object, which warns on torch's deprecated ones
+    for mesh in [o for o in gc.get_objects() if issubclass(type(o), DeviceMesh)]:
+        registry = getattr(mesh, "_pg_registry", None)  # absent where meshes hold group names only
+        if isinstance(registry, dict):
+            registry.clear()
+    dist.destroy_process_group()
 
 
 def build_mesh(env: DistEnv, device, dp_mode: str, dp_shard: int):
