@@ -434,6 +434,21 @@ def test_a_context_too_short_is_refused_before_the_default_corpus_is_prepared(tm
     assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
 
 
+def test_a_model_too_big_for_host_memory_is_refused_before_the_default_corpus_is_prepared(
+    tmp_path, monkeypatch
+):
+    """Was refused only once the stdlib was prepared for it (~10-45 s); the check counts the vocabulary
+    the default corpus will have."""
+    from seektrain.errors import UserError
+    from seektrain.train import host_memory
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(host_memory, "available_host_memory", lambda: 8 << 20)  # tiny needs 135 MiB
+    with pytest.raises(UserError, match=r"^the model: 8\.8 M parameters need 135 MiB of host memory"):
+        Trainer(load_config(), tmp_path / "run")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+
+
 def test_resume_accepts_model_fields_no_weight_depends_on(make, tmp_path):
     """An export then import fills in the BOS/PAD ids from the tokenizer; a resume with such a config (or
     another initializer_range) continues, while a shape change is still refused."""

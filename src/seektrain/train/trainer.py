@@ -159,7 +159,14 @@ class Trainer:
         data_dir = Path(cfg.data.path)
         missing = not (data_dir / "manifest.json").exists()
         if self.dist.is_main and missing and data_dir.resolve() == DEFAULT_DATA.resolve():
-            self._prepare_default(data_dir, cfg.log.progress)
+            from seektrain.data.prepare import PrepareConfig, prepare
+
+            corpus = PrepareConfig(inputs=["stdlib"], out_dir=str(data_dir), progress=cfg.log.progress)
+            if self.device.type == "cpu" and not self.dist.distributed:
+                # a model that cannot fit is refused before the corpus is prepared for it, not after
+                self._check_host_memory(_with_data_vocab(cfg, corpus.vocab_size, 0, {}))
+            print(f"{data_dir} is missing: preparing Python's standard library as the default corpus")
+            prepare(corpus)
         return resume_from
 
     def _open_inputs(self, cfg: RunConfig) -> None:
@@ -230,11 +237,11 @@ class Trainer:
             shuffle=False,
         )
 
-    def _check_host_memory(self) -> None:
+    def _check_host_memory(self, cfg: RunConfig) -> None:
         """On CPU, refuse a model whose training state cannot fit in this host's memory, counting every
         rank on the host with what it holds (`check_training_state_fits`); the ranks agree, so they fail
         together."""
-        dist, p, model = self.dist, self.cfg.parallel, self.model_cfg
+        dist, p, model = self.dist, cfg.parallel, cfg.model_config()
         layout = None
         if dist.distributed:
             shard = {"ddp": 1, "fsdp": dist.world_size, "hsdp": p.dp_shard or dist.local_world_size}
@@ -245,7 +252,7 @@ class Trainer:
             dist,
             lambda: check_training_state_fits(
                 model.num_params(include_mtp=True),
-                state_bytes=self.cfg.optim.state_bytes_per_param(),
+                state_bytes=cfg.optim.state_bytes_per_param(),
                 what="the model",
                 hint=f"use a smaller model (model.* settings){relief}, or a machine with more memory",
                 layout=layout,
@@ -289,7 +296,7 @@ class Trainer:
         # tied head is re-tied by init_weights, which FSDP2 would not follow: that model is sharded after).
         shard_first = fsdp and not self.model_cfg.tie_word_embeddings
         if self.device.type == "cpu":
-            self._check_host_memory()
+            self._check_host_memory(self.cfg)
         parallelize.materialize(model, self.device, mesh if shard_first else None, t.precision)
         wrapped = model
         if fsdp and not shard_first:
@@ -320,13 +327,6 @@ class Trainer:
             self.resume_state = None
         self.flops_per_token = flops_per_token(self.model_cfg, self.cfg.data.seq_len)
         self.peak = peak_flops(self.device)
-
-    @staticmethod
-    def _prepare_default(data_dir: Path, progress: bool) -> None:
-        from seektrain.data.prepare import PrepareConfig, prepare
-
-        print(f"{data_dir} is missing: preparing Python's standard library as the default corpus")
-        prepare(PrepareConfig(inputs=["stdlib"], out_dir=str(data_dir), progress=progress))
 
     # --- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
