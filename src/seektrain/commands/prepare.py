@@ -9,7 +9,6 @@ when the new one is complete. Use --num-slices/--slice-index on several machines
 from __future__ import annotations
 
 import argparse
-import os
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,9 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workers",
         type=int,
-        default=os.cpu_count() or 1,
         metavar="N",
-        help="worker processes for cleaning and tokenization (default: all cores)",
+        help="worker processes for cleaning and tokenization (default and most: the CPUs it may use)",
     )
     p.add_argument(
         "--text-field", default="text", metavar="NAME", help="JSONL field / Parquet column with the text"
@@ -105,6 +103,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from seektrain.data.clean import CleanConfig, clean_overrides
     from seektrain.data.prepare import PrepareConfig, prepare, print_summary
+    from seektrain.data.workers import usable_cpus
     from seektrain.errors import UserError
 
     if args.merge:
@@ -140,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         dedup=args.dedup,
         minhash_threshold=args.minhash_threshold,
         val_fraction=args.val_fraction,
-        workers=args.workers,
+        workers=usable_cpus() if args.workers is None else args.workers,
         text_field=args.text_field,
         skip_bad_lines=args.skip_bad_lines,
         shard_tokens=args.shard_tokens,

@@ -19,7 +19,7 @@ import time
 from array import array
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +67,7 @@ class PrepareConfig:
     minhash_num_perm: int = 128
     minhash_ngram: int = 5
     val_fraction: float = 0.01
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    workers: int = field(default_factory=W.usable_cpus)  # at most these are started
     text_field: str = "text"
     skip_bad_lines: bool = False
     shard_tokens: int = 1 << 24
@@ -360,6 +360,9 @@ def prepare(cfg: PrepareConfig) -> dict:
         raise UserError(
             f"slice {cfg.slice_index} of {cfg.num_slices} has no input files (fewer files than slices)"
         )
+    # CPU-bound workers beyond the CPUs add nothing but memory (~30 MB each): a large --workers started
+    # every one of them at once, and the OOM killer ended prepare without a word
+    cfg = replace(cfg, workers=min(cfg.workers, W.usable_cpus()))
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
     if tokenizer is not None:
         special_tokens(tokenizer, cfg.tokenizer_cfg)  # fail before the long passes if it has no EOS
