@@ -480,6 +480,28 @@ def test_merge_refuses_a_slice_twice_and_out_over_its_own_input(prepared, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["part0", "part1", "src"]
 
 
+def test_merge_refuses_slices_that_end_documents_with_other_tokens(prepared, tmp_path, corpus_docs):
+    """A tokenizer with two end tokens, and slices prepared with different --special-tokens: the merged
+    manifest named the first slice's EOS id for every slice's documents."""
+    from tokenizers import Tokenizer
+
+    from seektrain.data.tokenizer import BOS, EOS, PAD
+
+    data_dir, _ = prepared
+    tokenizer = Tokenizer.from_file(str(data_dir / "tokenizer.json"))
+    tokenizer.add_special_tokens(["</s>"])
+    tok = str(tmp_path / "two_ends.json")
+    tokenizer.save(tok)
+    src = write_corpus(tmp_path / "src", corpus_docs[:20])
+    parts = [str(tmp_path / f"part{i}") for i in range(2)]
+    slices = dict(tokenizer=tok, num_slices=2)
+    prepare(small_config([src], parts[0], **slices, slice_index=0))
+    prepare(small_config([src], parts[1], **slices, slice_index=1, special_tokens=(BOS, "</s>", PAD)))
+    with pytest.raises(UserError, match=rf"^{re.escape(parts[1])} ends its documents with another token "):
+        merge(parts, str(tmp_path / "merged"))
+    assert not (tmp_path / "merged").exists() and EOS != "</s>"
+
+
 def test_merge_cleans_up_after_a_killed_prepare_or_merge(prepared, tmp_path, corpus_docs):
     """As prepare does: a temp dir of a killed run is removed, and a data dir swapped out by a run killed
     between its two renames is put back before the merge replaces it (it used to stay hidden, full size)."""

@@ -68,6 +68,12 @@ def merge(slice_dirs: list[str], out_dir: str) -> dict:
                 f"{d} was prepared with another tokenizer than {slice_dirs[0]}: slices must share "
                 f"one (--tokenizer FILE)"
             )
+        if (m.get("special_tokens"), m.get("eos_id")) != (first.get("special_tokens"), first.get("eos_id")):
+            raise UserError(
+                f"{d} ends its documents with another token than {slice_dirs[0]} (special tokens "
+                f"{m.get('special_tokens')} vs {first.get('special_tokens')}): slices must share "
+                "--special-tokens, or the merged data dir would name the first one's EOS for all"
+            )
         if differences := _option_differences(first.get("options", {}), m.get("options", {})):
             raise UserError(
                 f"{d} was prepared with other options than {slice_dirs[0]} ({'; '.join(differences)}): "
