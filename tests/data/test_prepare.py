@@ -3,6 +3,7 @@
 import dataclasses
 import gzip
 import json
+import os
 import re
 import shutil
 
@@ -419,6 +420,20 @@ def test_parquet_text_that_is_not_utf8_follows_the_text_files_policy(tmp_path):
         assert report["documents_in"] == 6 and report["documents_kept"] == 4, name
         assert report["dropped"]["invalid_utf8"] == 1 and report["dropped"]["null_text"] == 1
         assert sum(doc.count("\ufffd") for doc in _documents(tmp_path / name, "train")) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_pipes_and_devices_are_not_read(tmp_path, corpus_docs):
+    """A named pipe with a text file's name in an input folder made prepare wait on it forever (a link to
+    /dev/zero would never end): one in a folder is passed over, one named is refused."""
+    from seektrain.data.sources import discover
+
+    src = write_corpus(tmp_path / "src", corpus_docs[:3])
+    os.mkfifo(src / "pipe.txt")
+    (src / "zeros.txt").symlink_to("/dev/zero")
+    assert [f.path.name for f in discover([str(src)])] == ["doc0000.txt", "doc0001.txt", "doc0002.txt"]
+    with pytest.raises(UserError, match=r"^cannot read .*/pipe\.txt: not a regular file or folder$"):
+        discover([str(src / "pipe.txt")])
 
 
 def test_linked_folders_are_followed_once_and_path_inputs_work(tmp_path, corpus_docs):

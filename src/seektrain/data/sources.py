@@ -136,6 +136,8 @@ def discover(inputs: list[str]) -> list[SourceFile]:
                 )
             files.append(_source_file(path, kind))
             continue
+        if not path.is_dir():  # a named pipe or a device: reading one would wait, or never end
+            raise UserError(f"cannot read {item}: not a regular file or folder")
         found, seen = [], set()
         # Linked folders are followed (a corpus assembled from links is read whole), each real folder
         # once, so a link back to an ancestor cannot loop.
@@ -149,7 +151,8 @@ def discover(inputs: list[str]) -> list[SourceFile]:
             for f in sorted(filenames):
                 p = Path(dirpath) / f
                 kind = _kind(p)
-                if kind is not None and not f.startswith("."):
+                special = p.exists() and not p.is_file()  # a pipe or a device (a broken link is reported)
+                if kind is not None and not f.startswith(".") and not special:
                     found.append(_source_file(p, kind))
         if not found:
             raise UserError(f"no readable files (text, jsonl, parquet) under folder: {item}")
