@@ -352,6 +352,21 @@ def test_lone_surrogates_in_jsonl_become_replacement_characters(tmp_path):
     assert kept[2] == docs[2].replace("\ud83d", "\ufffd") and kept[:2] + kept[3:] == docs[:2] + docs[3:]
 
 
+def test_bytes_that_are_not_utf8_in_jsonl_are_replaced_as_in_text_files(tmp_path):
+    """A Latin-1 byte inside a JSONL text stopped prepare (`JSONL line is not valid: 'utf-8' codec…`),
+    where a text or Parquet document has it replaced: now the same, and a mostly invalid text is dropped."""
+    docs = make_docs(6, seed=14)
+    lines = [json.dumps({"text": d}).encode() for d in docs]
+    lines[1] = json.dumps({"text": "caf_ " + docs[1]}).encode().replace(b"caf_", b"caf\xe9")
+    lines.append(b'{"text": "' + bytes(range(0x80, 0xFF)) + b'"}')  # nothing but bytes that are not UTF-8
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    report = prepare(small_config([tmp_path / "in.jsonl"], tmp_path / "out", val_fraction=0.0))
+    assert report["documents_in"] == 7 and report["dropped"]["invalid_utf8"] == 1
+    assert report["bytes_in"] == sum(len(d.encode()) for d in docs) + len("caf\xe9 ") + 127
+    kept = _documents(tmp_path / "out", "train")
+    assert kept[1] == "caf\ufffd " + docs[1] and kept[:1] + kept[2:] == docs[:1] + docs[2:]
+
+
 def test_special_token_text_in_documents_is_not_a_boundary(tmp_path):
     docs = make_docs(12, seed=13)
     docs = [d.replace(".", " <|eos|>hi<|bos|> <|pad|>.", 1) for d in docs]  # e.g. scraped chat logs

@@ -57,7 +57,8 @@ class SourceFile:
 
 @dataclass
 class Document:
-    """One raw document: where it came from and its content (bytes from text files, str otherwise)."""
+    """One raw document: where it came from and its content (bytes from text files and from JSONL texts
+    that are not all UTF-8, str otherwise)."""
 
     source: str
     content: bytes | str | None  # None: a null Parquet value (counted as dropped, never cleaned)
@@ -221,7 +222,9 @@ def _read_lines(path: Path) -> Iterator[bytes]:
         raise UserError(f"cannot read {path}: {e}") from e
 
 
-def iter_jsonl(path: Path, text_field: str, skip_bad_lines: bool, stats: dict) -> Iterator[str | None]:
+def iter_jsonl(
+    path: Path, text_field: str, skip_bad_lines: bool, stats: dict
+) -> Iterator[str | bytes | None]:
     """Documents from a JSONL file, one object per line; `text_field` names the text. A `null` text is
     None, which the caller counts as Parquet's nulls are (`null_text`), not a bad line.
 
@@ -231,8 +234,12 @@ def iter_jsonl(path: Path, text_field: str, skip_bad_lines: bool, stats: dict) -
     for lineno, line in enumerate(_read_lines(path), 1):
         if not line.strip():
             continue
+        raw_bytes = False
         try:
-            obj = json.loads(line)
+            try:
+                obj = json.loads(line)
+            except UnicodeDecodeError:  # bytes that are not UTF-8: the text goes on as those bytes, which
+                obj, raw_bytes = json.loads(line.decode("utf-8", "surrogateescape")), True  # cleaning decodes
             if not isinstance(obj, dict):
                 kind = _JSON_KINDS.get(type(obj), type(obj).__name__)
                 raise _NotAnObject(f"is a JSON {kind}, not an object")
@@ -251,7 +258,17 @@ def iter_jsonl(path: Path, text_field: str, skip_bad_lines: bool, stats: dict) -
                 f"{path}:{lineno}: JSONL line {what} (use --text-field to pick the field, "
                 f"--skip-bad-lines to count and skip such lines)"
             ) from e
-        yield text
+        yield _undecoded(text) if raw_bytes and text is not None else text
+
+
+def _undecoded(text: str) -> bytes | str:
+    """The bytes a JSONL text held, where they were not all UTF-8 (decoded with surrogateescape): cleaning
+    then replaces the bad ones, or drops the document, as it does a text file's. Kept as text where it also
+    holds escaped lone surrogates (`\\ud83d`), which no bytes stand for."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text
 
 
 class _NotAnObject(TypeError):
