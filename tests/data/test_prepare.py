@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 
 from seektrain.data.clean import CleanConfig
 from seektrain.data.merge import merge
-from seektrain.data.prepare import prepare
+from seektrain.data.prepare import prepare, print_summary
 from seektrain.data.shards import MANIFEST, load_manifest
 from seektrain.data.sources import discover
 from seektrain.errors import UserError
@@ -292,7 +292,7 @@ def test_minhash_prepare_drops_near_copies_only(tmp_path):
     assert sorted(p.name for p in (tmp_path / "minhash").iterdir()) == layout  # no scratch files left
 
 
-def test_foreign_tokenizer_eos_fallback_and_missing_eos(tmp_path, corpus_docs):
+def test_foreign_tokenizer_eos_fallback_and_missing_eos(tmp_path, corpus_docs, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     src = write_corpus(tmp_path / "src", corpus_docs[:10])
@@ -313,9 +313,11 @@ def test_foreign_tokenizer_eos_fallback_and_missing_eos(tmp_path, corpus_docs):
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     tok.add_special_tokens(["<|eos|>"])
     tok.save(str(tmp_path / "ours.json"))
-    prepare(small_config([src], tmp_path / "c", tokenizer=str(tmp_path / "ours.json"),
-                         special_tokens=("<s>", "</s>", "<pad>")))  # fmt: skip
+    report = prepare(small_config([src], tmp_path / "c", tokenizer=str(tmp_path / "ours.json"),
+                                  special_tokens=("<s>", "</s>", "<pad>")))  # fmt: skip
     assert load_manifest(tmp_path / "c")["special_tokens"]["eos"] == {"token": "<|eos|>", "id": 96}
+    print_summary(report)  # which is said, not silently taken
+    assert "given; documents end with <|eos|>\n" in capsys.readouterr().out
 
 
 def test_dir_with_a_foreign_manifest_is_not_replaced(prepared, tmp_path, corpus_docs):

@@ -131,6 +131,7 @@ def merge(slice_dirs: list[str], out_dir: str) -> dict:
             "vocab_size": first["vocab_size"],
             "dtype": np.dtype(first["dtype"]).name,  # as prepare's report says it: uint16, not <u2
             "tokenizer_trained": False,
+            "eos_token": first.get("special_tokens", {}).get("eos", {}).get("token"),
             "workers": 1,
             "seconds": {"total": 0.0},
             "mb_per_s": 0.0,

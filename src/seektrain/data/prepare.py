@@ -461,6 +461,7 @@ def prepare(cfg: PrepareConfig) -> dict:
             "vocab_size": vocab_size,
             "dtype": dtype.name,
             "tokenizer_trained": cfg.tokenizer is None,
+            "eos_token": specials["eos"]["token"],
             "workers": cfg.workers,
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
             "mb_per_s": round(stats["bytes_in"] / 1e6 / seconds["total"], 3),
@@ -517,7 +518,8 @@ def print_summary(report: dict) -> None:
             for s in ("train", "val")
         ),
         f"  tokenizer vocab {report['vocab_size']:,}, {report['dtype']} ids, "
-        + ("trained here" if report["tokenizer_trained"] else "given"),
+        + ("trained here" if report["tokenizer_trained"] else "given")
+        + (f"; documents end with {eos}" if (eos := report.get("eos_token")) else ""),
     ]
     if "merged_from" not in report:
         lines.append(
