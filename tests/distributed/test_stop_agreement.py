@@ -34,7 +34,7 @@ def test_a_signal_during_the_agreement_is_kept_for_the_next_step(one_rank_group,
         os.kill(os.getpid(), signal.SIGTERM)  # as if it came while this rank waited in the collective
         return work
 
-    stop = _SignalFlag()
+    stop = _SignalFlag(announce=False)
     try:
         monkeypatch.setattr(dist, "all_reduce", all_reduce_then_signal)
         assert not trainer._stopping(stop)  # the ranks agreed on "go on" before the signal came

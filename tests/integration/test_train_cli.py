@@ -109,6 +109,26 @@ def test_interrupt_then_resume_is_bitwise_identical(toy, tmp_path, reference, si
     assert got == reference  # every loss, norm, lr and val_loss equal as floats: bitwise
 
 
+def test_sigterm_again_while_stopping_still_checkpoints(toy, tmp_path):
+    """A second SIGTERM (a scheduler's repeat, a wrapper forwarding one) while the first's checkpoint was
+    under way ended the run at once: exit 130, no checkpoint. A repeat now changes nothing; the first says
+    what it does (and that Ctrl-C again stops without a checkpoint)."""
+    run, err_file = tmp_path / "run", tmp_path / "stderr.txt"
+    with err_file.open("w") as err:
+        proc = subprocess.Popen(cli(run, [*toy, *RUN]), stdout=subprocess.PIPE, stderr=err, text=True)
+    announced = "SIGTERM: stopping after this step, with a checkpoint (Ctrl-C again: at once, without one)"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not logged_past(run, 2):
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    while time.time() < deadline and proc.poll() is None and announced not in err_file.read_text():
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGTERM)  # while the step ends and its checkpoint is written
+    out, _ = proc.communicate(timeout=120)  # it takes ~0.6 s more to stop: the repeat came meanwhile
+    assert announced in err_file.read_text() and proc.returncode == 143, err_file.read_text()
+    assert "checkpoint written" in out and read_metrics(run / "metrics.jsonl")[-1]["event"] == "stopped"
+
+
 def test_a_closed_stdout_checkpoints_and_stops_like_sigterm(toy, tmp_path, reference):
     """`seektrain train | head`: when stdout's reader goes away, the run checkpoints at the end of that
     step and exits 141 (128 + SIGPIPE) without a traceback, instead of dying without a checkpoint; it

@@ -234,7 +234,9 @@ class TokenLoader:
                         f"loader state does not match this data/loader: {key} was {state[key]!r}, "
                         f"now {mine[key]!r} (resuming would not continue the same token stream)"
                     )
-            consumed, micro = int(state["sequences_consumed"]), int(state["micro"])
+            consumed, micro = state["sequences_consumed"], state["micro"]
+            if not all(type(v) is int for v in (consumed, micro)):  # not "5", 4.7 (cut to 4) or True
+                raise TypeError(f"sequences_consumed={consumed!r} and micro={micro!r} must be integers")
             out_of_range = UserError(
                 f"loader state out of range: sequences_consumed={consumed}, micro={micro} "
                 f"(a step here has {self.micro_steps} micro-batches per rank)"

@@ -432,7 +432,7 @@ class Trainer:
         else:
             self.metrics = self.display = _Silent()
         self._announce()
-        stop = _SignalFlag()
+        stop = _SignalFlag(announce=self.dist.is_main)
         try:
             if c.step == 0:
                 self._evaluate()
@@ -736,19 +736,27 @@ class Trainer:
 
 
 class _SignalFlag:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the current step and exits."""
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the current step and exits. Ctrl-C
+    again stops at once, without that checkpoint; any other repeat (a scheduler's second SIGTERM, torchrun
+    forwarding the terminal's Ctrl-C as SIGTERM) changes nothing, so the checkpoint is not lost to it."""
 
-    def __init__(self):
+    def __init__(self, announce: bool):
         self.signum: int | None = None
+        self._announce = announce  # rank 0 says what the first signal does
         self._old = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is not None:  # a second signal: stop now
+        if self.signum is None:
+            self.signum = signum
+            if self._announce:  # os.write: not inside a print the signal may have interrupted
+                name = signal.Signals(signum).name
+                os.write(2, f"{name}: stopping after this step, with a checkpoint (Ctrl-C again: at once, "
+                         "without one)\n".encode())
+        elif signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signum = signum
 
     def restore(self) -> None:
         for sig, handler in self._old.items():
