@@ -155,7 +155,9 @@ def test_mid_step_resume_same_ranks_only(prepared):
     for bad in ({**state, "micro": 4}, {**state, "micro": -1}, {**state, "sequences_consumed": -8}):
         with pytest.raises(UserError, match="loader state out of range"):
             again.load_state_dict(bad)
-    for bad in ([1], None, {**state, "micro": "x"}):
+    position = "sequences_consumed"
+    not_integers = ({**state, position: "8"}, {**state, position: 8.7}, {**state, "micro": True})
+    for bad in ([1], None, {**state, "micro": "x"}, *not_integers):  # 8.7 was cut to 8, "8" read as 8
         with pytest.raises(UserError, match="not a TokenLoader state"):
             again.load_state_dict(bad)
 
