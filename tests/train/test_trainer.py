@@ -449,6 +449,25 @@ def test_a_model_too_big_for_host_memory_is_refused_before_the_default_corpus_is
     assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
 
 
+def test_a_run_this_config_cannot_continue_is_refused_before_the_default_corpus_is_prepared(
+    make, toy, tmp_path, monkeypatch
+):
+    """`seektrain train --run-dir RUN` of a run made with another config took the default config: it
+    prepared the stdlib (~10-45 s, left in ./data) and only then said that the model differs."""
+    from seektrain.errors import UserError
+
+    run = tmp_path / "run"
+    make(run, "train.steps=2", "checkpoint.every=2", "train.eval_every=0").fit()
+    monkeypatch.chdir(tmp_path)
+    defaults = [o for o in toy if not o.startswith("data.path=")]  # the toy model on the default corpus
+    refused = r"^cannot resume from .*step_00000002: the model differs \(model.num_hidden_layers: checkpoint"
+    with pytest.raises(UserError, match=refused):
+        Trainer(load_config(overrides=[*defaults, "model.num_hidden_layers=3"]), run)
+    with pytest.raises(UserError, match=r"^cannot resume from .*: optim.name was 'adamw', now 'lamb'"):
+        Trainer(load_config(overrides=[*defaults, "optim.name=lamb"]), run)
+    assert not (tmp_path / "data").exists()
+
+
 def test_resume_accepts_model_fields_no_weight_depends_on(make, tmp_path):
     """An export then import fills in the BOS/PAD ids from the tokenizer; a resume with such a config (or
     another initializer_range) continues, while a shape change is still refused."""

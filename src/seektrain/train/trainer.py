@@ -140,7 +140,7 @@ class Trainer:
             CheckpointManager(self.run_dir / "checkpoints", keep=1).recover()
             remove_stale_temp_files(self.run_dir)
 
-    def _find_inputs(self, cfg: RunConfig, resume: str) -> Path | None:
+    def _find_inputs(self, cfg: RunConfig, resume_option: str) -> Path | None:
         """The checkpoint to resume from (None: a new run), after refusing to start a new run over one
         already in the run directory; rank 0 prepares the default corpus when it is missing (after every
         check that needs no data)."""
@@ -153,15 +153,18 @@ class Trainer:
         check_writable_dir(self.run_dir, "--run-dir")
         # a file there, or a folder that takes no files, found now: not at the first save, steps later
         check_writable_dir(self.run_dir / "checkpoints", "checkpoint directory")
-        resume_from = resolve_resume(resume, self.run_dir)
-        if resume == "never" or (resume_from is not None and not _belongs_to(resume_from, self.run_dir)):
-            _refuse_to_overwrite(self.run_dir, resume)
+        resume_from = resolve_resume(resume_option, self.run_dir)
+        foreign = resume_from is not None and not _belongs_to(resume_from, self.run_dir)
+        if resume_option == "never" or foreign:
+            _refuse_to_overwrite(self.run_dir, resume_option)
         data_dir = Path(cfg.data.path)
         missing = not (data_dir / "manifest.json").exists()
         if self.dist.is_main and missing and data_dir.resolve() == DEFAULT_DATA.resolve():
             from seektrain.data.prepare import PrepareConfig, prepare
 
             corpus = PrepareConfig(inputs=["stdlib"], out_dir=str(data_dir), progress=cfg.log.progress)
+            if resume_from is not None:  # a run this config cannot continue: refused before, not after
+                resume.check_before_data(resume_from, cfg)
             if self.device.type == "cpu" and not self.dist.distributed:
                 # a model that cannot fit is refused before the corpus is prepared for it, not after
                 self._check_host_memory(_with_data_vocab(cfg, corpus.vocab_size, 0, {}))
