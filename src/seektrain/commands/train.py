@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override one config key, e.g. --set train.steps=100 (repeatable)",
     )
     parser.add_argument(
-        "--run-dir", metavar="DIR", help="run directory (default runs/PRESET or runs/CONFIG_NAME)"
+        "--run-dir",
+        metavar="DIR",
+        help="run directory (default runs/PRESET or runs/CONFIG_NAME; for a run's own config.toml, that run)",
     )
     parser.add_argument(
         "--resume",
@@ -54,6 +56,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def default_run_dir(config: str | None, preset: str | None) -> Path:
+    """runs/PRESET, or runs/CONFIG_NAME; a run's own config file (RUN/config.toml, or a checkpoint's,
+    which resume refusals point at) is that run's: `--config RUN/config.toml` continues RUN, not a new
+    run in runs/config."""
     if config:
-        return Path("runs") / Path(config).stem
+        path = Path(config)
+        if path.name == "config.toml":
+            run = path.parent.parent.parent if path.parent.parent.name == "checkpoints" else path.parent
+            if (run / "checkpoints").is_dir() or (run / "metrics.jsonl").is_file():
+                return run
+        return Path("runs") / path.stem
     return Path("runs") / (preset or "tiny")
