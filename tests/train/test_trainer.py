@@ -434,6 +434,16 @@ def test_a_context_too_short_is_refused_before_the_default_corpus_is_prepared(tm
     assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
 
 
+def test_a_sequence_too_short_for_multi_token_prediction_is_refused(make, tmp_path):
+    """seq_len 1 with one MTP depth trained it on nothing and logged mtp_loss 0.0, a perfect-looking loss."""
+    from seektrain.errors import UserError
+
+    with pytest.raises(UserError, match=r"^data.seq_len=2 leaves multi-token prediction depth 2 no token"):
+        make(tmp_path / "run", "data.seq_len=2", "model.num_mtp_layers=2")
+    assert not (tmp_path / "run").exists()
+    make(tmp_path / "run", "data.seq_len=2", "model.num_mtp_layers=1")  # one position to predict: trains
+
+
 def test_a_model_too_big_for_host_memory_is_refused_before_the_default_corpus_is_prepared(
     tmp_path, monkeypatch
 ):

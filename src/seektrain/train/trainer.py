@@ -144,11 +144,17 @@ class Trainer:
         """The checkpoint to resume from (None: a new run), after refusing to start a new run over one
         already in the run directory; rank 0 prepares the default corpus when it is missing (after every
         check that needs no data)."""
-        context = cfg.model_config().max_position_embeddings  # the data sets the vocabulary, not this
-        if cfg.data.seq_len > context:
+        model = cfg.model_config()  # the data sets the vocabulary, not these
+        if cfg.data.seq_len > model.max_position_embeddings:
             raise UserError(
                 f"data.seq_len={cfg.data.seq_len} is longer than the model's context, "
-                f"model.max_position_embeddings={context}"
+                f"model.max_position_embeddings={model.max_position_embeddings}"
+            )
+        if model.num_mtp_layers >= cfg.data.seq_len:  # depth k predicts token t+1+k of the sequence
+            raise UserError(
+                f"data.seq_len={cfg.data.seq_len} leaves multi-token prediction depth "
+                f"{model.num_mtp_layers} no token to predict: raise data.seq_len above "
+                f"model.num_mtp_layers={model.num_mtp_layers}, or lower that"
             )
         check_writable_dir(self.run_dir, "--run-dir")
         # a file there, or a folder that takes no files, found now: not at the first save, steps later
