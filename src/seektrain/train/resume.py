@@ -6,9 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import tomllib
-
-from seektrain.config import RunConfig
+from seektrain.config import RunConfig, load_config
 from seektrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -48,13 +46,12 @@ def check_before_data(path: Path, cfg: RunConfig) -> None:
     vocabulary and special ids, which the data sets, are left to the full check): a run this config
     cannot continue is refused before the default corpus is prepared for it."""
     try:
-        saved = RunConfig.from_dict(tomllib.loads((path / "config.toml").read_text(encoding="utf-8")))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, UserError):
+        saved = load_config(path / "config.toml").to_dict()
+    except UserError:
         return  # an older or damaged checkpoint: the full checks follow once it is loaded
-    model, optim = saved.to_dict()["model"], saved.to_dict()["optim"]
     now = cfg.to_dict()["model"]
-    check_same_model({**model, **{k: now.get(k) for k in _SET_BY_THE_DATA}}, cfg, path)
-    check_same_optimizer(optim, cfg, path)
+    check_same_model({**saved["model"], **{k: now.get(k) for k in _SET_BY_THE_DATA}}, cfg, path)
+    check_same_optimizer(saved["optim"], cfg, path)
 
 
 _SET_BY_THE_DATA = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
