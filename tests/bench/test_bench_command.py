@@ -17,7 +17,7 @@ gpu_absent = pytest.mark.skipif(torch.cuda.is_available(), reason="refused only 
 
 
 def test_bench_json_reports_a_training_step(capsys):
-    code = cli.main(["bench", "--seq", "16", "--batch", "2", "--steps", "2", "--warmup", "1", "--json"])
+    code = cli.main(["bench", "--seq", "16", "--batch", "2", "--steps", "3", "--warmup", "1", "--json"])
     result = json.loads(capsys.readouterr().out)
     assert code == 0
     assert result["preset"] == "tiny" and result["device"] == "cpu"
@@ -27,6 +27,19 @@ def test_bench_json_reports_a_training_step(capsys):
     assert result["mfu"] is None  # no known peak on CPU
     assert result["peak_mem_gib"] >= 0.05  # the process's peak RSS: torch alone takes more than 50 MiB
     assert 0 < result["loss"] < 20
+
+
+def test_one_slow_step_does_not_move_the_figures(capsys, monkeypatch):
+    """Another process taking the machine for one step (a shared box) made the mean, and so tokens/s, swing
+    by 10x between runs: the median step is reported, with the spread that shows the noise."""
+    import seektrain.bench as bench_module
+
+    clock = iter([0.0, 0.1, 0.2, 2.2, 2.3, 2.4])  # the third of five steps takes 2 s, the others 0.1 s
+    monkeypatch.setattr(bench_module, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    argv = ["bench", "--seq", "16", "--batch", "2", "--steps", "5", "--warmup", "0", "--json"]
+    assert cli.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["step_ms"], result["tokens_per_s"], result["spread"]) == (100.0, 320, 19.0)
 
 
 def test_profile_table_goes_to_stderr_and_json_stays_parseable(capsys):

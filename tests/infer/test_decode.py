@@ -185,4 +185,6 @@ def test_prompt_that_does_not_fit_the_context_is_refused_before_any_work():
         list(generate(model, list(range(40)), SamplingConfig(max_new_tokens=1)))
     with pytest.raises(UserError, match="context of 32 tokens"):
         list(generate(model, list(range(30)), SamplingConfig(max_new_tokens=5)))
+    with pytest.raises(UserError, match=r"^the prompt \(1 token\) plus --max-new-tokens 32 exceeds"):
+        list(generate(model, [0], SamplingConfig(max_new_tokens=32)))
     assert len(list(generate(model, list(range(30)), SamplingConfig(max_new_tokens=2, temperature=0)))) == 2

@@ -87,7 +87,8 @@ def generate(
         raise UserError("the prompt is empty: give at least one token of text")
     if len(prompt) + cfg.max_new_tokens > context:
         raise UserError(
-            f"the prompt ({len(prompt)} tokens) plus --max-new-tokens {cfg.max_new_tokens} exceeds "
+            f"the prompt ({len(prompt)} token{'s' if len(prompt) != 1 else ''}) plus --max-new-tokens "
+            f"{cfg.max_new_tokens} exceeds "
             f"the model's context of {context} tokens; shorten the prompt or generate fewer tokens"
         )
     return _decode(model, prompt, cfg, eos_id, use_cache)
