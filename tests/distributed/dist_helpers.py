@@ -9,6 +9,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import tempfile
 
 from toy_model import TOY_MODEL
 
@@ -40,10 +41,12 @@ def launch(
     """`torchrun --standalone --nproc-per-node N ARGS` (ARGS: `-m seektrain train …` or a script);
     `preexec_fn` runs in torchrun's process before it starts, so the ranks inherit what it sets."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env, preexec_fn=preexec_fn
-    )
+    # torchrun leaves a torchelastic_* folder in TMPDIR per launch: a suite's ~40 piled up in /tmp
+    with tempfile.TemporaryDirectory(prefix="launch-") as tmp:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": tmp}
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env, preexec_fn=preexec_fn
+        )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
