@@ -338,7 +338,7 @@ def load_config(
         if preset not in names:
             raise UserError(_unknown("--preset", preset, names))
         text = resources.files("seektrain").joinpath("configs", f"{preset}.toml").read_text()
-        cfg = _apply(cfg, _parse_toml(text, f"preset {preset}"), f"preset {preset}")
+        cfg = _apply(cfg, parse_toml(text, f"preset {preset}"), f"preset {preset}")
     if config is not None:
         path = Path(config)
         if not path.is_file():
@@ -349,7 +349,7 @@ def load_config(
             raise UserError(f"{path}: not UTF-8 text (byte {e.start}), as TOML must be") from None
         except OSError as e:
             raise UserError(f"config file {path}: cannot read it ({e.strerror or e})") from None
-        cfg = _apply(cfg, _parse_toml(text, str(path)), str(path))
+        cfg = _apply(cfg, parse_toml(text, str(path)), str(path))
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or "." not in key:
@@ -380,7 +380,9 @@ def _field_type(section: str, name: str) -> Any:
     return typing.get_type_hints(cls).get(name) if cls is not None else None
 
 
-def _parse_toml(text: str, origin: str) -> dict:
+def parse_toml(text: str, origin: str) -> dict:
+    """TOML text as a dict (tomllib, or tomli before Python 3.11); a syntax error is a UserError naming
+    `origin`."""
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

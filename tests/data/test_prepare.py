@@ -1,5 +1,6 @@
 """prepare end to end on toy corpora: round trip, determinism, sources, atomicity, slices + merge."""
 
+import codecs
 import dataclasses
 import gzip
 import json
@@ -361,6 +362,7 @@ def test_bytes_that_are_not_utf8_in_jsonl_are_replaced_as_in_text_files(tmp_path
     lines = [json.dumps({"text": d}).encode() for d in docs]
     lines[1] = json.dumps({"text": "caf_ " + docs[1]}).encode().replace(b"caf_", b"caf\xe9")
     lines.append(b'{"text": "' + bytes(range(0x80, 0xFF)) + b'"}')  # nothing but bytes that are not UTF-8
+    lines[0] = codecs.BOM_UTF8 + lines[0].replace(b"{", b'{"x": "\xff", ', 1)  # a BOM, a bad byte elsewhere
     (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     report = prepare(small_config([tmp_path / "in.jsonl"], tmp_path / "out", val_fraction=0.0))
     assert report["documents_in"] == 7 and report["dropped"]["invalid_utf8"] == 1
@@ -529,7 +531,8 @@ def test_merge_refuses_slices_that_end_documents_with_other_tokens(prepared, tmp
     slices = dict(tokenizer=tok, num_slices=2)
     prepare(small_config([src], parts[0], **slices, slice_index=0))
     prepare(small_config([src], parts[1], **slices, slice_index=1, special_tokens=(BOS, "</s>", PAD)))
-    with pytest.raises(UserError, match=rf"^{re.escape(parts[1])} ends its documents with another token "):
+    refused = rf"^{re.escape(parts[1])} has other special tokens .*\(eos: '<\|eos\|>' vs '</s>'\): slices"
+    with pytest.raises(UserError, match=refused):
         merge(parts, str(tmp_path / "merged"))
     assert not (tmp_path / "merged").exists() and EOS != "</s>"
 

@@ -476,6 +476,16 @@ def test_a_run_this_config_cannot_continue_is_refused_before_the_default_corpus_
     with pytest.raises(UserError, match=r"^cannot resume from .*: optim.name was 'adamw', now 'lamb'"):
         Trainer(load_config(overrides=[*defaults, "optim.name=lamb"]), run)
     assert not (tmp_path / "data").exists()
+    # a checkpoint from before model.mtp_input reads as "unnormed" (with MTP), as the full check has it
+    from seektrain.train.resume import check_before_data
+
+    checkpoint = run / "checkpoints/step_00000002"
+    config = checkpoint / "config.toml"
+    lines = config.read_text().splitlines(keepends=True)
+    config.write_text("".join(line for line in lines if "mtp_input" not in line))
+    check_before_data(checkpoint, load_config(overrides=[*toy, "model.mtp_input=unnormed"]))
+    with pytest.raises(UserError, match=r"model.mtp_input: checkpoint 'unnormed', now 'normed'"):
+        check_before_data(checkpoint, load_config(overrides=toy))
 
 
 def test_resume_accepts_model_fields_no_weight_depends_on(make, tmp_path):

@@ -60,10 +60,13 @@ def default_run_dir(config: str | None, preset: str | None) -> Path:
     which resume refusals point at) is that run's: `--config RUN/config.toml` continues RUN, not a new
     run in runs/config."""
     if config:
+        from seektrain.checkpoint.manager import CONFIG_FILE
+        from seektrain.train.metrics import METRICS_FILE
+
         path = Path(config)
-        if path.name == "config.toml":
+        if path.name == CONFIG_FILE:
             run = path.parent.parent.parent if path.parent.parent.name == "checkpoints" else path.parent
-            if (run / "checkpoints").is_dir() or (run / "metrics.jsonl").is_file():
+            if (run / "checkpoints").is_dir() or (run / METRICS_FILE).is_file():
                 return run
         return Path("runs") / path.stem
     return Path("runs") / (preset or "tiny")

@@ -56,6 +56,17 @@ def _option_differences(first: dict, other: dict, prefix: str = "") -> list[str]
     return out
 
 
+def _special_token_differences(a: dict, b: dict) -> list[str]:
+    """`role: token vs token` for each of bos, eos, pad that two manifests name differently (the eos
+    one ends every document)."""
+    differences = []
+    for role in ("bos", "eos", "pad"):
+        x, y = a.get(role, {}).get("token"), b.get(role, {}).get("token")
+        if x != y:
+            differences.append(f"{role}: {x!r} vs {y!r}")
+    return differences
+
+
 def merge(slice_dirs: list[str], out_dir: str) -> dict:
     """Join the slices' shards and statistics into `out_dir` (atomically); returns the merged report."""
     manifests = [load_manifest(d) for d in slice_dirs]
@@ -68,11 +79,10 @@ def merge(slice_dirs: list[str], out_dir: str) -> dict:
                 f"{d} was prepared with another tokenizer than {slice_dirs[0]}: slices must share "
                 f"one (--tokenizer FILE)"
             )
-        if (m.get("special_tokens"), m.get("eos_id")) != (first.get("special_tokens"), first.get("eos_id")):
+        if roles := _special_token_differences(first.get("special_tokens", {}), m.get("special_tokens", {})):
             raise UserError(
-                f"{d} ends its documents with another token than {slice_dirs[0]} (special tokens "
-                f"{m.get('special_tokens')} vs {first.get('special_tokens')}): slices must share "
-                "--special-tokens, or the merged data dir would name the first one's EOS for all"
+                f"{d} has other special tokens than {slice_dirs[0]} ({'; '.join(roles)}): slices must "
+                "share --special-tokens, or the merged data dir would name the first one's for all"
             )
         if differences := _option_differences(first.get("options", {}), m.get("options", {})):
             raise UserError(

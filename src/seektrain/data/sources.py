@@ -137,7 +137,7 @@ def discover(inputs: list[str]) -> list[SourceFile]:
                 )
             files.append(_source_file(path, kind))
             continue
-        if not path.is_dir():  # a named pipe or a device: reading one would wait, or never end
+        if _special(path) and not path.is_dir():
             raise UserError(f"cannot read {item}: not a regular file or folder")
         found, seen = [], set()
         # Linked folders are followed (a corpus assembled from links is read whole), each real folder
@@ -152,8 +152,7 @@ def discover(inputs: list[str]) -> list[SourceFile]:
             for f in sorted(filenames):
                 p = Path(dirpath) / f
                 kind = _kind(p)
-                special = p.exists() and not p.is_file()  # a pipe or a device (a broken link is reported)
-                if kind is not None and not f.startswith(".") and not special:
+                if kind is not None and not f.startswith(".") and not _special(p):
                     found.append(_source_file(p, kind))
         if not found:
             raise UserError(f"no readable files (text, jsonl, parquet) under folder: {item}")
@@ -161,6 +160,12 @@ def discover(inputs: list[str]) -> list[SourceFile]:
     if not files:
         raise UserError("no input files")
     return _each_file_once(files)
+
+
+def _special(path: Path) -> bool:
+    """A named pipe or a device (or a link to one), which reading would wait on or never finish; a broken
+    link is not (it is reported when read)."""
+    return path.exists() and not path.is_file()
 
 
 def _each_file_once(files: list[SourceFile]) -> list[SourceFile]:
@@ -239,7 +244,8 @@ def iter_jsonl(
             try:
                 obj = json.loads(line)
             except UnicodeDecodeError:  # bytes that are not UTF-8: the text goes on as those bytes, which
-                obj, raw_bytes = json.loads(line.decode("utf-8", "surrogateescape")), True  # cleaning decodes
+                # cleaning decodes (replaced as in a text file); a BOM goes, as json.loads drops it
+                obj, raw_bytes = json.loads(line.decode("utf-8-sig", "surrogateescape")), True
             if not isinstance(obj, dict):
                 kind = _JSON_KINDS.get(type(obj), type(obj).__name__)
                 raise _NotAnObject(f"is a JSON {kind}, not an object")

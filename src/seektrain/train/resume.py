@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from seektrain.config import RunConfig, load_config
+from seektrain.checkpoint.manager import CONFIG_FILE, upgrade_config
+from seektrain.config import RunConfig, parse_toml
 from seektrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -15,6 +16,8 @@ if TYPE_CHECKING:
 # Model fields a resume may change: no weight or training computation depends on them (the ids of
 # BOS/PAD, which an export then import fills in from the tokenizer; the scale of the initial weights).
 RESUMABLE_MODEL_CHANGES = {"preset", "bos_token_id", "pad_token_id", "initializer_range"}
+# Model fields the data sets (`Trainer._open_inputs`): a check before the data is open leaves them out.
+SET_BY_THE_DATA = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def check_same_model(saved: dict, cfg: RunConfig, path: Path) -> None:
@@ -45,16 +48,15 @@ def check_before_data(path: Path, cfg: RunConfig) -> None:
     """The model and optimizer checks, before the data is opened, from the checkpoint's config.toml (the
     vocabulary and special ids, which the data sets, are left to the full check): a run this config
     cannot continue is refused before the default corpus is prepared for it."""
+    config = path / CONFIG_FILE
     try:
-        saved = load_config(path / "config.toml").to_dict()
-    except UserError:
+        raw = parse_toml(config.read_text(encoding="utf-8"), str(config))
+        saved = RunConfig.from_dict(upgrade_config({"config": raw})["config"]).to_dict()
+    except (OSError, UnicodeDecodeError, UserError):
         return  # an older or damaged checkpoint: the full checks follow once it is loaded
     now = cfg.to_dict()["model"]
-    check_same_model({**saved["model"], **{k: now.get(k) for k in _SET_BY_THE_DATA}}, cfg, path)
+    check_same_model({**saved["model"], **{k: now.get(k) for k in SET_BY_THE_DATA}}, cfg, path)
     check_same_optimizer(saved["optim"], cfg, path)
-
-
-_SET_BY_THE_DATA = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def check_same_optimizer(saved: dict, cfg: RunConfig, path: Path) -> None:

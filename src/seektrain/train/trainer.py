@@ -166,17 +166,22 @@ class Trainer:
         data_dir = Path(cfg.data.path)
         missing = not (data_dir / "manifest.json").exists()
         if self.dist.is_main and missing and data_dir.resolve() == DEFAULT_DATA.resolve():
-            from seektrain.data.prepare import PrepareConfig, prepare
-
-            corpus = PrepareConfig(inputs=["stdlib"], out_dir=str(data_dir), progress=cfg.log.progress)
-            if resume_from is not None:  # a run this config cannot continue: refused before, not after
-                resume.check_before_data(resume_from, cfg)
-            if self.device.type == "cpu" and not self.dist.distributed:
-                # a model that cannot fit is refused before the corpus is prepared for it, not after
-                self._check_host_memory(_with_data_vocab(cfg, corpus.vocab_size, 0, {}))
-            print(f"{data_dir} is missing: preparing Python's standard library as the default corpus")
-            prepare(corpus)
+            self._prepare_default(cfg, resume_from)
         return resume_from
+
+    def _prepare_default(self, cfg: RunConfig, resume_from: Path | None) -> None:
+        """Prepare the stdlib into the missing default data dir (~10-45 s), once what would refuse this
+        run afterwards has been checked: that it continues its checkpoint's model and optimizer, and (one
+        process on CPU: the check by ranks is collective) that it fits in host memory."""
+        from seektrain.data.prepare import PrepareConfig, prepare
+
+        corpus = PrepareConfig(inputs=["stdlib"], out_dir=cfg.data.path, progress=cfg.log.progress)
+        if resume_from is not None:
+            resume.check_before_data(resume_from, cfg)
+        if self.device.type == "cpu" and not self.dist.distributed:
+            self._check_host_memory(_with_data_vocab(cfg, corpus.vocab_size, 0, {}))
+        print(f"{cfg.data.path} is missing: preparing Python's standard library as the default corpus")
+        prepare(corpus)
 
     def _open_inputs(self, cfg: RunConfig) -> None:
         """The training loader, the config completed from the data, and the state to resume."""
@@ -744,6 +749,9 @@ class Trainer:
 # --- helpers -----------------------------------------------------------------------------------------
 
 
+_AGAIN = "Ctrl-C again: at once, without one"
+
+
 class _SignalFlag:
     """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the current step and exits. Ctrl-C
     again stops at once, without that checkpoint; any other repeat (a scheduler's second SIGTERM, torchrun
@@ -762,8 +770,9 @@ class _SignalFlag:
             self.signum = signum
             if self._announce:  # os.write: not inside a print the signal may have interrupted
                 name = signal.Signals(signum).name
-                os.write(2, f"{name}: stopping after this step, with a checkpoint (Ctrl-C again: at once, "
-                         "without one)\n".encode())
+                line = f"{name}: stopping after this step, with a checkpoint ({_AGAIN})\n"
+                with contextlib.suppress(OSError):  # stderr closed or its reader gone: the stop goes on
+                    os.write(2, line.encode())
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt
 
