@@ -434,6 +434,38 @@ def test_a_context_too_short_is_refused_before_the_default_corpus_is_prepared(tm
     assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
 
 
+def test_only_a_second_ctrl_c_of_its_own_stops_a_process_at_once():
+    """A repeated SIGTERM aborted the stop without its checkpoint, and so did a rank's own first Ctrl-C
+    once the ranks' agreement had set the flag (torchrun: the terminal's Ctrl-C reaches every rank)."""
+    import os
+    import signal
+
+    from seektrain.train.trainer import _SignalFlag
+
+    def send(signum) -> bool:
+        """Whether the signal stopped this process at once (KeyboardInterrupt, caught: not pytest's)."""
+        try:
+            os.kill(os.getpid(), signum)
+        except KeyboardInterrupt:
+            return True
+        return False
+
+    stop = _SignalFlag(announce=False)
+    try:
+        assert not send(signal.SIGTERM) and not send(signal.SIGTERM)  # a scheduler's repeat: nothing more
+        assert stop.signum == signal.SIGTERM
+        assert not send(signal.SIGINT)  # this process's first Ctrl-C: the stop under way goes on
+        assert send(signal.SIGINT)  # Ctrl-C again: at once
+    finally:
+        stop.restore()
+    agreed = _SignalFlag(announce=False)
+    try:
+        agreed.signum = signal.SIGINT  # set by the agreement: another rank got the signal
+        assert not send(signal.SIGINT)  # this rank's own, a moment later
+    finally:
+        agreed.restore()
+
+
 def test_a_sequence_too_short_for_multi_token_prediction_is_refused(make, tmp_path):
     """seq_len 1 with one MTP depth trained it on nothing and logged mtp_loss 0.0, a perfect-looking loss."""
     from seektrain.errors import UserError

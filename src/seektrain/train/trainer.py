@@ -753,19 +753,25 @@ _AGAIN = "Ctrl-C again: at once, without one"
 
 
 class _SignalFlag:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the current step and exits. Ctrl-C
-    again stops at once, without that checkpoint; any other repeat (a scheduler's second SIGTERM, torchrun
-    forwarding the terminal's Ctrl-C as SIGTERM) changes nothing, so the checkpoint is not lost to it."""
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the current step and exits. A second
+    Ctrl-C to this process stops it at once, without that checkpoint; any other repeat (a scheduler's
+    second SIGTERM, torchrun forwarding the terminal's Ctrl-C as SIGTERM) changes nothing, so the
+    checkpoint is not lost to it. `signum` may also be set by the ranks' agreement (`Trainer._stopping`):
+    a rank's own first Ctrl-C after that is no repeat."""
 
     def __init__(self, announce: bool):
         self.signum: int | None = None
         self._announce = announce  # rank 0 says what the first signal does
+        self._received: set[int] = set()  # the signals this process got
         self._old = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and signum in self._received:
+            raise KeyboardInterrupt
+        self._received.add(signum)
         if self.signum is None:
             self.signum = signum
             if self._announce:  # os.write: not inside a print the signal may have interrupted
@@ -773,8 +779,6 @@ class _SignalFlag:
                 line = f"{name}: stopping after this step, with a checkpoint ({_AGAIN})\n"
                 with contextlib.suppress(OSError):  # stderr closed or its reader gone: the stop goes on
                     os.write(2, line.encode())
-        elif signum == signal.SIGINT:
-            raise KeyboardInterrupt
 
     def restore(self) -> None:
         for sig, handler in self._old.items():
