@@ -56,15 +56,9 @@ def _option_differences(first: dict, other: dict, prefix: str = "") -> list[str]
     return out
 
 
-def _special_token_differences(a: dict, b: dict) -> list[str]:
-    """`role: token vs token` for each of bos, eos, pad that two manifests name differently (the eos
-    one ends every document)."""
-    differences = []
-    for role in ("bos", "eos", "pad"):
-        x, y = a.get(role, {}).get("token"), b.get(role, {}).get("token")
-        if x != y:
-            differences.append(f"{role}: {x!r} vs {y!r}")
-    return differences
+def _token_names(manifest: dict) -> dict:
+    """role (bos, eos, pad) -> the special token a manifest names for it (its eos ends every document)."""
+    return {role: entry.get("token") for role, entry in manifest.get("special_tokens", {}).items()}
 
 
 def merge(slice_dirs: list[str], out_dir: str) -> dict:
@@ -79,7 +73,7 @@ def merge(slice_dirs: list[str], out_dir: str) -> dict:
                 f"{d} was prepared with another tokenizer than {slice_dirs[0]}: slices must share "
                 f"one (--tokenizer FILE)"
             )
-        if roles := _special_token_differences(first.get("special_tokens", {}), m.get("special_tokens", {})):
+        if roles := _option_differences(_token_names(first), _token_names(m)):
             raise UserError(
                 f"{d} has other special tokens than {slice_dirs[0]} ({'; '.join(roles)}): slices must "
                 "share --special-tokens, or the merged data dir would name the first one's for all"
