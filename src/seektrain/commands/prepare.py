@@ -103,7 +103,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from seektrain.data.clean import CleanConfig, clean_overrides
     from seektrain.data.prepare import PrepareConfig, prepare, print_summary
-    from seektrain.data.workers import usable_cpus
     from seektrain.errors import UserError
 
     if args.merge:
@@ -139,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         dedup=args.dedup,
         minhash_threshold=args.minhash_threshold,
         val_fraction=args.val_fraction,
-        workers=usable_cpus() if args.workers is None else args.workers,
+        workers=args.workers,
         text_field=args.text_field,
         skip_bad_lines=args.skip_bad_lines,
         shard_tokens=args.shard_tokens,

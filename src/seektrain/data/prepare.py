@@ -67,7 +67,7 @@ class PrepareConfig:
     minhash_num_perm: int = 128
     minhash_ngram: int = 5
     val_fraction: float = 0.01
-    workers: int = field(default_factory=W.usable_cpus)  # at most these are started
+    workers: int | None = None  # None: one per CPU it may use, which is also the most started
     text_field: str = "text"
     skip_bad_lines: bool = False
     shard_tokens: int = 1 << 24
@@ -90,7 +90,7 @@ class PrepareConfig:
             raise UserError(f"--minhash-threshold must lie in (0, 1), got {self.minhash_threshold}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"--val-fraction must lie in [0, 1), got {self.val_fraction}")
-        if self.workers < 1:
+        if self.workers is not None and self.workers < 1:
             raise UserError(f"--workers must be at least 1, got {self.workers}")
         if self.shard_tokens < 1:
             raise UserError(f"shard size must be at least 1 token, got {self.shard_tokens}")
@@ -362,7 +362,8 @@ def prepare(cfg: PrepareConfig) -> dict:
         )
     # CPU-bound workers beyond the CPUs add nothing but memory (~30 MB each): a large --workers started
     # every one of them at once, and the OOM killer ended prepare without a word
-    cfg = replace(cfg, workers=min(cfg.workers, W.usable_cpus()))
+    cpus = W.usable_cpus()
+    cfg = replace(cfg, workers=cpus if cfg.workers is None else min(cfg.workers, cpus))
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
     if tokenizer is not None:
         special_tokens(tokenizer, cfg.tokenizer_cfg)  # fail before the long passes if it has no EOS
