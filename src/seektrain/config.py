@@ -192,7 +192,9 @@ class OptimConfig:
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise UserError(f"optim.{name}={value} must be in [0, 1]")
-        _check_fraction_schedule(self.multistep_milestones, "optim.multistep_milestones", "factor")
+        _check_fraction_schedule(
+            self.multistep_milestones, "optim.multistep_milestones", "factor", lr_factors=True
+        )
 
 
 @dataclass
@@ -433,10 +435,12 @@ def _check_type(key: str, value: Any, kind: type, origin: str = "") -> Any:
     ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
     if kind is float and ok and not math.isfinite(value):
         ok = False
+    where = f"{origin}: " if origin and origin != "--set" else ""
     if not ok:
-        where = f"{origin}: " if origin and origin != "--set" else ""
         expected = "a finite float" if kind is float else kind.__name__
         raise UserError(f"{where}{key}={value!r}: expected {expected}")
+    if kind is int and not -(2**63) <= value < 2**63:  # steps, sizes and seeds end up in int64 tensors
+        raise UserError(f"{where}{key}={value}: out of range (a 64-bit integer)")
     return value
 
 
@@ -452,18 +456,23 @@ def _unknown(key: str, value: Any, valid: list[str], origin: str = "") -> str:
     return f"{where}{key}={value!r} is not one of {', '.join(map(str, valid))}{hint}"
 
 
-def _check_fraction_schedule(entries: list, key: str, value_name: str) -> None:
+def _check_fraction_schedule(entries: list, key: str, value_name: str, lr_factors: bool = False) -> None:
     """[[fraction, value], …]: numbers, fractions increasing within [0, 1] (an unsorted list would let a
-    later entry override an earlier one silently), values finite and ≥ 0."""
+    later entry override an earlier one silently), values finite and ≥ 0; `lr_factors` in (0, 1]: a factor
+    above 1 would lift the lr past its peak `optim.lr`, and 0 would train the rest of the run at lr 0."""
     from seektrain.model.config import is_finite_number
 
+    values = f"{value_name} in (0, 1]" if lr_factors else f"{value_name} ≥ 0"
     last = -math.inf
     for entry in entries:
         ok = isinstance(entry, list) and len(entry) == 2 and all(is_finite_number(v) for v in entry)
-        if not ok or not (0 <= entry[0] <= 1 and entry[0] > last) or entry[1] < 0:
+        if ok:
+            value = entry[1]
+            ok = 0 <= entry[0] <= 1 and entry[0] > last and (0 < value <= 1 if lr_factors else value >= 0)
+        if not ok:
             raise UserError(
                 f"{key}: bad entry {entry!r}; expected [[fraction, {value_name}], …] with increasing "
-                f"fractions in [0, 1] and {value_name} ≥ 0"
+                f"fractions in [0, 1] and {values}"
             )
         last = entry[0]
 

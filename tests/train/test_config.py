@@ -90,7 +90,12 @@ def test_config_file_then_set(tmp_path):
         ("train.seed=4294967296", ["train.seed", "2**32"]),  # numpy's seed would raise mid-setup
         ('optim.multistep_milestones=[["a", 1]]', ["optim.multistep_milestones", "increasing"]),
         ("optim.multistep_milestones=[[0.9, 0.1], [0.8, 0.316]]", ["optim.multistep_milestones", "[0.8"]),
+        ("optim.multistep_milestones=[[0.8, 1.5]]", ["optim.multistep_milestones", "(0, 1]"]),  # above peak
+        ("optim.multistep_milestones=[[0.8, 0]]", ["optim.multistep_milestones", "(0, 1]"]),  # lr 0 after 80%
         ("train.mtp_weight_schedule=[[-0.5, 0.1]]", ["train.mtp_weight_schedule", "-0.5"]),
+        ("train.steps=9223372036854775808", ["train.steps=9223372036854775808", "64-bit"]),  # 2**63
+        ("checkpoint.every=-9223372036854775809", ["checkpoint.every", "64-bit"]),
+        ("model.max_position_embeddings=9223372036854775808", ["max_position_embeddings", "64-bit"]),
         ("model.rope_theta=nan", ["rope_theta", "finite"]),
         ("model.rms_norm_eps=inf", ["rms_norm_eps", "finite"]),
         ('model.rope_scaling={type="yarn", factor=nan}', ["rope_scaling.factor", "finite"]),

@@ -278,6 +278,10 @@ def _type_problems(c: ModelConfig) -> list[str]:
         v = getattr(c, name)
         if v is not None and not _is_int(v):
             out.append(f"{name} must be an integer or unset, got {v!r}")
+    for name in sorted(_INT_FIELDS | _OPT_INT_FIELDS):  # sizes and token ids end up in int64 tensors
+        v = getattr(c, name)
+        if _is_int(v) and not -(2**63) <= v < 2**63:
+            out.append(f"{name}={v} is out of range (a 64-bit integer)")
     for name in _FLOAT_FIELDS:
         v = getattr(c, name)
         if _is_int(v):
