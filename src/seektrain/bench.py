@@ -23,6 +23,7 @@ from torch._dynamo.utils import counters
 from seektrain.config import OptimConfig, TrainConfig
 from seektrain.distributed.parallelize import apply_activation_checkpointing, apply_compile
 from seektrain.errors import UserError
+from seektrain.host_limits import fit_torch_threads
 from seektrain.model.config import ModelConfig
 from seektrain.model.transformer import Transformer
 from seektrain.paths import atomic_write
@@ -74,6 +75,7 @@ def run_bench(cfg: BenchConfig, device: torch.device | None = None) -> dict:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         keep_freed_host_memory()  # as the trainer does
+        fit_torch_threads()
     precision = resolve_precision(cfg.precision, device)
     model_cfg = bench_model_config(cfg)
     optim_cfg = OptimConfig(state_dtype=cfg.state_dtype)
@@ -131,6 +133,7 @@ def run_bench(cfg: BenchConfig, device: torch.device | None = None) -> dict:
     return {
         "preset": cfg.preset + ("-dense" if cfg.dense else ""),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": None if device.type == "cuda" else torch.get_num_threads(),  # intra-op, on CPU
         "precision": precision,
         "compile": cfg.compile,
         "cuda_graphs": cfg.cuda_graphs,

@@ -86,11 +86,12 @@ def test_same_input_same_bytes_any_worker_count(tmp_path, corpus_docs):
 def test_no_more_workers_start_than_the_cpus_it_may_use(tmp_path, corpus_docs, monkeypatch):
     """`--workers 99999` started every process at once (~30 MB each), and the OOM killer ended prepare
     without a word: the CPU-bound workers are capped at the CPUs, which the report gives."""
+    from seektrain import host_limits
     from seektrain.data import workers as W
 
     started, start_pool = [], W._start_pool
     monkeypatch.setattr(W, "_start_pool", lambda n, *rest: started.append(n) or start_pool(n, *rest))
-    monkeypatch.setattr(W, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(host_limits, "usable_cpus", lambda: 2)
     src = write_corpus(tmp_path / "src", corpus_docs[:20])
     report = prepare(small_config([src], tmp_path / "out", workers=64))
     assert report["workers"] == 2 and started == [2, 2]  # the cleaning pass's pool, the tokenizing one's

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from seektrain import host_limits
 from seektrain.data import workers as W
 from seektrain.data.clean import CleanConfig
 from seektrain.data.dedup import MinHasher, exact_keep, near_dup_keep
@@ -362,7 +363,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         )
     # CPU-bound workers beyond the CPUs add nothing but memory (~30 MB each): a large --workers started
     # every one of them at once, and the OOM killer ended prepare without a word
-    cpus = W.usable_cpus()
+    cpus = host_limits.usable_cpus()
     cfg = replace(cfg, workers=cpus if cfg.workers is None else min(cfg.workers, cpus))
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
     if tokenizer is not None:

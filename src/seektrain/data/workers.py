@@ -65,14 +65,6 @@ def tokenize_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return ids, lens
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity: taskset, a container's or a batch job's cpuset)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def ordered_map(
     fn: Callable, tasks: Iterable, workers: int, initializer: Callable, initargs: tuple
 ) -> Iterator:

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 
 from seektrain.errors import UserError
+from seektrain.host_limits import available_host_memory
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
 # Blocks below 1 GiB come from the heap (some glibc versions accept at most 32 MiB: the fallback), and a free
@@ -95,15 +96,3 @@ def check_training_state_fits(
 
 def _size(n_bytes: int) -> str:
     return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
-
-
-def available_host_memory() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes: what can be allocated without swapping."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None

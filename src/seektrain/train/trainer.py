@@ -43,6 +43,7 @@ from seektrain.distributed.env import (
     ranks_on_this_host,
 )
 from seektrain.errors import UserError
+from seektrain.host_limits import fit_torch_threads
 from seektrain.paths import DirLock, atomic_write_bytes, check_writable_dir, remove_stale_temp_files
 from seektrain.train import balance, resume
 from seektrain.train.display import Display
@@ -87,6 +88,7 @@ class Trainer:
         self.device = pick_device(cfg.train.device, self.dist.local_rank)
         if self.device.type == "cpu":
             keep_freed_host_memory()
+            fit_torch_threads()
         if cfg.train.cuda_graphs and self.dist.distributed:
             raise UserError("train.cuda_graphs is single-process for now (not under torchrun)")
         if cfg.train.cuda_graphs and self.device.type != "cuda":
@@ -715,13 +717,15 @@ class Trainer:
     def _announce(self) -> None:
         m, t = self.model_cfg, self.cfg.train
         what = f"resuming {self.resume_from} at step {self.counters.step}" if self.resume_from else "new run"
+        threads = torch.get_num_threads()
+        cpu_threads = f" ({threads} thread{'s' if threads > 1 else ''})" if self.device.type == "cpu" else ""
         self.display.print(
             f"seektrain train: {what} in {self.run_dir}\n"
             f"  model {self.cfg.model.preset}: {m.num_params(include_mtp=True) / 1e6:.2f}M parameters "
             f"({m.num_active_params() / 1e6:.2f}M active), vocab {m.vocab_size}\n"
             f"  data {self.cfg.data.path}: seq_len {self.cfg.data.seq_len}, "
             f"global batch {t.global_batch_size} (micro {t.micro_batch_size}), {t.steps} steps\n"
-            f"  {self.device.type}, {t.precision}{self.precision_note}, "
+            f"  {self.device.type}{cpu_threads}, {t.precision}{self.precision_note}, "
             f"optimizer {self.cfg.optim.name}, "
             f"schedule {self.cfg.optim.schedule}, lr {self.cfg.optim.lr}"
             + (

@@ -1,0 +1,156 @@
+"""What this process may use of the host: CPUs and memory, including the limits of its cgroup.
+
+A container's `--cpus` and `--memory`, a Kubernetes pod's limits or a batch job's allocation are cgroup
+limits, which neither `os.sched_getaffinity` nor /proc/meminfo shows: a 2-CPU container on a 64-core host
+sees 64 CPUs (64 torch threads and 64 prepare workers fighting over 2 CPUs' worth of time), and a
+host's free memory where its own limit is far lower (a model that cannot fit is OOM-killed without a
+word instead of refused). Both cgroup versions are read (v2, and v1 as older Docker and Slurm set up),
+along the process's own cgroup path and its ancestors, where a limit set higher up applies too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+_V1_NO_LIMIT = 1 << 62  # v1 reports "no memory limit" as a page-rounded 2**63 - 1
+
+
+def usable_cpus(root: Path = CGROUP_ROOT, proc: Path = PROC_CGROUP) -> int:
+    """The CPUs this process may keep busy: those of its affinity (taskset, a cpuset), at most its cgroup's
+    CPU quota rounded up (a quota of 1.5 CPUs still runs 2 threads at a time)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    quota = cpu_quota(root, proc)
+    return cpus if quota is None else max(1, min(cpus, math.ceil(quota)))
+
+
+def fit_torch_threads(root: Path = CGROUP_ROOT, proc: Path = PROC_CGROUP) -> int:
+    """torch's intra-op threads, at most `usable_cpus()` unless OMP_NUM_THREADS sets them (torchrun sets 1
+    per rank): torch starts one per CPU of the affinity, and threads beyond a cgroup's quota wait at
+    every op's barrier for CPU time the quota does not give. Returns the threads torch now runs."""
+    import torch  # here: data preparation's workers import this module without torch
+
+    if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > (cpus := usable_cpus(root, proc)):
+        torch.set_num_threads(cpus)
+    return torch.get_num_threads()
+
+
+def cpu_quota(root: Path = CGROUP_ROOT, proc: Path = PROC_CGROUP) -> float | None:
+    """CPUs' worth of time per period the cgroup allows (quota / period, the smallest along the path),
+    or None without a quota."""
+    quotas = []
+    if (v2 := _v2_dirs(root, proc)) is not None:
+        for d in v2:
+            fields = _read(d / "cpu.max").split()  # "max 100000" or "150000 100000"
+            if len(fields) == 2 and fields[0] != "max":
+                quotas.append(_ratio(fields[0], fields[1]))
+    else:
+        for d in _v1_dirs(root, proc, "cpu"):
+            quota, period = _read(d / "cpu.cfs_quota_us"), _read(d / "cpu.cfs_period_us")
+            if quota.lstrip("-").isdigit() and int(quota) > 0:  # -1: no quota
+                quotas.append(_ratio(quota, period))
+    quotas = [q for q in quotas if q is not None]
+    return min(quotas) if quotas else None
+
+
+def memory_headroom(root: Path = CGROUP_ROOT, proc: Path = PROC_CGROUP) -> int | None:
+    """Bytes the process may still allocate under its cgroup's memory limit (the least along the path):
+    the limit minus what the cgroup uses, less its page cache, which the kernel reclaims before it kills
+    (shared memory is not reclaimed); None without a limit."""
+    room = []
+    if (v2 := _v2_dirs(root, proc)) is not None:
+        for d in v2:
+            limit, usage = _read(d / "memory.max"), _read(d / "memory.current")
+            if limit.isdigit() and usage.isdigit():
+                stat = _stat(d / "memory.stat")
+                cache = stat.get("file", 0) - stat.get("shmem", 0)
+                room.append(int(limit) - int(usage) + cache)
+    else:
+        for d in _v1_dirs(root, proc, "memory"):
+            limit, usage = _read(d / "memory.limit_in_bytes"), _read(d / "memory.usage_in_bytes")
+            if limit.isdigit() and usage.isdigit() and int(limit) < _V1_NO_LIMIT:
+                stat = _stat(d / "memory.stat")
+                cache = stat.get("total_cache", 0) - stat.get("total_shmem", 0)
+                room.append(int(limit) - int(usage) + cache)
+    return max(0, min(room)) if room else None
+
+
+def available_host_memory(root: Path = CGROUP_ROOT, proc: Path = PROC_CGROUP) -> int | None:
+    """What can be allocated without swapping or being killed: MemAvailable of /proc/meminfo, at most the
+    cgroup's headroom; None where neither is known."""
+    figures = [m for m in (_mem_available(), memory_headroom(root, proc)) if m is not None]
+    return min(figures) if figures else None
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _own_paths(proc: Path) -> dict[str, str]:
+    """The process's cgroup path per v1 controller, and under "" its v2 (unified) path."""
+    paths = {}
+    for line in _read(proc).splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            for controller in parts[1].split(",") if parts[1] else [""]:
+                paths[controller] = parts[2]
+    return paths
+
+
+def _v2_dirs(root: Path, proc: Path) -> list[Path] | None:
+    """The v2 folders whose limits apply, or None where the root is not a v2 hierarchy."""
+    path = _own_paths(proc).get("")
+    if path is None or not (root / "cgroup.controllers").is_file():
+        return None
+    return _up_to(root, path)
+
+
+def _v1_dirs(root: Path, proc: Path, controller: str) -> list[Path]:
+    path = _own_paths(proc).get(controller)
+    base = root / controller  # a link to "cpu,cpuacct" where the two share a mount
+    return [] if path is None or not base.is_dir() else _up_to(base, path)
+
+
+def _up_to(base: Path, path: str) -> list[Path]:
+    """The cgroup's folder and its ancestors up to `base`; just `base` where the path is not visible below
+    it (a container that mounts its own cgroup as the root, without a cgroup namespace)."""
+    leaf = base / path.strip("/")
+    if not leaf.is_dir():
+        return [base]
+    dirs = [leaf]
+    while dirs[-1] != base and base in dirs[-1].parents:
+        dirs.append(dirs[-1].parent)
+    return dirs
+
+
+def _stat(path: Path) -> dict[str, int]:
+    out = {}
+    for line in _read(path).splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().isdigit():
+            out[key] = int(value)
+    return out
+
+
+def _ratio(quota: str, period: str) -> float | None:
+    return int(quota) / int(period) if quota.isdigit() and period.isdigit() and int(period) > 0 else None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
