@@ -87,14 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = None
     try:
-        previous = _terminate_on_sigterm()
+        previous = _handle_signals()
         try:
+            args = build_parser().parse_args(argv)
             return int(args._run(args) or 0)
         finally:  # while an error is reported (a rank waiting for rank 0's), SIGTERM ends it as before
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     except BrokenPipeError:  # stdout's reader went away (`seektrain generate … | head`): end quietly
         detach_stdout()
         return 128 + signal.SIGPIPE
@@ -103,12 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         message = str(e) if isinstance(e, UserError) else memory or lost_rank(e) or file_error(e)
         if message is None:
             raise
-        if memory is not None and args.command in MEMORY_HINTS:
-            message += f" ({MEMORY_HINTS[args.command]})"
+        command = getattr(args, "command", None)
+        if memory is not None and command in MEMORY_HINTS:
+            message += f" ({MEMORY_HINTS[command]})"
         prefix = _wait_unless_rank_zero()
         if isinstance(e, RanksError):  # names the ranks itself
             prefix = ""
-        if args.debug:
+        if getattr(args, "debug", False):
             traceback.print_exc()
         print(f"error: {prefix}{message}", file=sys.stderr)
         return 2
@@ -120,22 +122,60 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGTERM
 
 
-def _terminate_on_sigterm():
+def _handle_signals() -> dict:
     """SIGTERM (kill, a timeout, a scheduler) is handled as Ctrl-C is: an exception where the program is,
     so a command cleans up its temp dirs on the way out (the default action would end it on the spot).
-    The trainer sets its own handler while it trains (checkpoint, then exit). Not in a launched rank
+    The trainer sets its own handlers while it trains (checkpoint, then exit). Not in a launched rank
     (RANK set): a Python handler runs only between bytecodes, so a rank blocked in a rendezvous or a
     collective would ignore its launcher's SIGTERM until SIGKILL; the default action ends it at once.
-    (prepare's pool workers set their own actions: `data.workers.ordered_map`.)
-    Returns the handler to restore, or None where none was set (also off the main thread)."""
-    if "RANK" in os.environ or threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, _raise_terminated)
+    Either signal waits for an import under way to finish (`_importing`); an ignored SIGINT (a background
+    job's) stays ignored. (prepare's pool workers set their own actions: `data.workers.ordered_map`.)
+    Returns the handlers to restore: none off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    if "RANK" not in os.environ:
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _raise_terminated)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_interrupt)
+    return previous
 
 
 def _raise_terminated(signum, frame) -> None:
+    if _importing(frame):
+        _signal_again(signum)
+        return
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup short
     raise Terminated
+
+
+def _raise_interrupt(signum, frame) -> None:
+    if _importing(frame):
+        _signal_again(signum)
+        return
+    raise KeyboardInterrupt
+
+
+def _signal_again(signum: int) -> None:
+    """Send `signum` to this process again shortly, when the import under way has likely finished."""
+    retry = threading.Timer(IMPORT_RETRY_S, os.kill, (os.getpid(), signum))
+    retry.daemon = True
+    retry.start()
+
+
+IMPORT_RETRY_S = 0.05
+
+
+def _importing(frame) -> bool:
+    """Whether Python is importing a module at `frame`. An exception raised there leaves half-built
+    modules behind (numpy without `multiply`, a C extension that cannot be loaded twice), and the way out
+    then fails with a traceback instead of cleaning up; the command imports torch and numpy lazily, so a
+    SIGTERM in its first second often lands in one."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _wait_unless_rank_zero() -> str:

@@ -270,14 +270,15 @@ def test_pool_workers_ignore_ctrl_c_and_sigterm_even_under_the_clis_handler():
     from seektrain import cli
     from seektrain.data.workers import ordered_map
 
-    previous = cli._terminate_on_sigterm()
+    previous = cli._handle_signals()
     try:
         seen = set(ordered_map(_worker_signals, range(8), 2, print, ()))
         assert seen == {(signal.SIG_IGN, signal.SIG_IGN, False, False)}
         assert signal.getsignal(signal.SIGTERM) is cli._raise_terminated
         assert not {signal.SIGINT, signal.SIGTERM} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def test_a_worker_that_dies_ends_prepare_with_one_error_instead_of_a_hang():
