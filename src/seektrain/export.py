@@ -152,6 +152,11 @@ def _claim_target(out: Path, what: str) -> None:
 
 def _check_empty_target(out: Path, what: str) -> None:
     check_dir_target(out, what)
+    if out.resolve() == Path.cwd().resolve():  # built beside it and renamed over it: the shell's folder
+        raise UserError(  # would be replaced by one it no longer sees (and the temp dir would sit inside)
+            f"{what} {out} is the current folder, which the new directory would replace: name a folder "
+            "below it, or run from another one"
+        )
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{what} {out} exists and is not empty; choose a new directory (nothing was written)")
 

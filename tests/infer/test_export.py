@@ -109,6 +109,18 @@ def test_export_refuses_a_non_empty_target_and_leaves_it_alone(trained_run, tmp_
     assert (empty / "config.json").is_file()
 
 
+def test_export_and_import_refuse_the_current_folder_at_once(trained_run, tmp_path, seektrain, monkeypatch):
+    """`--out .` in an empty folder did the whole job in a temp dir inside `.` itself, which then was not
+    empty, and ended in a misleading "not empty"; the rename would have replaced the shell's folder."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for argv in (["export", "--run", trained_run, "--out", "."], ["import", "--hf", here, "--out", "."]):
+        code, _, err = seektrain(*argv)
+        assert code == 2 and err.startswith("error: ") and "is the current folder" in err, err
+        assert len(err.splitlines()) == 1 and not any(here.iterdir())
+
+
 def test_export_of_a_run_without_checkpoints_is_a_user_error(tmp_path, seektrain):
     run = tmp_path / "runs" / "fresh"
     run.mkdir(parents=True)
