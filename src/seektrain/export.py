@@ -80,9 +80,11 @@ def import_hf(
     out_run: str | os.PathLike,
     data: str | os.PathLike | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    notes: list[str] | None = None,
 ) -> Path:
     """Make run directory `out_run` from a transformers DeepSeek-V3 directory; returns it.
-    `overrides` are `--set section.key=value` strings for the run config (not `model.*`)."""
+    `overrides` are `--set section.key=value` strings for the run config (not `model.*`); what was read
+    otherwise than config.json says is appended to `notes` (`load_hf`)."""
     from seektrain.checkpoint.manager import CheckpointManager
     from seektrain.config import ModelSection, load_config
     from seektrain.infer.runs import WEIGHTS_ONLY, check_tokenizer_fits
@@ -94,7 +96,7 @@ def import_hf(
     if bad:
         raise UserError(f"--set {bad[0]}: the model comes from {hf_dir}/config.json and cannot be overridden")
     src = Path(hf_dir)
-    model = load_hf(src)
+    model = load_hf(src, notes=notes)
     cfg = model.cfg
     tok_file = src / TOKENIZER_FILE
     tokenizer = _load_tokenizer(tok_file) if tok_file.is_file() else None

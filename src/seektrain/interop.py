@@ -8,6 +8,7 @@ name table lives in `seektrain.model.hf`. Every file is written to a temp name a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -93,10 +94,15 @@ def _read_json_object(path: Path, what: str) -> dict:
 
 
 def load_hf(
-    hf_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    hf_dir: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    notes: list[str] | None = None,
 ) -> Transformer:
-    """Read a DeepSeek-V3 directory (single or sharded safetensors) into our `Transformer`.
-    MTP modules absent from the files (e.g. a directory transformers saved) keep their fresh init."""
+    """Read a DeepSeek-V3 directory (single or sharded safetensors) into our `Transformer`, the model
+    transformers loads from it. MTP modules absent from the files (e.g. a directory transformers saved)
+    keep their fresh init. The keys and shapes of the weights are checked against config.json before the
+    model is allocated. What was read otherwise than config.json says is appended to `notes`."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -119,13 +125,20 @@ def load_hf(
         except (SafetensorError, OSError) as e:  # truncated or not a safetensors file at all
             raise UserError(f"{src / fname} cannot be read as safetensors ({first_line(e)})") from e
     sd = from_hf_state_dict(hf, cfg)
+    embed, head = sd.get("embed_tokens.weight"), sd.get("lm_head.weight")
+    if cfg.tie_word_embeddings and embed is not None and head is not None and not torch.equal(embed, head):
+        # transformers keeps both tensors as stored (a tied model would silently lose one of them)
+        cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
+        if notes is not None:
+            notes.append(
+                f"{src}/config.json ties the embeddings, but the weights hold a different lm_head.weight: "
+                "imported untied, as transformers loads it"
+            )
     if cfg.tie_word_embeddings:
-        sd.setdefault("lm_head.weight", sd.get("embed_tokens.weight"))
+        sd.setdefault("lm_head.weight", embed)
 
     with torch.device("meta"):
         model = Transformer(cfg)
-    model.to_empty(device=device)
-    model.init_weights()
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd and not k.startswith("mtp.")]
     unexpected = [k for k in sd if k not in expected]
@@ -138,6 +151,8 @@ def load_hf(
             raise UserError(
                 f"{src}: {name} has shape {tuple(t.shape)}, config.json implies {tuple(expected[name].shape)}"
             )
+    model.to_empty(device=device)
+    model.init_weights()
     model.to(dtype=dtype)
     for module in model.modules():  # the correction biases stay fp32
         if isinstance(module, MoE):

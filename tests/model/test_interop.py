@@ -182,6 +182,55 @@ def test_import_errors_are_user_errors(tmp_path):
         load_hf(tmp_path)
 
 
+def test_a_tied_config_with_a_distinct_head_imports_untied_as_transformers_loads_it(tmp_path):
+    """`tie_word_embeddings: true` over files holding a different lm_head.weight: transformers keeps both
+    tensors as stored; the import tied them to the head's and silently lost the embedding (generate then
+    repeated one token). It now reads both, untied, and says so."""
+    untied = build(TINY)
+    save_hf(untied, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    notes: list[str] = []
+    back = load_hf(tmp_path, notes=notes)
+    assert not back.cfg.tie_word_embeddings and len(notes) == 1 and "imported untied" in notes[0]
+    theirs = load_transformers(tmp_path)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens).logits, theirs(tokens).logits, rtol=0, atol=TOL)
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(back.state_dict()[name], untied.state_dict()[name]), name
+    tied = build(CONFIGS["q_lora_eight_groups_tied"])  # a truly tied export stays tied, without a note
+    save_hf(tied, tmp_path / "tied")
+    notes.clear()
+    assert load_hf(tmp_path / "tied", notes=notes).cfg.tie_word_embeddings and not notes
+
+
+def test_weights_that_do_not_fit_config_json_are_refused_before_the_model_is_allocated(tmp_path):
+    """A config.json without its sizes reads as DeepSeek-V3's (hidden 7168, 61 layers, vocab 129280): the
+    import allocated that whole model (hundreds of GB) before comparing it with the 8M-parameter weights.
+    Run under a 6 GB address-space limit, where allocating first fails with an out-of-memory error."""
+    import subprocess
+    import sys
+
+    save_hf(build(TINY), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("hidden_size", "vocab_size", "num_hidden_layers"):
+        del config[key]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code = f"""
+import resource
+resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+from seektrain.errors import UserError
+from seektrain.interop import load_hf
+try:
+    load_hf({str(tmp_path)!r})
+except UserError as e:
+    print("UserError:", e)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.startswith("UserError:") and "do not match config.json" in result.stdout, result
+
+
 # config.json of the published deepseek-ai/DeepSeek-V3 (auto_map and quantization_config dropped).
 PUBLISHED_V3 = {
     "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,

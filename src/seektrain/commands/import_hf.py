@@ -27,13 +27,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from seektrain.export import import_hf
 
-    out = import_hf(args.hf, args.out, data=args.data, overrides=args.overrides)
+    notes: list[str] = []
+    out = import_hf(args.hf, args.out, data=args.data, overrides=args.overrides, notes=notes)
     follow = (
         f"seektrain train --config {out}/config.toml --run-dir {out}"
         if args.data
         else f"seektrain generate --run {out} --prompt … (to train on, import with --data DIR)"
     )
     print(f"imported {args.hf} as run {out}; next: {follow}")
+    for note in notes:
+        print(f"note: {note}")
     if not (out / "tokenizer.json").is_file():
         print(
             f"note: {args.hf} has no tokenizer.json: give generate and export `--tokenizer FILE`, "
