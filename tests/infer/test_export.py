@@ -151,6 +151,9 @@ def test_import_round_trip_keeps_every_weight(trained_run, exported, data_dir, t
     assert code == 0, err
     code, _, err = seektrain("import", "--hf", exported, "--out", run)  # now non-empty
     assert code == 2 and "not empty" in err
+    checkpoint = run / "checkpoints" / "step_00000000"  # another run's eval of it names it, not that run
+    code, _, err = seektrain("eval", "--run", trained_run, "--checkpoint", checkpoint)
+    assert code == 2 and err == f"error: checkpoint {checkpoint} was imported without data: pass --data DIR\n"
     # weights only: training from it is refused with one clear line, not a traceback
     code, _, err = seektrain("train", "--config", run / "config.toml", "--run-dir", run,
                              "--set", f'data.path="{data_dir}"', "--set", "log.progress=false")  # fmt: skip

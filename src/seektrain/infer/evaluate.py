@@ -135,7 +135,8 @@ def evaluate_run(
     run = load_run(run_dir, device=cfg.device, checkpoint=checkpoint)
     data = Path(cfg.data) if cfg.data else data_dir_of(run)
     if data is None:
-        raise UserError(f"{run_dir} was imported without data: pass --data DIR")
+        imported = run_dir if checkpoint is None else f"checkpoint {run.checkpoint}"
+        raise UserError(f"{imported} was imported without data: pass --data DIR")
     data_tokenizer = load_tokenizer(str(data / TOKENIZER_FILE)) if (data / TOKENIZER_FILE).is_file() else None
     if data_tokenizer is None:
         raise UserError(f"{data} is not a prepared data directory (no {TOKENIZER_FILE}); pass --data DIR")
