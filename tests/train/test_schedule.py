@@ -29,6 +29,17 @@ def test_cosine_key_points():
     assert all(a >= b for a, b in zip(values, values[1:], strict=False))
 
 
+def test_without_warmup_the_first_step_runs_at_the_peak():
+    """Counted from step 0, a run without warmup never used cfg.lr: its first step was already on the
+    decay (a one-step run's only step at min_lr_ratio)."""
+    for name in ("cosine", "wsd"):
+        c = cfg(schedule=name, warmup_steps=0, min_lr_ratio=0.1)
+        assert lr_factor(1, 1, c) == 1.0 and lr_factor(1, 100, c) == 1.0
+        assert lr_factor(100, 100, c) == pytest.approx(0.1)
+    c = cfg(schedule="cosine", warmup_steps=0, min_lr_ratio=0.0)
+    assert lr_factor(51, 101, c) == pytest.approx(0.5)  # halfway between step 1 and the last
+
+
 def test_wsd_key_points():
     c = cfg(schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0)
     assert lr_factor(11, 110, c) == 1.0

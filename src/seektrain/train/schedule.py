@@ -33,8 +33,10 @@ def lr_factor(
             if frac >= milestone:
                 factor = value
         return factor
-    progress = (step - warmup) / max(1, total_steps - warmup)  # (0, 1] after warmup
-    progress = min(progress, 1.0)
+    # (0, 1] after the last step at the peak: warmup's last, or the first step where there is no warmup
+    # (counted from step 0 instead, no step would ever run at cfg.lr: a one-step run's at min_lr_ratio)
+    peak = max(warmup, 1)
+    progress = min((step - peak) / max(1, total_steps - peak), 1.0)
     if cfg.schedule == "cosine":
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     if cfg.schedule == "wsd":
