@@ -1033,3 +1033,32 @@ def test_a_model_vocabulary_smaller_than_the_datas_tokenizer_is_refused_with_the
     ):
         make(tmp_path / "run", "model.vocab_size=100")
     assert not (tmp_path / "run").exists()
+
+
+def tensorboard_losses(run_dir) -> dict[int, float]:
+    """train/loss by step as TensorBoard shows it: every event file of RUN/tb read in order, purges
+    applied (tensorboard's own reader)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"), purge_orphaned_data=True)
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars("train/loss")}
+
+
+def test_tensorboard_shows_each_step_once_even_after_a_resume_without_it(make, tmp_path):
+    """A resume from an older checkpoint purges the later TensorBoard events; with `log.tensorboard=false`
+    on that resume nothing was written, so the abandoned run's curves stayed in tb/ for good, and differed
+    from metrics.jsonl once TensorBoard was turned on again."""
+    run = tmp_path / "run"
+    common = ("log.tensorboard=true", "train.eval_every=0", "train.log_every=1", "checkpoint.every=4",
+              "checkpoint.keep=5", "train.precision=fp32")  # fmt: skip
+    assert make(run, *common, "train.steps=8").fit() == 0
+    branch = make(run, *common, "train.steps=8", "optim.lr=1e-3", "log.tensorboard=false",
+                  resume=str(run / "checkpoints" / "step_00000004"))  # fmt: skip
+    assert branch.fit() == 0
+    assert make(run, *common, "train.steps=10", "optim.lr=1e-3").fit() == 0
+    logged = {r["step"]: r["loss"] for r in train_lines(run)}
+    shown = tensorboard_losses(run)  # steps 5-8 as the branch trained them went untracked
+    assert sorted(logged) == list(range(1, 11)) and sorted(shown) == [1, 2, 3, 4, 9, 10]
+    for step, loss in shown.items():
+        assert loss == pytest.approx(logged[step], rel=1e-6), step

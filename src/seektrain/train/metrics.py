@@ -45,10 +45,16 @@ class MetricsLog:
         # buffered rest to fail on again
         self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 (open for the run, closed by close())
         self._tb = None
-        if self.tensorboard:
+        tb = self.run_dir / "tb"
+        if self.tensorboard or tb.is_dir():
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=keep_through_step + 1)
+            # the purge marker hides an earlier run's later events; written also where this run logs
+            # none, or they would outlive the run they belonged to, and show once logging resumes
+            self._tb = SummaryWriter(str(tb), purge_step=keep_through_step + 1)
+            if not self.tensorboard:
+                self._tb.close()
+                self._tb = None
 
     def rewind(self, keep_through_step: int) -> None:
         """Forget everything logged after `keep_through_step` (a rollback)."""
