@@ -293,6 +293,11 @@ class RunConfig:
     def validate(self) -> RunConfig:
         for name in ["model", *SECTIONS]:
             getattr(self, name).validate()
+        if self.train.mtp_weight_schedule and not self.model_config().num_mtp_layers:
+            raise UserError(  # it would change nothing, silently
+                "train.mtp_weight_schedule weighs the MTP loss, but model.num_mtp_layers = 0: the model has "
+                "no MTP module (set num_mtp_layers, or leave the schedule empty)"
+            )
         return self
 
     def to_dict(self, resolved_model: bool = True) -> dict:

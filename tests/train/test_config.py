@@ -93,6 +93,7 @@ def test_config_file_then_set(tmp_path):
         ("optim.multistep_milestones=[[0.8, 1.5]]", ["optim.multistep_milestones", "(0, 1]"]),  # above peak
         ("optim.multistep_milestones=[[0.8, 0]]", ["optim.multistep_milestones", "(0, 1]"]),  # lr 0 after 80%
         ("train.mtp_weight_schedule=[[-0.5, 0.1]]", ["train.mtp_weight_schedule", "-0.5"]),
+        ("train.mtp_weight_schedule=[[0, 0.5]]\0model.num_mtp_layers=0", ["mtp_weight_schedule", "no MTP"]),
         ("train.steps=9223372036854775808", ["train.steps=9223372036854775808", "64-bit"]),  # 2**63
         ("checkpoint.every=-9223372036854775809", ["checkpoint.every", "64-bit"]),
         ("model.max_position_embeddings=9223372036854775808", ["max_position_embeddings", "64-bit"]),
@@ -107,7 +108,7 @@ def test_config_file_then_set(tmp_path):
 )
 def test_bad_values_name_the_key(override, words):
     with pytest.raises(UserError) as e:
-        load_config(overrides=[override])
+        load_config(overrides=override.split("\0"))  # NUL: between several overrides
     for word in words:
         assert word in str(e.value)
 

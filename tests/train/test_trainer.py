@@ -507,6 +507,10 @@ def test_a_run_this_config_cannot_continue_is_refused_before_the_default_corpus_
         Trainer(load_config(overrides=[*defaults, "model.num_hidden_layers=3"]), run)
     with pytest.raises(UserError, match=r"^cannot resume from .*: optim.name was 'adamw', now 'lamb'"):
         Trainer(load_config(overrides=[*defaults, "optim.name=lamb"]), run)
+    with pytest.raises(UserError, match=r"^cannot resume from .*: train.seed was 0, now 5 \(the run would"):
+        Trainer(load_config(overrides=[*defaults, "train.seed=5"]), run)
+    with pytest.raises(UserError, match=r"^cannot resume from .*: data.seq_len was 32, now 16 \(the run"):
+        Trainer(load_config(overrides=[*defaults, "data.seq_len=16"]), run)
     assert not (tmp_path / "data").exists()
     # a checkpoint from before model.mtp_input reads as "unnormed" (with MTP), as the full check has it
     from seektrain.train.resume import check_before_data
@@ -522,7 +526,9 @@ def test_a_run_this_config_cannot_continue_is_refused_before_the_default_corpus_
 
 def test_resume_accepts_model_fields_no_weight_depends_on(make, tmp_path):
     """An export then import fills in the BOS/PAD ids from the tokenizer; a resume with such a config (or
-    another initializer_range) continues, while a shape change is still refused."""
+    another initializer_range, or other loss weights: MTP's λ, which train.mtp_weight_schedule changed on
+    resume while model.mtp_loss_weight was refused, and the balance loss's α) continues, while a shape
+    change is still refused."""
     import tomllib
 
     from seektrain.errors import UserError
@@ -530,11 +536,14 @@ def test_resume_accepts_model_fields_no_weight_depends_on(make, tmp_path):
     run = tmp_path / "run"
     base = ("train.steps=2", "checkpoint.every=2", "train.eval_every=0")
     assert make(run, *base).fit() == 0
-    changed = ("model.bos_token_id=0", "model.pad_token_id=2", "model.initializer_range=0.5")
+    changed = ("model.bos_token_id=0", "model.pad_token_id=2", "model.initializer_range=0.5",
+               "model.mtp_loss_weight=0.1", "model.seq_aux_loss_alpha=0.001")  # fmt: skip
     resumed = make(run, *base, "train.steps=3", *changed)
     assert resumed.counters.step == 2 and resumed.fit() == 0
     model = tomllib.loads((run / "config.toml").read_text())["model"]
     assert (model["bos_token_id"], model["pad_token_id"], model["initializer_range"]) == (0, 2, 0.5)
+    assert (model["mtp_loss_weight"], model["seq_aux_loss_alpha"]) == (0.1, 0.001)
+    assert train_lines(run)[-1]["mtp_weight"] == 0.1
     with pytest.raises(UserError, match="the model differs .*moe_intermediate_size"):
         make(run, *base, "train.steps=4", "model.moe_intermediate_size=16")
 

@@ -13,9 +13,17 @@ from seektrain.errors import UserError
 if TYPE_CHECKING:
     from seektrain.data.loader import TokenLoader
 
-# Model fields a resume may change: no weight or training computation depends on them (the ids of
-# BOS/PAD, which an export then import fills in from the tokenizer; the scale of the initial weights).
-RESUMABLE_MODEL_CHANGES = {"preset", "bos_token_id", "pad_token_id", "initializer_range"}
+# Model fields a resume may change: no weight depends on them (the ids of BOS/PAD, which an export then
+# import fills in from the tokenizer; the scale of the initial weights), or they weigh a loss term as the
+# learning rate weighs a step (MTP's λ, which train.mtp_weight_schedule may change anyway; the balance α).
+RESUMABLE_MODEL_CHANGES = {
+    "preset",
+    "bos_token_id",
+    "pad_token_id",
+    "initializer_range",
+    "mtp_loss_weight",
+    "seq_aux_loss_alpha",
+}
 # Model fields the data sets (`Trainer._open_inputs`): a check before the data is open leaves them out.
 SET_BY_THE_DATA = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
 
@@ -45,9 +53,9 @@ def check_same_model(saved: dict, cfg: RunConfig, path: Path) -> None:
 
 
 def check_before_data(path: Path, cfg: RunConfig) -> None:
-    """The model and optimizer checks, before the data is opened, from the checkpoint's config.toml (the
-    vocabulary and special ids, which the data sets, are left to the full check): a run this config
-    cannot continue is refused before the default corpus is prepared for it."""
+    """The model, optimizer, sequence length and seed checks, before the data is opened, from the
+    checkpoint's config.toml (the vocabulary and special ids, which the data sets, are left to the full
+    check): a run this config cannot continue is refused before the default corpus is prepared for it."""
     config = path / CONFIG_FILE
     try:
         raw = parse_toml(config.read_text(encoding="utf-8"), str(config))
@@ -57,6 +65,8 @@ def check_before_data(path: Path, cfg: RunConfig) -> None:
     now = cfg.to_dict()["model"]
     check_same_model({**saved["model"], **{k: now.get(k) for k in SET_BY_THE_DATA}}, cfg, path)
     check_same_optimizer(saved["optim"], cfg, path)
+    stream = {"seq_len": saved["data"]["seq_len"], "seed": saved["train"]["seed"]}
+    check_same_stream_settings(stream, {"seq_len": cfg.data.seq_len, "seed": cfg.train.seed}, path)
 
 
 def check_same_optimizer(saved: dict, cfg: RunConfig, path: Path) -> None:
@@ -71,20 +81,28 @@ def check_same_optimizer(saved: dict, cfg: RunConfig, path: Path) -> None:
 def check_same_stream(saved: dict, now: dict, cfg: RunConfig, path: Path) -> None:
     """The token stream must go on where the checkpoint left it: the same data, sequence length and seed
     (the loader checks the rest of its state)."""
-    config = path / "config.toml"
-    advice = f"use the run's settings (--config {config} has them) or start a new run in a new --run-dir"
-    for key, setting in (("seq_len", "data.seq_len"), ("seed", "train.seed")):  # seq_len: before the count
-        if saved.get(key, now[key]) != now[key]:
-            raise UserError(
-                f"cannot resume from {path}: {setting} was {saved[key]!r}, now {now[key]!r} (the run would "
-                f"not continue the same token stream); {advice}"
-            )
+    check_same_stream_settings(saved, now, path)
     if any(saved.get(key, now[key]) != now[key] for key in ("data", "num_sequences")):
         raise UserError(
             f"cannot resume from {path}: it was trained on other data than data.path={cfg.data.path!r} "
             f"holds now (another data dir, or this one prepared again from other inputs or settings); "
-            f"{advice}"
+            f"{_stream_advice(path)}"
         )
+
+
+def check_same_stream_settings(saved: dict, now: dict, path: Path) -> None:
+    """The sequence length and seed of the stream (`seq_len`, `seed` in both dicts) are the checkpoint's."""
+    for key, setting in (("seq_len", "data.seq_len"), ("seed", "train.seed")):  # seq_len: before the count
+        if saved.get(key, now[key]) != now[key]:
+            raise UserError(
+                f"cannot resume from {path}: {setting} was {saved[key]!r}, now {now[key]!r} (the run would "
+                f"not continue the same token stream); {_stream_advice(path)}"
+            )
+
+
+def _stream_advice(path: Path) -> str:
+    config = path / "config.toml"
+    return f"use the run's settings (--config {config} has them) or start a new run in a new --run-dir"
 
 
 def validation_change(saved: dict, cfg: RunConfig, val: TokenLoader | None) -> list[str]:
