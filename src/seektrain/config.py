@@ -370,7 +370,7 @@ def parse_value(raw: str, kind: Any = None) -> Any:
     """A `--set` value as TOML (numbers, booleans, lists, quoted strings), else the raw string; a number
     given to a key of `kind` str is the text as written (`--set data.path=2024` names a folder). TOML's
     dates and times, which no key takes, stay text too. (Booleans stay: some string keys take them as
-    aliases.)"""
+    aliases; `_apply` gives the others the text.)"""
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -425,6 +425,8 @@ def _apply(cfg: RunConfig, d: dict, origin: str) -> RunConfig:
             aliases = known[key].metadata.get("aliases", {})
             if isinstance(value, bool) and value in aliases:
                 value = aliases[value]
+            elif isinstance(value, bool) and hints[key] is str and origin == "--set":
+                value = str(value).lower()  # the text as written (`--set data.path=true` names a folder)
             value = _check_type(f"{section}.{key}", value, hints[key], origin)
             choices = known[key].metadata.get("choices")
             if choices and value not in choices:

@@ -50,6 +50,7 @@ def test_a_set_value_for_a_string_key_is_its_text():
     for raw in ("123", "2024-01-01", "1e3", "07:30:00"):
         assert load_config(overrides=[f"data.path={raw}"]).data.path == raw
     assert load_config(overrides=['data.path="x y"']).data.path == "x y"
+    assert load_config(overrides=["data.path=true"]).data.path == "true"  # was "expected str"
     with pytest.raises(UserError, match=r"^train\.steps='2024-01-01': expected int$"):
         load_config(overrides=["train.steps=2024-01-01"])
     with pytest.raises(UserError, match=r"^data\.path is empty"):
