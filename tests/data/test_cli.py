@@ -72,6 +72,23 @@ def test_bad_inputs_give_one_error_line(run, tmp_path):
     assert not out.exists()
 
 
+def test_empty_paths_are_refused(run, tmp_path, monkeypatch):
+    """An empty path is the current folder to pathlib, and the CLI took an empty --out for a missing one:
+    `--out "$UNSET"` replaced ./data/stdlib, `--input ""` read the current folder, `--tokenizer ""`
+    trained a tokenizer its summary called given, and `--merge` took "" for the current folder."""
+    monkeypatch.chdir(tmp_path)
+    write_corpus(tmp_path / "good", make_docs(3))
+    rc, _, err = run("--input", "good", "--vocab-size", 300)  # into the default data/stdlib
+    assert rc == 0, err
+    before = (tmp_path / "data/stdlib/manifest.json").read_bytes()
+    _assert_one_error(run("--input", "good", "--out", ""), "--out is empty: name a path")
+    _assert_one_error(run("--input", "", "--out", "d"), "--input is empty")
+    _assert_one_error(run("--input", "good", "--tokenizer", "", "--out", "d"), "--tokenizer is empty")
+    _assert_one_error(run("--merge", "data/stdlib", "", "--out", "d"), "1 given empty")
+    assert (tmp_path / "data/stdlib/manifest.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "good"]
+
+
 def test_slices_and_merge_from_the_cli(run, tmp_path):
     src = write_corpus(tmp_path / "src", make_docs(12, seed=8))
     assert run("--input", src, "--out", tmp_path / "whole", "--vocab-size", 300)[0] == 0

@@ -515,6 +515,39 @@ def test_merge_refuses_a_slice_twice_and_out_over_its_own_input(prepared, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["part0", "part1", "src"]
 
 
+def test_merge_refuses_slices_that_overlap(prepared, tmp_path, corpus_docs):
+    """Merge compared slices by path and shard checksums only: slice 0 prepared again with another shard
+    size, slices of two splits (K = 2 and 3), a whole prepare beside one of its slices and a merged dir
+    were all accepted, and their shared documents counted twice. Slices with different shard sizes
+    merged into a manifest that stated the first one's for all."""
+    data_dir, _ = prepared
+    src = write_corpus(tmp_path / "src", corpus_docs[:24])
+    tok = str(data_dir / "tokenizer.json")
+
+    def part(name, index, count, **kw):
+        out = tmp_path / name
+        prepare(small_config([src], out, tokenizer=tok, num_slices=count, slice_index=index, **kw))
+        return str(out)
+
+    thirds = [part(f"third{i}", i, 3) for i in range(3)]
+    again = part("third0_again", 0, 3, shard_tokens=999)
+    half = part("half0", 0, 2)
+    whole = part("whole", 0, 1)
+    merged = str(tmp_path / "merged")
+    for slices, refused in [
+        ([*thirds, again], r"names slice 0 of 3 twice \(.*third0 and .*third0_again\)"),
+        ([thirds[1], thirds[2], half], r"half0 is slice 0 of 2, .*third1 one of 3: the slices of one"),
+        ([whole, thirds[1]], r"third1 is slice 1 of 3, .*whole one of 1"),
+        ([thirds[1], again], r"third0_again was prepared with --shard-tokens 999, .*third1 with \d+"),
+    ]:
+        with pytest.raises(UserError, match=refused):
+            merge(slices, merged)
+        assert not (tmp_path / "merged").exists()
+    merge(thirds[:2], merged)  # slices 0 and 1 of 3: a part of the corpus, merged
+    with pytest.raises(UserError, match=r"merged is a merged data dir, not a slice: merge the slices"):
+        merge([merged, thirds[2]], str(tmp_path / "again"))
+
+
 def test_merge_refuses_slices_that_end_documents_with_other_tokens(prepared, tmp_path, corpus_docs):
     """A tokenizer with two end tokens, and slices prepared with different --special-tokens: the merged
     manifest named the first slice's EOS id for every slice's documents."""

@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     clean = CleanConfig(**by_flag, **options)
     cfg = PrepareConfig(
         inputs=args.input or ["stdlib"],
-        out_dir=args.out or "data/stdlib",
+        out_dir="data/stdlib" if args.out is None else args.out,
         vocab_size=args.vocab_size,
         tokenizer=args.tokenizer,
         dedup=args.dedup,

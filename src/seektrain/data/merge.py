@@ -28,6 +28,30 @@ from seektrain.errors import UserError
 from seektrain.paths import recover_interrupted
 
 
+def _check_slices(slice_dirs: list[str], manifests: list[dict]) -> None:
+    """Each dir one slice of the same split of a corpus (`sources.slice` = [index, K] in its manifest),
+    each index once: slices of another K overlap these (a whole prepare is slice 0 of 1), and the same
+    index prepared twice holds the same documents."""
+    by_index: dict[int, str] = {}
+    for d, m in zip(slice_dirs, manifests, strict=True):
+        where = m.get("sources", {}).get("slice")
+        if where is None:
+            raise UserError(f"{d} is a merged data dir, not a slice: merge the slices it was made of")
+        (index, count), (_, first_count) = where, manifests[0]["sources"]["slice"]
+        if count != first_count:
+            raise UserError(
+                f"{d} is slice {index} of {count}, {slice_dirs[0]} one of {first_count}: the slices of one "
+                "corpus share --num-slices (slices of two splits overlap, and their documents would count "
+                "twice)"
+            )
+        if index in by_index:
+            raise UserError(
+                f"--merge names slice {index} of {count} twice ({by_index[index]} and {d}): its documents "
+                "would count twice"
+            )
+        by_index[index] = d
+
+
 def _check_distinct(slice_dirs: list[str], manifests: list[dict]) -> None:
     """Refuse a slice named twice, by any path that leads to it or as a copy (the same shard checksums):
     its documents would count twice."""
@@ -63,8 +87,12 @@ def _token_names(manifest: dict) -> dict:
 
 def merge(slice_dirs: list[str], out_dir: str) -> dict:
     """Join the slices' shards and statistics into `out_dir` (atomically); returns the merged report."""
+    if empty := [d for d in [*slice_dirs, out_dir] if not str(d).strip()]:
+        raise UserError(f"--merge and --out take paths: {len(empty)} given empty (an unset shell variable?)")
     manifests = [load_manifest(d) for d in slice_dirs]
     first = manifests[0]
+    _check_distinct(slice_dirs, manifests)
+    _check_slices(slice_dirs, manifests)
     for d, m in zip(slice_dirs, manifests, strict=True):
         for split in m["splits"]:  # every shard there, at its size (checksums are kept, read by the loader)
             verify_shards(d, m, split, checksums=False)
@@ -78,12 +106,16 @@ def merge(slice_dirs: list[str], out_dir: str) -> dict:
                 f"{d} has other special tokens than {slice_dirs[0]} ({'; '.join(roles)}): slices must "
                 "share --special-tokens, or the merged data dir would name the first one's for all"
             )
+        if m["shard_tokens"] != first["shard_tokens"]:
+            raise UserError(
+                f"{d} was prepared with --shard-tokens {m['shard_tokens']}, {slice_dirs[0]} with "
+                f"{first['shard_tokens']}: slices must share it, as the merged manifest states one"
+            )
         if differences := _option_differences(first.get("options", {}), m.get("options", {})):
             raise UserError(
                 f"{d} was prepared with other options than {slice_dirs[0]} ({'; '.join(differences)}): "
                 "slices must share them, or the merged data dir would describe only the first"
             )
-    _check_distinct(slice_dirs, manifests)
     out = resolve_out(out_dir)
     recover_interrupted(out, MANIFEST)  # what a killed prepare or merge left beside `out`
     check_out_dir(out, slice_dirs)

@@ -85,6 +85,12 @@ class PrepareConfig:
         self.inputs = [os.fspath(i) for i in self.inputs]  # pathlib.Path too (the manifest is JSON)
         if not self.inputs:
             raise UserError("no inputs given")
+        # an empty path is the current folder to pathlib: `--out "$UNSET"` replaced ./data/stdlib (the CLI's
+        # default for a missing --out), `--input ""` read the current folder, `--tokenizer ""` trained one
+        paths = [("--input", i) for i in self.inputs]
+        for option, value in [*paths, ("--out", self.out_dir), ("--tokenizer", self.tokenizer)]:
+            if value is not None and not str(value).strip():
+                raise UserError(f"{option} is empty: name a path (an unset shell variable?)")
         if self.dedup not in DEDUP_MODES:
             raise UserError(f"--dedup must be one of {', '.join(DEDUP_MODES)}, got {self.dedup!r}")
         if not 0.0 < self.minhash_threshold < 1.0:  # checked with any --dedup: a typo is not ignored
