@@ -379,7 +379,15 @@ def test_special_token_text_in_documents_is_not_a_boundary(tmp_path):
     first = prepare(small_config([src], tmp_path / "a", val_fraction=0.0))
     tok_file = str(tmp_path / "a/tokenizer.json")
     given = prepare(small_config([src], tmp_path / "b", val_fraction=0.0, tokenizer=tok_file, workers=2))
-    for out, report in ((tmp_path / "a", first), (tmp_path / "b", given)):
+    # a given tokenizer that lists them as plain added tokens ("special": false): their text in documents
+    # was matched as the tokens themselves, fake boundaries
+    plain = json.loads((tmp_path / "a/tokenizer.json").read_text())
+    for entry in plain["added_tokens"]:
+        entry["special"] = False
+    plain_file = tmp_path / "plain.json"
+    plain_file.write_text(json.dumps(plain))
+    as_plain = prepare(small_config([src], tmp_path / "c", val_fraction=0.0, tokenizer=plain_file))
+    for out, report in ((tmp_path / "a", first), (tmp_path / "b", given), (tmp_path / "c", as_plain)):
         m = load_manifest(out)
         ids = np.concatenate(
             [np.fromfile(out / s["file"], dtype=m["dtype"]) for s in m["splits"]["train"]["shards"]]

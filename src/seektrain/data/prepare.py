@@ -277,8 +277,12 @@ def _dedup(keys: np.ndarray, band_rows, mode: str, dropped: Counter) -> np.ndarr
     return np.flatnonzero(keep)
 
 
-def _tokenize_pass(batches, sizes, val, writers, tokenizer, eos: int, cfg: PrepareConfig, progress) -> None:
-    """Pass 2: encode the kept documents (workers) and append each to its split's shards, in order."""
+def _tokenize_pass(
+    batches, sizes, val, writers, tokenizer, specials: dict, cfg: PrepareConfig, progress
+) -> None:
+    """Pass 2: encode the kept documents (workers) and append each to its split's shards, in order, each
+    ended by the EOS of `specials` (role -> {token, id})."""
+    roles = [entry["token"] for entry in specials.values() if entry.get("token") is not None]
     task = progress.task("tokenize", int(sizes.sum()))
     dtype = writers["train"].dtype
     done = 0
@@ -287,7 +291,7 @@ def _tokenize_pass(batches, sizes, val, writers, tokenizer, eos: int, cfg: Prepa
         batches,
         cfg.workers,
         W.init_tokenize,
-        (tokenizer.to_str(), eos, dtype.str, cfg.workers == 1),
+        (tokenizer.to_str(), specials["eos"]["id"], roles, dtype.str, cfg.workers == 1),
     ):
         in_val = val[done : done + len(lens)]  # (D,) split of each document of the batch
         token_val = np.repeat(in_val, lens)  # (N,) split of each token
@@ -417,7 +421,8 @@ def prepare(cfg: PrepareConfig) -> dict:
         val = _val_mask(split_hashes[kept], cfg.val_fraction)  # (K,) over kept documents, in order
         sizes = offsets[kept + 1] - offsets[kept]  # (K,) bytes of each kept document
         writers = {s: ShardWriter(tmp / s, dtype, cfg.shard_tokens) for s in ("train", "val")}
-        _tokenize_pass(_read_docs(scratch, offsets, kept), sizes, val, writers, tokenizer, eos, cfg, progress)
+        documents = _read_docs(scratch, offsets, kept)
+        _tokenize_pass(documents, sizes, val, writers, tokenizer, specials, cfg, progress)
         splits = {s: w.close() for s, w in writers.items()}
         seconds["tokenize"] = time.perf_counter() - t
         scratch.unlink()

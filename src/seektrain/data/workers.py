@@ -33,15 +33,19 @@ def clean_batch(raws: list[bytes | str]) -> list[Cleaned]:
     return [clean_document(r, _state["clean"], _state["minhash"]) for r in raws]
 
 
-def init_tokenize(tokenizer_json: str, eos_id: int, dtype: str, threads: bool) -> None:
+def init_tokenize(tokenizer_json: str, eos_id: int, roles: list[str], dtype: str, threads: bool) -> None:
+    """The worker's tokenizer, which reads the `roles` tokens (BOS, EOS, PAD) in a document as text."""
     if not threads:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
-    from tokenizers import Tokenizer
+    from tokenizers import AddedToken, Tokenizer
 
     tok = Tokenizer.from_str(tokenizer_json)
     # Text like "<|eos|>" inside a document is text: without this, HF tokenizers match special tokens in
     # the input even with add_special_tokens=False, and a document would hold fake document boundaries.
-    # Set on this copy only; the flag is not saved in tokenizer.json, so generate and eval are unaffected.
+    # A given tokenizer may list the role tokens as plain added tokens, which this flag leaves matched:
+    # they are made special first (same ids). On this copy only: neither is saved in tokenizer.json, so
+    # generate and eval are unaffected.
+    tok.add_special_tokens([AddedToken(token, special=True) for token in roles])
     tok.encode_special_tokens = True
     _state["tok"] = tok
     _state["eos"], _state["dtype"] = eos_id, np.dtype(dtype)
