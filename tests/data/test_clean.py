@@ -25,6 +25,15 @@ def test_invalid_utf8_policy():
     assert decode(b"\xef\xbb\xbfhello", 0.01) == "hello"  # BOM removed
 
 
+def test_the_invalid_share_counts_bytes_not_replacement_characters():
+    """A cut 4-byte sequence is 3 invalid bytes but one U+FFFD: counted by characters, 18 such bytes
+    (1.2% of the text) were 6 (0.4%) and the text was kept, while 18 lone invalid bytes were dropped."""
+    text = GOOD.encode()[:1500]
+    cut_emoji, lone = text + b"\xf0\x9f\x98 " * 6, text + b"\xe9 " * 18  # 18 invalid bytes each
+    assert decode(cut_emoji, 0.01) is None and decode(lone, 0.01) is None
+    assert decode(text + b"\xf0\x9f\x98 " * 4, 0.01).count("\ufffd") == 4  # 12 bytes (0.8%): kept
+
+
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32", "utf-32-be"])
 def test_utf16_and_utf32_files_with_a_bom_are_decoded(encoding):
     """Windows "Unicode" text: read as UTF-8 its NULs are valid bytes that normalization removed, and the

@@ -31,6 +31,7 @@ _CONTROL = {c: None for c in [*range(0, 9), *range(11, 32), 0x7F, *range(0x80, 0
 _CONTROL.update({0x0D: "\n", 0x2028: "\n", 0x2029: "\n"})
 _MANY_BLANK = re.compile(r"\n{4,}")
 _SURROGATE = re.compile("[\ud800-\udfff]")  # in a str from json.loads: only unpaired ones remain
+_ESCAPED = re.compile("[\udc80-\udcff]")  # bytes that surrogateescape could not decode
 _ANY_CONTROL = re.compile("[" + "".join(re.escape(chr(c)) for c in _CONTROL) + "]")
 
 
@@ -119,8 +120,11 @@ def decode(raw: bytes | str, max_invalid_frac: float) -> str | None:
     try:
         return raw.decode(codec)
     except UnicodeDecodeError:
-        text = raw.decode(codec, errors="replace")
-        invalid = text.count("\ufffd") - raw.decode(codec, errors="ignore").count("\ufffd")
+        text = raw.decode(codec, errors="replace")  # a cut multi-byte sequence: one U+FFFD for its bytes
+        if codec == "utf-8-sig":  # bytes, as the policy counts: each invalid one escapes to one surrogate
+            invalid = len(_ESCAPED.findall(raw.decode(codec, errors="surrogateescape")))
+        else:  # UTF-16/32: invalid code units
+            invalid = text.count("\ufffd") - raw.decode(codec, errors="ignore").count("\ufffd")
         return None if invalid > max_invalid_frac * max(len(raw), 1) else text
 
 
