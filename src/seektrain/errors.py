@@ -22,9 +22,14 @@ class Terminated(BaseException):
 
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type's name when empty): a library's multi-line
-    error must not break the one-line report."""
+    error must not break the one-line report, nor a control character in it (a damaged file's byte,
+    quoted by the library) reach the terminal: those are escaped."""
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    line = text.splitlines()[0] if text else type(e).__name__
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), line)
+
+
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def detach_stdout() -> None:

@@ -233,7 +233,10 @@ def test_bad_shapes_and_missing_or_corrupt_data(prepared, tmp_path):
     with pytest.raises(UserError, match="truncated"):
         TokenLoader(bad, seq_len=T, verify=False)
     (bad / "manifest.json").write_text("{")
-    with pytest.raises(UserError, match="corrupt manifest"):
+    with pytest.raises(UserError, match="corrupt manifest .*: delete .*, then run `seektrain prepare --out"):
+        TokenLoader(bad, seq_len=T)  # which refuses to replace a folder without a readable manifest
+    (bad / "manifest.json").unlink()
+    with pytest.raises(UserError, match="manifest.json missing\\): delete "):
         TokenLoader(bad, seq_len=T)
 
 

@@ -432,6 +432,18 @@ def test_parquet_text_column_must_hold_strings_and_nulls_are_counted(tmp_path):
     report = prepare(small_config([tmp_path / "nulls.parquet"], tmp_path / "out"))
     assert report["documents_in"] == 6 and report["documents_kept"] == 3
     assert report["dropped"] == {"exact_duplicate": 0, "null_text": 2, "too_short": 1}
+    # a file whose column holds nothing but nulls has type null: counted too, not refused
+    pq.write_table(pa.table({"text": pa.nulls(3)}), tmp_path / "all_null.parquet")
+    inputs = [tmp_path / "nulls.parquet", tmp_path / "all_null.parquet"]
+    report = prepare(small_config(inputs, tmp_path / "out"))
+    assert report["documents_in"] == 9 and report["dropped"]["null_text"] == 5
+    # a damaged file: one line, the library's control bytes escaped (was 3 lines with a raw ^O)
+    damaged = bytearray((tmp_path / "nulls.parquet").read_bytes())
+    damaged[4:44] = bytes(b ^ 0x5A for b in damaged[4:44])
+    (tmp_path / "damaged.parquet").write_bytes(bytes(damaged))
+    with pytest.raises(UserError, match=r"^cannot read Parquet file .*damaged.parquet: ") as e:
+        prepare(small_config([tmp_path / "damaged.parquet"], tmp_path / "out2"))
+    assert len(str(e.value).splitlines()) == 1 and str(e.value).isprintable(), repr(str(e.value))
 
 
 def test_parquet_text_that_is_not_utf8_follows_the_text_files_policy(tmp_path):

@@ -510,7 +510,8 @@ def print_summary(report: dict) -> None:
     else:
         head = (
             f"prepared {report['out_dir']} in {report['seconds']['total']:.1f} s "
-            f"({report['mb_per_s']:.1f} MB/s of raw text, {report['workers']} workers)"
+            f"({report['mb_per_s']:.1f} MB/s of raw text, {report['workers']} "
+            f"worker{'s' if report['workers'] != 1 else ''})"
         )
     lines = [
         head,

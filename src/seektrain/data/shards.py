@@ -105,9 +105,12 @@ def load_manifest(data_dir: str | os.PathLike) -> dict:
     """The data dir's manifest; UserError with a hint when it is missing, corrupt or of another version."""
     path = Path(data_dir) / MANIFEST
     hint = f"run `seektrain prepare --out {data_dir}` to create it"
+    # prepare replaces only an empty folder or a data dir: one without a readable manifest goes first
+    lost = f"delete {data_dir}, then run `seektrain prepare --out {data_dir}` to create it again"
     if not path.is_file():
-        raise UserError(f"no prepared data at {data_dir} ({MANIFEST} missing): {hint}")
-    manifest = _read_manifest(path, hint)
+        nonempty = Path(data_dir).is_dir() and any(Path(data_dir).iterdir())
+        raise UserError(f"no prepared data at {data_dir} ({MANIFEST} missing): {lost if nonempty else hint}")
+    manifest = _read_manifest(path, lost)
     version = manifest["format_version"]
     if version != FORMAT_VERSION:
         raise UserError(

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from seektrain.errors import UserError
+from seektrain.errors import UserError, first_line
 
 TEXT_EXTENSIONS = (
     ".txt",
@@ -287,12 +287,13 @@ _JSON_KINDS = {
 
 
 def _is_text_type(arrow_type) -> bool:
-    """Whether a column of this Arrow type reads as Python strings (dictionary-encoded ones included)."""
+    """Whether a column of this Arrow type reads as Python strings (dictionary-encoded ones included), or
+    nulls only (a column of nothing but nulls has type null: its values are counted as null texts)."""
     import pyarrow as pa
 
     if pa.types.is_dictionary(arrow_type):
         arrow_type = arrow_type.value_type
-    return str(arrow_type) in ("string", "large_string", "string_view")
+    return str(arrow_type) in ("string", "large_string", "string_view", "null")
 
 
 def iter_parquet(path: Path, text_field: str) -> Iterator[str | bytes | None]:
@@ -303,7 +304,7 @@ def iter_parquet(path: Path, text_field: str) -> Iterator[str | bytes | None]:
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a damaged file
-        raise UserError(f"cannot read Parquet file {path}: {e}") from e
+        raise UserError(f"cannot read Parquet file {path}: {first_line(e)}") from e
     if text_field not in pf.schema_arrow.names:
         raise UserError(
             f"{path}: Parquet file has no column {text_field!r} (columns: "
@@ -319,7 +320,7 @@ def iter_parquet(path: Path, text_field: str) -> Iterator[str | bytes | None]:
         for i in range(pf.num_row_groups):
             yield from _text_values(pf.read_row_group(i, columns=[text_field]).column(0))
     except Exception as e:
-        raise UserError(f"cannot read Parquet file {path}: {e}") from e
+        raise UserError(f"cannot read Parquet file {path}: {first_line(e)}") from e
 
 
 def _text_values(column) -> list[str | bytes | None]:
