@@ -81,7 +81,7 @@ def test_ddp_matches_one_process_with_async_checkpoints(toy, reference, tmp_path
     assert_same_curve(resumed, ref_run, range(5, 9))
 
 
-def test_fsdp_matches_one_process_and_its_checkpoint_resumes_on_one_rank(toy, reference, tmp_path):
+def test_fsdp_matches_one_process_and_its_checkpoint_resumes_on_one_rank(toy, reference, tmp_path, capfd):
     ref_run, ref_biases = reference
     run = tmp_path / "fsdp"
     launch(worker(run, [*toy, "parallel.dp_mode=fsdp"]))
@@ -114,6 +114,20 @@ def test_fsdp_matches_one_process_and_its_checkpoint_resumes_on_one_rank(toy, re
     cut = rf"all of dcp/__0_0.distcp \(100 of {size:,} bytes\), dcp/__1_0.distcp"  # in meta.json's order
     with pytest.raises(UserError, match=f"^{damaged} is not a complete checkpoint: it lacks {cut}$"):
         load_run(run, checkpoint=damaged)
+
+    # its metadata garbled at the same size, which meta.json cannot tell: one line, what to do, and none
+    # of the two tracebacks DCP logs (on every rank) before it fails
+    garbled = tmp_path / "garbled" / "step_00000004"
+    shutil.copytree(step4, garbled)
+    metadata = garbled / "dcp" / ".metadata"
+    metadata.write_bytes(bytes(b ^ 0x5A for b in metadata.read_bytes()))
+    capfd.readouterr()
+    damaged_metadata = rf"^cannot read checkpoint {garbled}: .*; its dcp/.metadata is damaged: move it out of"
+    with pytest.raises(UserError, match=damaged_metadata):
+        train_here(toy, tmp_path / "from-garbled", resume=str(garbled))
+    with pytest.raises(UserError, match=damaged_metadata):
+        load_run(run, checkpoint=garbled)
+    assert "Traceback" not in capfd.readouterr().err
 
     # generate/eval/export read a sharded checkpoint's weights like a one-process one
     sharded, single = load_run(run).model.state_dict(), load_run(ref_run).model.state_dict()

@@ -68,6 +68,7 @@ def load_training_state(
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
 
+        _read_layout(path)  # damaged, DCP would log two tracebacks on every rank before it fails
         target = training_state(model, optimizer)  # tensors of the right shapes and shards to read into
         with _quiet_single_process(), _reading(path):
             dcp.load(
@@ -130,9 +131,7 @@ def read_model_state(path: Path) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    with _reading(path):
-        reader = dcp.FileSystemReader(str(Path(path) / DCP_DIR))
-        layout = reader.read_metadata().state_dict_metadata
+    reader, layout = _read_layout(path)
     model = {
         key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
         for key, meta in layout.items()
@@ -143,8 +142,19 @@ def read_model_state(path: Path) -> dict[str, torch.Tensor]:
     return model
 
 
+def _read_layout(path: Path):
+    """The checkpoint's DCP reader and the layout of its tensors (from `dcp/.metadata`); a damaged one is
+    one error line saying what to do."""
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(str(Path(path) / DCP_DIR))
+    advice = f"its {DCP_DIR}/.metadata is damaged: move it out of checkpoints/ to go on from the one before"
+    with _reading(path, advice):
+        return reader, reader.read_metadata().state_dict_metadata
+
+
 @contextlib.contextmanager
-def _reading(path: Path):
+def _reading(path: Path, advice: str = ""):
     """A damaged `dcp/` folder (a shard file missing or cut short) as one error line naming the
     checkpoint; under torchrun DCP raises its CheckpointException (a BaseException) on every rank."""
     from torch.distributed.checkpoint.api import CheckpointException
@@ -154,7 +164,8 @@ def _reading(path: Path):
     except (Exception, CheckpointException) as e:
         failures = getattr(e, "failures", None)  # rank -> (exception, traceback)
         cause = next(iter(failures.values()))[0] if failures else e
-        raise UserError(f"cannot read checkpoint {path}: {first_line(cause)}") from e
+        said = f"cannot read checkpoint {path}: {first_line(cause)}"
+        raise UserError(f"{said}; {advice}" if advice else said) from e
 
 
 @contextlib.contextmanager
