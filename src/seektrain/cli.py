@@ -115,10 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {prefix}{message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if launch_rank() <= 0:  # once per launch, as errors are
+            print("interrupted", file=sys.stderr)
         return 130
     except Terminated:
-        print("terminated", file=sys.stderr)
+        if launch_rank() <= 0:
+            print("terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
 
 
