@@ -57,3 +57,27 @@ def test_an_ignored_ctrl_c_stays_ignored():
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     assert result.stdout.strip() == "True", result
+
+
+def test_under_a_launcher_only_rank_zero_says_interrupted(tmp_path):
+    """Ctrl-C under torchrun reached every rank, and each printed `interrupted`: errors are printed once
+    per launch, by rank 0, and so is this now: prepare run as rank 0 and as rank 1 (RANK set)."""
+    import os
+    import time
+
+    argv = ["prepare", "--input", "stdlib", "--out", str(tmp_path / "out"), "--workers", "1", "--no-progress"]
+    outputs = {}
+    for rank in ("0", "1"):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "seektrain", *argv],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "RANK": rank},
+        )
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".out.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)  # into the cleaning pass
+        proc.send_signal(signal.SIGINT)
+        outputs[rank] = (proc.wait(timeout=60), proc.stderr.read())
+    assert outputs == {"0": (130, "interrupted\n"), "1": (130, "")}, outputs
