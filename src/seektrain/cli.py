@@ -144,25 +144,28 @@ def _handle_signals() -> dict:
 
 
 def _raise_terminated(signum, frame) -> None:
-    if _importing(frame):
-        _signal_again(signum)
+    if _importing(frame) and _signal_again(signum):
         return
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup short
     raise Terminated
 
 
 def _raise_interrupt(signum, frame) -> None:
-    if _importing(frame):
-        _signal_again(signum)
+    if _importing(frame) and _signal_again(signum):
         return
     raise KeyboardInterrupt
 
 
-def _signal_again(signum: int) -> None:
-    """Send `signum` to this process again shortly, when the import under way has likely finished."""
+def _signal_again(signum: int) -> bool:
+    """Send `signum` to this process again shortly, when the import under way has likely finished;
+    False where no thread can be started for it (the interpreter shutting down)."""
     retry = threading.Timer(IMPORT_RETRY_S, os.kill, (os.getpid(), signum))
     retry.daemon = True
-    retry.start()
+    try:
+        retry.start()
+    except RuntimeError:
+        return False
+    return True
 
 
 IMPORT_RETRY_S = 0.05
