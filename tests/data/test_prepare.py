@@ -536,17 +536,18 @@ def test_merge_refuses_a_slice_twice_and_out_over_its_own_input(prepared, tmp_pa
 
 
 def test_merge_refuses_slices_that_overlap(prepared, tmp_path, corpus_docs):
-    """Merge compared slices by path and shard checksums only: slice 0 prepared again with another shard
-    size, slices of two splits (K = 2 and 3), a whole prepare beside one of its slices and a merged dir
-    were all accepted, and their shared documents counted twice. Slices with different shard sizes
-    merged into a manifest that stated the first one's for all."""
+    """Merge compared slices by path and whole-slice checksums only: slice 0 prepared again with another
+    shard size, slices of two splits of the same inputs (K = 2 and 3), a whole prepare beside one of its
+    slices and a merged dir beside a slice it holds were all accepted, and their shared documents counted
+    twice. Slices with different shard sizes merged into a manifest that stated the first one's. Whole
+    prepares of other inputs (two corpora) and merged dirs of other slices still merge."""
     data_dir, _ = prepared
     src = write_corpus(tmp_path / "src", corpus_docs[:24])
     tok = str(data_dir / "tokenizer.json")
 
-    def part(name, index, count, **kw):
+    def part(name, index, count, inputs=(src,), **kw):
         out = tmp_path / name
-        prepare(small_config([src], out, tokenizer=tok, num_slices=count, slice_index=index, **kw))
+        prepare(small_config(list(inputs), out, tokenizer=tok, num_slices=count, slice_index=index, **kw))
         return str(out)
 
     thirds = [part(f"third{i}", i, 3) for i in range(3)]
@@ -554,18 +555,24 @@ def test_merge_refuses_slices_that_overlap(prepared, tmp_path, corpus_docs):
     half = part("half0", 0, 2)
     whole = part("whole", 0, 1)
     merged = str(tmp_path / "merged")
+    merge(thirds[:2], merged)  # slices 0 and 1 of 3: a part of the corpus, merged
     for slices, refused in [
-        ([*thirds, again], r"names slice 0 of 3 twice \(.*third0 and .*third0_again\)"),
-        ([thirds[1], thirds[2], half], r"half0 is slice 0 of 2, .*third1 one of 3: the slices of one"),
+        ([*thirds, again], r"names slice 0 of 3 of the same inputs twice \(.*third0 and .*third0_again\)"),
+        ([thirds[1], thirds[2], half], r"half0 is slice 0 of 2, .*third1 one of 3 of the same inputs"),
         ([whole, thirds[1]], r"third1 is slice 1 of 3, .*whole one of 1"),
         ([thirds[1], again], r"third0_again was prepared with --shard-tokens 999, .*third1 with \d+"),
+        ([merged, thirds[1]], r"names a merged dir and a slice it holds \(.*merged and .*third1\)"),
     ]:
         with pytest.raises(UserError, match=refused):
-            merge(slices, merged)
-        assert not (tmp_path / "merged").exists()
-    merge(thirds[:2], merged)  # slices 0 and 1 of 3: a part of the corpus, merged
-    with pytest.raises(UserError, match=r"merged is a merged data dir, not a slice: merge the slices"):
-        merge([merged, thirds[2]], str(tmp_path / "again"))
+            merge(slices, str(tmp_path / "refused"))
+        assert not (tmp_path / "refused").exists()
+    merge([merged, thirds[2]], str(tmp_path / "all"))  # the merge of 0 and 1, then 2: the whole corpus
+    assert load_manifest(tmp_path / "all")["splits"]["train"]["tokens"] == load_manifest(whole)["splits"][
+        "train"
+    ]["tokens"]
+    other = write_corpus(tmp_path / "other_src", corpus_docs[24:40])  # another corpus, prepared whole
+    report = merge([whole, part("other", 0, 1, inputs=(other,))], str(tmp_path / "two_corpora"))
+    assert report["documents_kept"] == 40
 
 
 def test_merge_refuses_slices_that_end_documents_with_other_tokens(prepared, tmp_path, corpus_docs):

@@ -29,42 +29,48 @@ from seektrain.paths import recover_interrupted
 
 
 def _check_slices(slice_dirs: list[str], manifests: list[dict]) -> None:
-    """Each dir one slice of the same split of a corpus (`sources.slice` = [index, K] in its manifest),
-    each index once: slices of another K overlap these (a whole prepare is slice 0 of 1), and the same
-    index prepared twice holds the same documents."""
-    by_index: dict[int, str] = {}
+    """Slices of the same inputs (`sources.inputs`, `sources.slice` = [index, K] in their manifests) must
+    come from one split, each index once: slices of another K overlap them (a whole prepare is slice 0 of
+    1), and the same index prepared twice holds the same documents. Dirs of other inputs are other
+    corpora; a merged dir records no slice (`_check_distinct` compares shards across all of them)."""
+    splits: dict[tuple, tuple[int, str]] = {}  # inputs -> (K, first dir)
+    indices: dict[tuple, str] = {}  # (inputs, index) -> dir
     for d, m in zip(slice_dirs, manifests, strict=True):
-        where = m.get("sources", {}).get("slice")
-        if where is None:
-            raise UserError(f"{d} is a merged data dir, not a slice: merge the slices it was made of")
-        (index, count), (_, first_count) = where, manifests[0]["sources"]["slice"]
+        sources = m.get("sources", {})
+        if "slice" not in sources:
+            continue
+        inputs, (index, count) = tuple(sources.get("inputs", ())), sources["slice"]
+        first_count, first = splits.setdefault(inputs, (count, d))
         if count != first_count:
             raise UserError(
-                f"{d} is slice {index} of {count}, {slice_dirs[0]} one of {first_count}: the slices of one "
-                "corpus share --num-slices (slices of two splits overlap, and their documents would count "
-                "twice)"
+                f"{d} is slice {index} of {count}, {first} one of {first_count} of the same inputs: the "
+                "slices of one corpus share --num-slices (slices of two splits overlap, and their documents "
+                "would count twice)"
             )
-        if index in by_index:
+        if (inputs, index) in indices:
             raise UserError(
-                f"--merge names slice {index} of {count} twice ({by_index[index]} and {d}): its documents "
-                "would count twice"
+                f"--merge names slice {index} of {count} of the same inputs twice ({indices[inputs, index]} "
+                f"and {d}): its documents would count twice"
             )
-        by_index[index] = d
+        indices[inputs, index] = d
 
 
 def _check_distinct(slice_dirs: list[str], manifests: list[dict]) -> None:
-    """Refuse a slice named twice, by any path that leads to it or as a copy (the same shard checksums):
-    its documents would count twice."""
-    seen: dict[object, str] = {}
+    """Refuse a slice named twice, by any path that leads to it, as a copy, or inside a merged dir beside
+    it (a merge keeps its slices' shard checksums): its documents would count twice."""
+    paths: dict[Path, str] = {}
+    seen: list[tuple[str, set[str]]] = []  # each dir's shard checksums
     for d, m in zip(slice_dirs, manifests, strict=True):
         real = Path(d).resolve()
-        content = tuple(s["sha256"] for split in sorted(m["splits"]) for s in m["splits"][split]["shards"])
-        for key, what in ((real, "the same slice twice"), (content, "two copies of one slice")):
-            if key == ():
-                continue  # a slice without shards copies nothing
-            if key in seen:
-                raise UserError(f"--merge names {what} ({seen[key]} and {d})")
-            seen[key] = d
+        if real in paths:
+            raise UserError(f"--merge names the same slice twice ({paths[real]} and {d})")
+        paths[real] = d
+        mine = {s["sha256"] for split in m["splits"].values() for s in split["shards"]}
+        for other, theirs in seen:
+            if mine & theirs:
+                what = "two copies of one slice" if mine == theirs else "a merged dir and a slice it holds"
+                raise UserError(f"--merge names {what} ({other} and {d})")
+        seen.append((d, mine))
 
 
 def _option_differences(first: dict, other: dict, prefix: str = "") -> list[str]:
