@@ -26,6 +26,8 @@ from seektrain.distributed.env import launch_rank, lost_rank, under_torchrun
 from seektrain.errors import RanksError, Terminated, UserError, detach_stdout, file_error, out_of_memory
 
 ERROR_GRACE_S = 10.0  # how long a rank > 0 leaves rank 0 to report an error that all ranks share
+IMPORT_RETRY_S = 0.05  # how often a signal that came during an import is sent again (`_importing`)
+IMPORT_WAIT_MAX_S = 10.0  # after this long it is raised anyway (an import that hangs)
 
 # verb -> module in seektrain.commands; each module has `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS = {
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
             return int(args._run(args) or 0)
         finally:  # while an error is reported (a rank waiting for rank 0's), SIGTERM ends it as before
+            _cancel_retries()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
     except BrokenPipeError:  # stdout's reader went away (`seektrain generate … | head`): end quietly
@@ -130,11 +133,13 @@ def _handle_signals() -> dict:
     The trainer sets its own handlers while it trains (checkpoint, then exit). Not in a launched rank
     (RANK set): a Python handler runs only between bytecodes, so a rank blocked in a rendezvous or a
     collective would ignore its launcher's SIGTERM until SIGKILL; the default action ends it at once.
-    Either signal waits for an import under way to finish (`_importing`); an ignored SIGINT (a background
-    job's) stays ignored. (prepare's pool workers set their own actions: `data.workers.ordered_map`.)
-    Returns the handlers to restore: none off the main thread."""
+    Either signal waits for an import under way below the caller to finish (`_importing`); an ignored
+    SIGINT (a background job's) stays ignored. (prepare's pool workers set their own actions:
+    `data.workers.ordered_map`.) Returns the handlers to restore: none off the main thread."""
     if threading.current_thread() is not threading.main_thread():
         return {}
+    global _caller
+    _caller = sys._getframe(1)
     previous = {}
     if "RANK" not in os.environ:
         previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _raise_terminated)
@@ -156,27 +161,52 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+_caller = None  # the frame that called `_handle_signals`: imports above it are not waited for
+_timers: dict[int, threading.Timer] = {}  # per signal deferred past an import: the timer sending it again
+_waiting_since: dict[int, float] = {}  # and when it first came
+
+
 def _signal_again(signum: int) -> bool:
-    """Send `signum` to this process again shortly, when the import under way has likely finished;
-    False where no thread can be started for it (the interpreter shutting down)."""
-    retry = threading.Timer(IMPORT_RETRY_S, os.kill, (os.getpid(), signum))
-    retry.daemon = True
-    try:
-        retry.start()
-    except RuntimeError:
+    """Send `signum` to this process again shortly, when the import under way has likely finished: one
+    timer per signal, so that Ctrl-C pressed again while waiting is not replayed later, into the
+    cleanup. False (raise it now) after IMPORT_WAIT_MAX_S, or where no thread can be started for it."""
+    if signum in _timers:
+        return True
+    since = _waiting_since.setdefault(signum, time.monotonic())
+    if time.monotonic() - since > IMPORT_WAIT_MAX_S:
         return False
+    timer = threading.Timer(IMPORT_RETRY_S, _send_again, (signum,))
+    timer.daemon = True
+    try:
+        timer.start()
+    except RuntimeError:  # the interpreter is shutting down
+        return False
+    _timers[signum] = timer
     return True
 
 
-IMPORT_RETRY_S = 0.05
+def _send_again(signum: int) -> None:
+    _timers.pop(signum, None)
+    if signal.getsignal(signum) in (_raise_terminated, _raise_interrupt):  # not once `main` restored others
+        os.kill(os.getpid(), signum)
+
+
+def _cancel_retries() -> None:
+    """Stop the timers of deferred signals: `main` restores the previous handlers, which must not get
+    them."""
+    for timer in _timers.values():
+        timer.cancel()
+    _timers.clear()
+    _waiting_since.clear()
 
 
 def _importing(frame) -> bool:
-    """Whether Python is importing a module at `frame`. An exception raised there leaves half-built
-    modules behind (numpy without `multiply`, a C extension that cannot be loaded twice), and the way out
-    then fails with a traceback instead of cleaning up; the command imports torch and numpy lazily, so a
-    SIGTERM in its first second often lands in one."""
-    while frame is not None:
+    """Whether Python is importing a module at `frame`, below `_handle_signals`' caller (`main`, which may
+    itself run inside an import). An exception raised there leaves half-built modules behind (numpy
+    without `multiply`, a C extension that cannot be loaded twice), and the way out then fails with a
+    traceback instead of cleaning up; the commands import torch and numpy lazily, so a signal in their
+    first second often lands in one."""
+    while frame is not None and frame is not _caller:
         if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
             return True
         frame = frame.f_back

@@ -81,3 +81,68 @@ def test_under_a_launcher_only_rank_zero_says_interrupted(tmp_path):
         proc.send_signal(signal.SIGINT)
         outputs[rank] = (proc.wait(timeout=60), proc.stderr.read())
     assert outputs == {"0": (130, "interrupted\n"), "1": (130, "")}, outputs
+
+
+def run_script(tmp_path, module: str, script: str) -> list[str]:
+    (tmp_path / "slow_import.py").write_text(module)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.stdout.splitlines()
+
+
+HEADER = """
+import sys, time
+from seektrain import cli
+sys.path.insert(0, sys.argv[1])
+"""
+
+
+def test_ctrl_c_pressed_again_while_an_import_finishes_is_not_replayed_into_the_cleanup(tmp_path):
+    """Each Ctrl-C that came during the import started its own retries, which all fired once it was done:
+    the first stopped the command, the next ones cut its cleanup short (a temp dir left behind)."""
+    module = """
+import os, signal, time
+for _ in range(3):  # a user pressing Ctrl-C again, as nothing seems to happen
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)
+after_the_signals = True
+"""
+    script = HEADER + """
+cli._handle_signals()
+try:
+    import slow_import
+    print("imported whole:", slow_import.after_the_signals)
+    time.sleep(10)
+except KeyboardInterrupt:
+    print("stopped")
+    time.sleep(0.5)  # the command's cleanup
+    print("cleanup done")
+"""
+    assert run_script(tmp_path, module, script) == ["imported whole: True", "stopped", "cleanup done"]
+
+
+@pytest.mark.parametrize("case", ["an import that never ends", "the caller inside an import"])
+def test_a_signal_is_not_deferred_forever(tmp_path, case):
+    """An import that hangs (a stuck network filesystem) is interrupted after IMPORT_WAIT_MAX_S; and where
+    `main` itself runs inside an import (a module that calls it at import time), that import is not one
+    to wait for, or every signal would be deferred until the command ends."""
+    hangs = case == "an import that never ends"
+    module = """
+import os, signal, time
+from seektrain import cli
+""" + ("" if hangs else "cli._handle_signals()\n") + """
+os.kill(os.getpid(), signal.SIGINT)
+for _ in range(100):
+    time.sleep(0.05)
+after_the_signal = True
+"""
+    script = HEADER + ("cli.IMPORT_WAIT_MAX_S = 0.3\ncli._handle_signals()\n" if hangs else "") + """
+try:
+    import slow_import
+    print("imported whole")
+except KeyboardInterrupt:
+    print("stopped")
+"""
+    assert run_script(tmp_path, module, script) == ["stopped"]
