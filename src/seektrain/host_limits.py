@@ -61,23 +61,20 @@ def cpu_quota(root: Path = CGROUP_ROOT, proc: Path = PROC_CGROUP) -> float | Non
 
 def memory_headroom(root: Path = CGROUP_ROOT, proc: Path = PROC_CGROUP) -> int | None:
     """Bytes the process may still allocate under its cgroup's memory limit (the least along the path):
-    the limit minus what the cgroup uses, less its page cache, which the kernel reclaims before it kills
-    (shared memory is not reclaimed); None without a limit."""
+    the limit minus what the cgroup uses, less its inactive page cache, which the kernel reclaims first
+    (the working set Kubernetes and Docker compare with the limit); None without a limit."""
     room = []
     if (v2 := _v2_dirs(root, proc)) is not None:
         for d in v2:
             limit, usage = _read(d / "memory.max"), _read(d / "memory.current")
             if limit.isdigit() and usage.isdigit():
-                stat = _stat(d / "memory.stat")
-                cache = stat.get("file", 0) - stat.get("shmem", 0)
-                room.append(int(limit) - int(usage) + cache)
+                room.append(int(limit) - int(usage) + _stat(d / "memory.stat").get("inactive_file", 0))
     else:
         for d in _v1_dirs(root, proc, "memory"):
             limit, usage = _read(d / "memory.limit_in_bytes"), _read(d / "memory.usage_in_bytes")
             if limit.isdigit() and usage.isdigit() and int(limit) < _V1_NO_LIMIT:
-                stat = _stat(d / "memory.stat")
-                cache = stat.get("total_cache", 0) - stat.get("total_shmem", 0)
-                room.append(int(limit) - int(usage) + cache)
+                inactive = _stat(d / "memory.stat").get("total_inactive_file", 0)
+                room.append(int(limit) - int(usage) + inactive)
     return max(0, min(room)) if room else None
 
 

@@ -34,7 +34,7 @@ def v2(tmp_path):
             "kubepods/pod1/cpu.max": "150000 100000",
             "kubepods/pod1/memory.max": str(1024 * MiB),
             "kubepods/pod1/memory.current": str(600 * MiB),
-            "kubepods/pod1/memory.stat": f"anon {400 * MiB}\nfile {200 * MiB}\nshmem {50 * MiB}",
+            "kubepods/pod1/memory.stat": f"anon {400 * MiB}\nfile {200 * MiB}\ninactive_file {150 * MiB}",
             "kubepods/pod1/ctr/cpu.max": "max 100000",
             "kubepods/pod1/ctr/memory.max": "max",
             "kubepods/pod1/ctr/memory.current": str(590 * MiB),
@@ -49,7 +49,7 @@ def test_v2_limits_set_above_the_process_cgroup_apply(v2):
     root, proc = v2
     assert H.cpu_quota(root, proc) == 1.5
     assert H.usable_cpus(root, proc) == min(affinity(), 2)  # 1.5 CPUs of time: 2 threads can use it
-    # 1024 - 600 used + 150 of reclaimable page cache (file less shared memory)
+    # 1024 - 600 used + 150 of inactive page cache, which the kernel reclaims first
     assert H.memory_headroom(root, proc) == 574 * MiB
     assert H.available_host_memory(root, proc) == 574 * MiB  # far below this machine's MemAvailable
 
@@ -64,7 +64,7 @@ def test_v1_as_docker_mounts_it_without_a_cgroup_namespace(tmp_path):
             "cpu/cpu.cfs_period_us": "100000",
             "memory/memory.limit_in_bytes": str(2048 * MiB),
             "memory/memory.usage_in_bytes": str(1024 * MiB),
-            "memory/memory.stat": f"cache {300 * MiB}\ntotal_cache {300 * MiB}\ntotal_shmem {100 * MiB}",
+            "memory/memory.stat": f"total_cache {300 * MiB}\ntotal_inactive_file {200 * MiB}",
         },
     )
     proc = tmp_path / "proc_cgroup"

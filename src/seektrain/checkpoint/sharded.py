@@ -143,18 +143,24 @@ def read_model_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_layout(path: Path):
-    """The checkpoint's DCP reader and the layout of its tensors (from `dcp/.metadata`); a damaged one is
+    """The checkpoint's DCP reader and the layout of its tensors (from `dcp/.metadata`); a damaged file is
     one error line saying what to do."""
     import torch.distributed.checkpoint as dcp
 
     reader = dcp.FileSystemReader(str(Path(path) / DCP_DIR))
-    advice = f"its {DCP_DIR}/.metadata is damaged: move it out of checkpoints/ to go on from the one before"
-    with _reading(path, advice):
+    try:
         return reader, reader.read_metadata().state_dict_metadata
+    except OSError as e:  # unreadable (permissions, an I/O error), not damaged: no advice to shelve it
+        raise UserError(f"cannot read checkpoint {path}: {first_line(e)}") from e
+    except Exception as e:  # a file that does not unpickle
+        raise UserError(
+            f"cannot read checkpoint {path}: {first_line(e)}; its {DCP_DIR}/.metadata is damaged: move it "
+            "out of checkpoints/ to go on from the one before"
+        ) from e
 
 
 @contextlib.contextmanager
-def _reading(path: Path, advice: str = ""):
+def _reading(path: Path):
     """A damaged `dcp/` folder (a shard file missing or cut short) as one error line naming the
     checkpoint; under torchrun DCP raises its CheckpointException (a BaseException) on every rank."""
     from torch.distributed.checkpoint.api import CheckpointException
@@ -164,8 +170,7 @@ def _reading(path: Path, advice: str = ""):
     except (Exception, CheckpointException) as e:
         failures = getattr(e, "failures", None)  # rank -> (exception, traceback)
         cause = next(iter(failures.values()))[0] if failures else e
-        said = f"cannot read checkpoint {path}: {first_line(cause)}"
-        raise UserError(f"{said}; {advice}" if advice else said) from e
+        raise UserError(f"cannot read checkpoint {path}: {first_line(cause)}") from e
 
 
 @contextlib.contextmanager
