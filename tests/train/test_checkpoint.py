@@ -33,6 +33,7 @@ def test_a_damaged_state_file_is_one_line_without_torchs_advice(tmp_path, damage
     message = str(e.value)
     assert message.startswith(f"cannot read checkpoint {path}: ") and "\n" not in message, message
     assert "weights_only" not in message
+    assert message.endswith("; move it out of checkpoints/ to go on from the one before"), message
     if damage == "foreign object":  # torch's reason is kept: it names what the file holds
         assert "Unsupported global: GLOBAL seektrain.errors.UserError" in message, message
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from seektrain.checkpoint.sharded import DCP_DIR, METADATA_FILE
+from seektrain.checkpoint.sharded import DCP_DIR, METADATA_FILE, SHELVE
 from seektrain.errors import RanksError, UserError, first_line
 
 STATE_FILE = "state.pt"
@@ -317,9 +317,11 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
         foreign = [line for line in str(e).splitlines() if "Unsupported global" in line]
         # "WeightsUnpickler error: Unsupported global: GLOBAL x.Y was not an allowed global by default. …"
         why = foreign[0].split("error: ", 1)[-1].split(". ")[0] if foreign else "damaged or not a checkpoint"
-        raise UserError(f"cannot read checkpoint {path}: {STATE_FILE}: {why}") from None
-    except Exception as e:  # truncated or foreign file
+        raise UserError(f"cannot read checkpoint {path}: {STATE_FILE}: {why}; {SHELVE}") from None
+    except OSError as e:  # unreadable (permissions, an I/O error), not damaged: no advice to shelve it
         raise UserError(f"cannot read checkpoint {path}: {first_line(e)}") from None
+    except Exception as e:  # truncated or foreign file
+        raise UserError(f"cannot read checkpoint {path}: {first_line(e)}; {SHELVE}") from None
 
 
 def upgrade_config(state: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,10 @@ DCP_DIR = "dcp"
 METADATA_FILE = ".metadata"  # written last by DCP's coordinator
 
 
+# what to do with a checkpoint whose files are whole but do not read (bit rot): the one before is complete
+SHELVE = "move it out of checkpoints/ to go on from the one before"
+
+
 def is_sharded(path: Path) -> bool:
     return (Path(path) / DCP_DIR).is_dir()
 
@@ -154,8 +158,7 @@ def _read_layout(path: Path):
         raise UserError(f"cannot read checkpoint {path}: {first_line(e)}") from e
     except Exception as e:  # a file that does not unpickle
         raise UserError(
-            f"cannot read checkpoint {path}: {first_line(e)}; its {DCP_DIR}/.metadata is damaged: move it "
-            "out of checkpoints/ to go on from the one before"
+            f"cannot read checkpoint {path}: {first_line(e)}; its {DCP_DIR}/.metadata is damaged: {SHELVE}"
         ) from e
 
 
