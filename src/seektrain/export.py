@@ -225,9 +225,9 @@ def _special_tokens(tokenizer, cfg) -> dict[str, dict]:
 
 
 def _check_same_tokenizer(tokenizer, data: Path, src: Path) -> None:
-    data_tok = data / TOKENIZER_FILE
-    if not data_tok.is_file():
-        raise UserError(f"{data} is not a prepared data directory (no {TOKENIZER_FILE})")
+    from seektrain.data.shards import tokenizer_file
+
+    data_tok = tokenizer_file(data)
     if tokenizer is not None and _load_tokenizer(data_tok).get_vocab() != tokenizer.get_vocab():
         raise UserError(
             f"{data} was tokenized with another tokenizer than {src}; prepare it with "

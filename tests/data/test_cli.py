@@ -72,6 +72,18 @@ def test_bad_inputs_give_one_error_line(run, tmp_path):
     assert not out.exists()
 
 
+def test_a_failed_prepare_removes_the_folders_it_created_for_out(run, tmp_path):
+    """An interrupted first `seektrain train` left an empty ./data behind: the folders made to hold --out
+    go when the build fails, those that were there stay."""
+    write_corpus(tmp_path / "short", ["a", "b"])  # fails after the folders are made: nothing survives
+    _assert_one_error(run("--input", tmp_path / "short", "--out", tmp_path / "x/y/out"), "empty corpus")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["short"]
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "notes.txt").write_text("mine")
+    _assert_one_error(run("--input", tmp_path / "short", "--out", tmp_path / "x/y/out"), "empty corpus")
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["notes.txt"]
+
+
 def test_empty_paths_are_refused(run, tmp_path, monkeypatch):
     """An empty path is the current folder to pathlib, and the CLI took an empty --out for a missing one:
     `--out "$UNSET"` replaced ./data/stdlib, `--input ""` read the current folder, `--tokenizer ""`

@@ -121,6 +121,17 @@ def test_export_and_import_refuse_the_current_folder_at_once(trained_run, tmp_pa
         assert len(err.splitlines()) == 1 and not any(here.iterdir())
 
 
+def test_eval_on_a_folder_that_is_no_data_dir_says_what_to_run(trained_run, tmp_path, seektrain):
+    """`eval --data` with a missing path or a folder of raw text said "no tokenizer.json; pass --data DIR",
+    which the user had: now the loader's message for a folder without data, with the prepare to run."""
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "a.py").write_text("print(1)\n")
+    for folder, hint in [(tmp_path / "missing", "run `seektrain prepare"), (tmp_path / "raw", "delete")]:
+        code, _, err = seektrain("eval", "--run", trained_run, "--data", folder)
+        assert code == 2 and err.startswith(f"error: no prepared data at {folder} (manifest.json"), err
+        assert hint in err and len(err.splitlines()) == 1
+
+
 def test_export_of_a_run_without_checkpoints_is_a_user_error(tmp_path, seektrain):
     run = tmp_path / "runs" / "fresh"
     run.mkdir(parents=True)

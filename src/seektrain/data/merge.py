@@ -21,6 +21,7 @@ from seektrain.data.prepare import (
     build_failed,
     check_out_dir,
     make_parent,
+    remove_if_empty,
     resolve_out,
 )
 from seektrain.data.shards import MANIFEST, atomic_write_json, load_manifest, verify_shards
@@ -125,7 +126,7 @@ def merge(slice_dirs: list[str], out_dir: str) -> dict:
     out = resolve_out(out_dir)
     recover_interrupted(out, MANIFEST)  # what a killed prepare or merge left beside `out`
     check_out_dir(out, slice_dirs)
-    make_parent(out)
+    created = make_parent(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -182,8 +183,10 @@ def merge(slice_dirs: list[str], out_dir: str) -> dict:
         atomic_write_json(tmp / REPORT, report)
         atomic_write_json(tmp / MANIFEST, manifest)
         _swap_into_place(tmp, out)
+        created = []
         return report
     except OSError as e:
         raise UserError(build_failed(e, out)) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_if_empty(created)

@@ -12,6 +12,7 @@ and options (not of the number of workers): re-running gives the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -351,13 +352,24 @@ def check_out_dir(out: Path, inputs: list[str]) -> None:
         raise UserError(f"--out {out} exists and is not a seektrain data dir: refusing to replace it")
 
 
-def make_parent(out: Path) -> None:
-    """Create the folder that holds `out` and its temp sibling; UserError when a file stands in its way."""
+def make_parent(out: Path) -> list[Path]:
+    """Create the folder that holds `out` and its temp sibling; UserError when a file stands in its way.
+    Returns the folders it created, deepest first, for `remove_if_empty` where the build then fails."""
     check_dir_target(out, "--out")
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {out}: cannot create {e.filename} ({e.strerror})") from e
+    return created
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders (deepest first) that a failed or interrupted build created and left empty (an
+    interrupted first `seektrain train` left ./data behind)."""
+    for folder in folders:
+        with contextlib.suppress(OSError):  # not empty (another process wrote there), or gone
+            folder.rmdir()
 
 
 def prepare(cfg: PrepareConfig) -> dict:
@@ -384,7 +396,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         else None
     )
 
-    make_parent(out)
+    created = make_parent(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     stats = {"documents_in": 0, "bytes_in": 0, "dropped": Counter()}
@@ -482,12 +494,14 @@ def prepare(cfg: PrepareConfig) -> dict:
         atomic_write_json(tmp / REPORT, report)
         atomic_write_json(tmp / MANIFEST, manifest)  # last: its presence marks a complete data dir
         _swap_into_place(tmp, out)
+        created = []
         return report
     except OSError as e:  # writing: a full disk, a folder without write permission
         raise UserError(build_failed(e, out)) from e
     finally:
         progress.close()
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_if_empty(created)
 
 
 def build_failed(e: OSError, out: Path) -> str:

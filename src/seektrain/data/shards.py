@@ -101,6 +101,16 @@ def is_data_dir(path: str | os.PathLike) -> bool:
     return True
 
 
+def tokenizer_file(data_dir: str | os.PathLike) -> Path:
+    """A data dir's tokenizer.json; UserError saying what to run where the folder is no prepared data dir
+    (missing, raw text, a damaged manifest) or lacks the file."""
+    path = Path(data_dir) / TOKENIZER_FILE
+    if not path.is_file():
+        load_manifest(data_dir)
+        raise UserError(f"{data_dir} lacks its {TOKENIZER_FILE}: prepare it again (`seektrain prepare`)")
+    return path
+
+
 def load_manifest(data_dir: str | os.PathLike) -> dict:
     """The data dir's manifest; UserError with a hint when it is missing, corrupt or of another version."""
     path = Path(data_dir) / MANIFEST

@@ -129,17 +129,16 @@ def evaluate_run(
     run_dir: str | os.PathLike, cfg: EvalConfig, checkpoint: str | os.PathLike | None = None
 ) -> dict:
     """`seektrain eval`: load the run, check the data shares its tokenizer, score; a JSON-ready dict."""
+    from seektrain.data.shards import tokenizer_file
     from seektrain.data.tokenizer import load_tokenizer
-    from seektrain.infer.runs import TOKENIZER_FILE, data_dir_of, find_tokenizer, load_run
+    from seektrain.infer.runs import data_dir_of, find_tokenizer, load_run
 
     run = load_run(run_dir, device=cfg.device, checkpoint=checkpoint)
     data = Path(cfg.data) if cfg.data else data_dir_of(run)
     if data is None:
         imported = run_dir if checkpoint is None else f"checkpoint {run.checkpoint}"
         raise UserError(f"{imported} was imported without data: pass --data DIR")
-    data_tokenizer = load_tokenizer(str(data / TOKENIZER_FILE)) if (data / TOKENIZER_FILE).is_file() else None
-    if data_tokenizer is None:
-        raise UserError(f"{data} is not a prepared data directory (no {TOKENIZER_FILE}); pass --data DIR")
+    data_tokenizer = load_tokenizer(str(tokenizer_file(data)))
     run_tok = find_tokenizer(run)  # None for a run imported without one: the data's then stands alone
     if run_tok is not None and load_tokenizer(str(run_tok)).get_vocab() != data_tokenizer.get_vocab():
         raise UserError(
