@@ -17,6 +17,7 @@ import difflib
 import json
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -338,6 +339,7 @@ def load_config(
 ) -> RunConfig:
     """Resolve a RunConfig: preset (or `tiny` when neither preset nor file is given), file, overrides."""
     cfg = RunConfig()
+    from_file: set[str] = set()  # section.key the config file set
     if preset is None and config is None:
         preset = "tiny"
     if preset is not None:
@@ -356,14 +358,23 @@ def load_config(
             raise UserError(f"{path}: not UTF-8 text (byte {e.start}), as TOML must be") from None
         except OSError as e:
             raise UserError(f"config file {path}: cannot read it ({e.strerror or e})") from None
-        cfg = _apply(cfg, parse_toml(text, str(path)), str(path))
+        values = parse_toml(text, str(path))
+        cfg = _apply(cfg, values, str(path))
+        from_file = {f"{section}.{key}" for section, table in values.items() for key in table}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or "." not in key:
             raise UserError(f"--set {item!r}: expected section.key=value, e.g. --set train.steps=100")
         section, _, name = key.strip().partition(".")
         cfg = _apply(cfg, {section: {name: parse_value(raw.strip(), _field_type(section, name))}}, "--set")
-    return cfg.validate()
+        from_file.discard(f"{section}.{name}")
+    try:
+        return cfg.validate()
+    except UserError as e:  # a value the file set (and no --set replaced): the line names the file
+        named = re.match(r"[a-z]+\.[a-z_]+", str(e))
+        if config is None or named is None or named.group() not in from_file:
+            raise
+        raise UserError(f"{config}: {e}") from None
 
 
 def parse_value(raw: str, kind: Any = None) -> Any:

@@ -121,6 +121,20 @@ def test_a_type_error_in_a_config_file_names_the_file(tmp_path):
         load_config(config=f)
 
 
+def test_a_value_out_of_range_in_a_config_file_names_the_file(tmp_path):
+    """Type and key errors named the file, range and schedule errors (checked once all is read) did not;
+    a value a --set replaces is not the file's to answer for."""
+    f = tmp_path / "run.toml"
+    f.write_text("[train]\nsteps = 0\n[optim]\nmultistep_milestones = [[0.9, 0.1], [0.8, 0.3]]\n")
+    with pytest.raises(UserError, match=f"^{f}: optim.multistep_milestones: bad entry"):
+        load_config(config=f, overrides=["train.steps=5"])
+    with pytest.raises(UserError, match=r"^train.steps=0 must be positive$"):  # the --set's own value
+        load_config(config=f, overrides=["train.steps=0", "optim.multistep_milestones=[]"])
+    f.write_text("[train]\nsteps = 0\n")
+    with pytest.raises(UserError, match=f"^{f}: train.steps=0 must be positive$"):
+        load_config(config=f)
+
+
 def test_a_mistake_in_a_config_files_model_table_names_the_file(tmp_path):
     """The model table's keys are checked where the file is read, as the other tables' are (they were
     checked later, when the model config was built, and the file went unnamed)."""
