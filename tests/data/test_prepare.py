@@ -535,33 +535,37 @@ def test_merge_refuses_a_slice_twice_and_out_over_its_own_input(prepared, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["part0", "part1", "src"]
 
 
-def test_merge_refuses_slices_that_overlap(prepared, tmp_path, corpus_docs):
+def test_merge_refuses_slices_that_overlap(prepared, tmp_path, corpus_docs, monkeypatch):
     """Merge compared slices by path and whole-slice checksums only: slice 0 prepared again with another
-    shard size, slices of two splits of the same inputs (K = 2 and 3), a whole prepare beside one of its
-    slices and a merged dir beside a slice it holds were all accepted, and their shared documents counted
-    twice. Slices with different shard sizes merged into a manifest that stated the first one's. Whole
-    prepares of other inputs (two corpora) and merged dirs of other slices still merge."""
+    shard size, slices of two splits of one corpus (K = 2 and 3, however its folder was spelled), a whole
+    prepare beside one of its slices and a merged dir beside slices it overlaps were all accepted, and
+    their shared documents counted twice. Slices with different shard sizes merged into a manifest that
+    stated the first one's. Other corpora (told by their files' names and sizes, not by the paths typed)
+    and merged dirs of other slices merge."""
     data_dir, _ = prepared
     src = write_corpus(tmp_path / "src", corpus_docs[:24])
     tok = str(data_dir / "tokenizer.json")
+    monkeypatch.chdir(tmp_path)
 
-    def part(name, index, count, inputs=(src,), **kw):
+    def part(name, index, count, inputs=("src",), **kw):
         out = tmp_path / name
         prepare(small_config(list(inputs), out, tokenizer=tok, num_slices=count, slice_index=index, **kw))
         return str(out)
 
     thirds = [part(f"third{i}", i, 3) for i in range(3)]
     again = part("third0_again", 0, 3, shard_tokens=999)
-    half = part("half0", 0, 2)
+    half = part("half0", 0, 2, inputs=(f"{src}/../src/",))  # the same folder, spelled otherwise
     whole = part("whole", 0, 1)
     merged = str(tmp_path / "merged")
     merge(thirds[:2], merged)  # slices 0 and 1 of 3: a part of the corpus, merged
     for slices, refused in [
-        ([*thirds, again], r"names slice 0 of 3 of the same inputs twice \(.*third0 and .*third0_again\)"),
-        ([thirds[1], thirds[2], half], r"half0 is slice 0 of 2, .*third1 one of 3 of the same inputs"),
-        ([whole, thirds[1]], r"third1 is slice 1 of 3, .*whole one of 1"),
+        ([*thirds, again], r"names slice 0 of 3 of one corpus twice \(.*third0 and .*third0_again\)"),
+        ([thirds[1], thirds[2], half], r"half0 holds slice 0 of 2, .*third1 one of 3 of the same corpus"),
+        ([whole, thirds[1]], r"third1 holds slice 1 of 3, .*whole one of 1"),
         ([thirds[1], again], r"third0_again was prepared with --shard-tokens 999, .*third1 with \d+"),
-        ([merged, thirds[1]], r"names a merged dir and a slice it holds \(.*merged and .*third1\)"),
+        ([merged, thirds[1]], r"names dirs that share shards \(.*merged and .*third1\)"),
+        ([merged, whole], r"whole holds slice 0 of 1, .*merged one of 3"),
+        ([merged, half], r"half0 holds slice 0 of 2, .*merged one of 3"),
     ]:
         with pytest.raises(UserError, match=refused):
             merge(slices, str(tmp_path / "refused"))
@@ -570,8 +574,10 @@ def test_merge_refuses_slices_that_overlap(prepared, tmp_path, corpus_docs):
     assert load_manifest(tmp_path / "all")["splits"]["train"]["tokens"] == load_manifest(whole)["splits"][
         "train"
     ]["tokens"]
-    other = write_corpus(tmp_path / "other_src", corpus_docs[24:40])  # another corpus, prepared whole
-    report = merge([whole, part("other", 0, 1, inputs=(other,))], str(tmp_path / "two_corpora"))
+    (tmp_path / "elsewhere").mkdir()  # another corpus, prepared whole from a folder also typed "src"
+    write_corpus(tmp_path / "elsewhere" / "src", corpus_docs[24:40])
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    report = merge([whole, part("other", 0, 1)], str(tmp_path / "two_corpora"))
     assert report["documents_kept"] == 40
 
 

@@ -29,31 +29,38 @@ from seektrain.errors import UserError
 from seektrain.paths import recover_interrupted
 
 
+def slices_held(manifest: dict) -> list[list]:
+    """[corpus, index, K] of each slice a data dir holds: its own (`sources.slice`, of the corpus whose
+    fingerprint `sources.corpus` is), or those a merge recorded; none where the manifest predates them."""
+    sources = manifest.get("sources", {})
+    if "slices" in sources:
+        return sources["slices"]
+    if "corpus" in sources and "slice" in sources:
+        return [[sources["corpus"], *sources["slice"]]]
+    return []
+
+
 def _check_slices(slice_dirs: list[str], manifests: list[dict]) -> None:
-    """Slices of the same inputs (`sources.inputs`, `sources.slice` = [index, K] in their manifests) must
-    come from one split, each index once: slices of another K overlap them (a whole prepare is slice 0 of
-    1), and the same index prepared twice holds the same documents. Dirs of other inputs are other
-    corpora; a merged dir records no slice (`_check_distinct` compares shards across all of them)."""
-    splits: dict[tuple, tuple[int, str]] = {}  # inputs -> (K, first dir)
-    indices: dict[tuple, str] = {}  # (inputs, index) -> dir
+    """Slices of one corpus (the same fingerprint of its files) must come from one split, each index once:
+    slices of another K overlap them (a whole prepare is slice 0 of 1), and the same index prepared twice
+    holds the same documents. A merged dir counts with the slices it holds; other corpora merge freely."""
+    splits: dict[str, tuple[int, str]] = {}  # corpus -> (K, first dir)
+    indices: dict[tuple[str, int], str] = {}  # (corpus, index) -> dir
     for d, m in zip(slice_dirs, manifests, strict=True):
-        sources = m.get("sources", {})
-        if "slice" not in sources:
-            continue
-        inputs, (index, count) = tuple(sources.get("inputs", ())), sources["slice"]
-        first_count, first = splits.setdefault(inputs, (count, d))
-        if count != first_count:
-            raise UserError(
-                f"{d} is slice {index} of {count}, {first} one of {first_count} of the same inputs: the "
-                "slices of one corpus share --num-slices (slices of two splits overlap, and their documents "
-                "would count twice)"
-            )
-        if (inputs, index) in indices:
-            raise UserError(
-                f"--merge names slice {index} of {count} of the same inputs twice ({indices[inputs, index]} "
-                f"and {d}): its documents would count twice"
-            )
-        indices[inputs, index] = d
+        for corpus, index, count in slices_held(m):
+            first_count, first = splits.setdefault(corpus, (count, d))
+            if count != first_count:
+                raise UserError(
+                    f"{d} holds slice {index} of {count}, {first} one of {first_count} of the same corpus: "
+                    "its slices share --num-slices (slices of two splits overlap, and their documents "
+                    "would count twice)"
+                )
+            if (corpus, index) in indices:
+                raise UserError(
+                    f"--merge names slice {index} of {count} of one corpus twice ({indices[corpus, index]} "
+                    f"and {d}): its documents would count twice"
+                )
+            indices[corpus, index] = d
 
 
 def _check_distinct(slice_dirs: list[str], manifests: list[dict]) -> None:
@@ -69,7 +76,7 @@ def _check_distinct(slice_dirs: list[str], manifests: list[dict]) -> None:
         mine = {s["sha256"] for split in m["splits"].values() for s in split["shards"]}
         for other, theirs in seen:
             if mine & theirs:
-                what = "two copies of one slice" if mine == theirs else "a merged dir and a slice it holds"
+                what = "two copies of one slice" if mine == theirs else "dirs that share shards"
                 raise UserError(f"--merge names {what} ({other} and {d})")
         seen.append((d, mine))
 
@@ -163,7 +170,11 @@ def merge(slice_dirs: list[str], out_dir: str) -> dict:
                 "bad_jsonl_lines",
             )
         }
-        sources.update(inputs=[str(d) for d in slice_dirs], dropped=dict(sorted(dropped.items())))
+        sources.update(
+            inputs=[str(d) for d in slice_dirs],
+            dropped=dict(sorted(dropped.items())),
+            slices=[held for m in manifests for held in slices_held(m)],
+        )
         manifest = {**first, "splits": splits, "sources": sources}
         report = {
             "out_dir": str(out_dir),

@@ -38,7 +38,7 @@ from seektrain.data.shards import (
     is_data_dir,
     token_dtype,
 )
-from seektrain.data.sources import STDLIB, discover, iter_documents
+from seektrain.data.sources import STDLIB, SourceFile, discover, iter_documents
 from seektrain.data.tokenizer import (
     BOS,
     EOS,
@@ -352,6 +352,13 @@ def check_out_dir(out: Path, inputs: list[str]) -> None:
         raise UserError(f"--out {out} exists and is not a seektrain data dir: refusing to replace it")
 
 
+def corpus_fingerprint(files: list[SourceFile]) -> str:
+    """What tells the slices of one corpus from another's in a merge: its files' names and sizes, in
+    order (not their folders, which differ between the machines that prepare the slices)."""
+    listing = "\n".join(f"{f.path.name}\t{f.size}" for f in files)
+    return hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
 def make_parent(out: Path) -> list[Path]:
     """Create the folder that holds `out` and its temp sibling; UserError when a file stands in its way.
     Returns the folders it created, deepest first, for `remove_if_empty` where the build then fails."""
@@ -378,7 +385,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     out = resolve_out(cfg.out_dir)
     recover_interrupted(out, MANIFEST)
     check_out_dir(out, [i for i in cfg.inputs if i != STDLIB])
-    files = discover(cfg.inputs)[cfg.slice_index :: cfg.num_slices]
+    every_file = discover(cfg.inputs)
+    files = every_file[cfg.slice_index :: cfg.num_slices]
     if not files:
         raise UserError(
             f"slice {cfg.slice_index} of {cfg.num_slices} has no input files (fewer files than slices)"
@@ -452,6 +460,7 @@ def prepare(cfg: PrepareConfig) -> dict:
             "dropped": dict(sorted(stats["dropped"].items())),
             "bad_jsonl_lines": stats.get("bad_jsonl_lines", 0),
             "slice": [cfg.slice_index, cfg.num_slices],
+            "corpus": corpus_fingerprint(every_file),
         }
         manifest = {
             "format_version": FORMAT_VERSION,
