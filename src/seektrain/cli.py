@@ -96,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
             return int(args._run(args) or 0)
         finally:  # while an error is reported (a rank waiting for rank 0's), SIGTERM ends it as before
-            _cancel_retries()
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+            _release_signals(previous)
     except BrokenPipeError:  # stdout's reader went away (`seektrain generate … | head`): end quietly
         detach_stdout()
         return 128 + signal.SIGPIPE
@@ -148,56 +146,77 @@ def _handle_signals() -> dict:
     return previous
 
 
+def _release_signals(previous: dict) -> None:
+    """Undo `_handle_signals`: stop the retries of deferred signals, restore the previous handlers."""
+    global _caller
+    _cancel_retries()
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+    _caller = None
+
+
 def _raise_terminated(signum, frame) -> None:
     if _importing(frame) and _signal_again(signum):
         return
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup short
+    _cancel_retries()  # a retry still pending must not be replayed into the cleanup
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # nor a second SIGTERM cut it short
     raise Terminated
 
 
 def _raise_interrupt(signum, frame) -> None:
     if _importing(frame) and _signal_again(signum):
         return
+    _cancel_retries()  # a retry still pending must not be replayed into the cleanup
     raise KeyboardInterrupt
 
 
 _caller = None  # the frame that called `_handle_signals`: imports above it are not waited for
 _timers: dict[int, threading.Timer] = {}  # per signal deferred past an import: the timer sending it again
 _waiting_since: dict[int, float] = {}  # and when it first came
+# between the main thread and the timers' threads; reentrant, as a handler may run in the main thread
+# while it holds the lock
+_timers_lock = threading.RLock()
 
 
 def _signal_again(signum: int) -> bool:
     """Send `signum` to this process again shortly, when the import under way has likely finished: one
     timer per signal, so that Ctrl-C pressed again while waiting is not replayed later, into the
-    cleanup. False (raise it now) after IMPORT_WAIT_MAX_S, or where no thread can be started for it."""
-    if signum in _timers:
-        return True
-    since = _waiting_since.setdefault(signum, time.monotonic())
-    if time.monotonic() - since > IMPORT_WAIT_MAX_S:
-        return False
-    timer = threading.Timer(IMPORT_RETRY_S, _send_again, (signum,))
-    timer.daemon = True
-    try:
-        timer.start()
-    except RuntimeError:  # the interpreter is shutting down
-        return False
-    _timers[signum] = timer
+    cleanup. False (raise it now) after IMPORT_WAIT_MAX_S, or where no thread can be started for it.
+    Whatever handler is in place then gets it (the trainer's, once it has set its own)."""
+    with _timers_lock:
+        if signum in _timers:
+            return True
+        since = _waiting_since.setdefault(signum, time.monotonic())
+        if time.monotonic() - since > IMPORT_WAIT_MAX_S:
+            return False
+        timer = threading.Timer(IMPORT_RETRY_S, _send_again, (signum,))
+        timer.args = (signum, timer)
+        timer.daemon = True
+        _timers[signum] = timer
+        try:
+            timer.start()
+        except RuntimeError:  # the interpreter is shutting down
+            del _timers[signum]
+            return False
     return True
 
 
-def _send_again(signum: int) -> None:
-    _timers.pop(signum, None)
-    if signal.getsignal(signum) in (_raise_terminated, _raise_interrupt):  # not once `main` restored others
-        os.kill(os.getpid(), signum)
+def _send_again(signum: int, timer: threading.Timer) -> None:
+    with _timers_lock:  # held while sending: `_cancel_retries` returns only once no retry is in flight
+        if _timers.get(signum) is timer:
+            del _timers[signum]
+            os.kill(os.getpid(), signum)
 
 
 def _cancel_retries() -> None:
-    """Stop the timers of deferred signals: `main` restores the previous handlers, which must not get
-    them."""
-    for timer in _timers.values():
+    """Stop the timers of deferred signals (the signal is being raised, or `main` restores the previous
+    handlers, which must not get them)."""
+    with _timers_lock:
+        timers = list(_timers.values())
+        _timers.clear()
+        _waiting_since.clear()
+    for timer in timers:
         timer.cancel()
-    _timers.clear()
-    _waiting_since.clear()
 
 
 def _importing(frame) -> bool:

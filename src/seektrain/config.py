@@ -371,7 +371,7 @@ def load_config(
     try:
         return cfg.validate()
     except UserError as e:  # a value the file set (and no --set replaced): the line names the file
-        named = re.match(r"[a-z]+\.[a-z_]+", str(e))
+        named = re.match(r"[a-z]+\.[a-z_0-9]+", str(e))
         if config is None or named is None or named.group() not in from_file:
             raise
         raise UserError(f"{config}: {e}") from None

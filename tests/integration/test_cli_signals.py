@@ -146,3 +146,36 @@ except KeyboardInterrupt:
     print("stopped")
 """
     assert run_script(tmp_path, module, script) == ["stopped"]
+
+
+def test_a_retry_pending_when_ctrl_c_comes_again_is_dropped(tmp_path):
+    """Ctrl-C again just after the import, before the retry of the first one fired: it stopped the
+    command at once, and the retry then fired into the cleanup."""
+    module = "import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n"  # its retry comes 50 ms later
+    script = HEADER + """
+import os, signal
+cli._handle_signals()
+try:
+    import slow_import
+    os.kill(os.getpid(), signal.SIGINT)  # at once, before the retry
+    time.sleep(10)
+except KeyboardInterrupt:
+    print("stopped")
+    time.sleep(0.3)  # the command's cleanup
+    print("cleanup done")
+"""
+    assert run_script(tmp_path, module, script) == ["stopped", "cleanup done"]
+
+
+def test_a_signal_deferred_past_an_import_reaches_a_handler_set_after_it(tmp_path):
+    """The trainer sets its own SIGTERM handler (checkpoint, then stop) after importing TensorBoard: a
+    SIGTERM that came during that import was dropped, and the run went on until SIGKILL."""
+    module = "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.1)\n"
+    script = HEADER + """
+import signal
+cli._handle_signals()
+import slow_import
+signal.signal(signal.SIGTERM, lambda signum, frame: print("the trainer's handler got it"))
+time.sleep(0.5)
+"""
+    assert run_script(tmp_path, module, script) == ["the trainer's handler got it"]

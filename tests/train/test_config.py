@@ -133,6 +133,9 @@ def test_a_value_out_of_range_in_a_config_file_names_the_file(tmp_path):
     f.write_text("[train]\nsteps = 0\n")
     with pytest.raises(UserError, match=f"^{f}: train.steps=0 must be positive$"):
         load_config(config=f)
+    f.write_text("[optim]\nbeta2 = 1.0\n")  # a key with a digit
+    with pytest.raises(UserError, match=rf"^{f}: optim.beta2=1.0 must be in \[0, 1\)$"):
+        load_config(config=f)
 
 
 def test_a_mistake_in_a_config_files_model_table_names_the_file(tmp_path):
