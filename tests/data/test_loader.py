@@ -235,8 +235,8 @@ def test_bad_shapes_and_missing_or_corrupt_data(prepared, tmp_path):
     (bad / "manifest.json").write_text("{")
     with pytest.raises(UserError, match="corrupt manifest .*: delete .*, then run `seektrain prepare --out"):
         TokenLoader(bad, seq_len=T)  # which refuses to replace a folder without a readable manifest
-    (bad / "manifest.json").unlink()
-    with pytest.raises(UserError, match="manifest.json missing\\): delete "):
+    (bad / "manifest.json").unlink()  # or a folder of raw text: prepare from it, delete only a data dir
+    with pytest.raises(UserError, match=r"manifest.json missing\): prepare one from raw text .*: delete it"):
         TokenLoader(bad, seq_len=T)
 
 

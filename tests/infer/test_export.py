@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from seektrain import cli
 from seektrain.config import load_config
 from seektrain.errors import UserError
 from seektrain.export import export_run, import_hf
@@ -123,13 +124,32 @@ def test_export_and_import_refuse_the_current_folder_at_once(trained_run, tmp_pa
 
 def test_eval_on_a_folder_that_is_no_data_dir_says_what_to_run(trained_run, tmp_path, seektrain):
     """`eval --data` with a missing path or a folder of raw text said "no tokenizer.json; pass --data DIR",
-    which the user had: now the loader's message for a folder without data, with the prepare to run."""
+    which the user had: now what the path is, and what to give instead (never to replace the folder)."""
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "a.py").write_text("print(1)\n")
-    for folder, hint in [(tmp_path / "missing", "run `seektrain prepare"), (tmp_path / "raw", "delete")]:
-        code, _, err = seektrain("eval", "--run", trained_run, "--data", folder)
-        assert code == 2 and err.startswith(f"error: no prepared data at {folder} (manifest.json"), err
-        assert hint in err and len(err.splitlines()) == 1
+    for folder, what in [("missing", "does not exist"), ("raw", "is not a prepared data dir (no manifest")]:
+        code, _, err = seektrain("eval", "--run", trained_run, "--data", tmp_path / folder)
+        assert code == 2 and err.startswith(f"error: {tmp_path / folder} {what}"), err
+        assert "give a data dir that `seektrain prepare` made" in err and len(err.splitlines()) == 1
+
+
+def test_eval_generate_and_export_cap_cpu_threads_as_the_trainer_does(trained_run, tmp_path, monkeypatch):
+    """torch's default is a thread per core of the affinity; under a cgroup quota of fewer CPUs the extra
+    threads wait at every op (here: a quota of one CPU's time, and two threads before each command)."""
+    from seektrain import host_limits
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(host_limits, "usable_cpus", lambda *where: 1)
+    before = torch.get_num_threads()
+    try:
+        for argv in (["eval", "--run", trained_run, "--max-batches", "1"],
+                     ["generate", "--run", trained_run, "--prompt", "x", "--max-new-tokens", "1"],
+                     ["export", "--run", trained_run, "--out", tmp_path / "hf"]):  # fmt: skip
+            torch.set_num_threads(2)
+            assert cli.main([str(a) for a in argv]) == 0
+            assert torch.get_num_threads() == 1, argv[0]
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_export_of_a_run_without_checkpoints_is_a_user_error(tmp_path, seektrain):

@@ -26,9 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from seektrain.distributed.env import pick_device
+    from seektrain.host_limits import fit_torch_threads
     from seektrain.infer.evaluate import EvalConfig, evaluate_run
     from seektrain.train.metrics import strict_dumps
 
+    fit_torch_threads()  # on CPU at most one per CPU it may use, as the trainer runs
     device = pick_device(args.device)
     cfg = EvalConfig(
         data=args.data,

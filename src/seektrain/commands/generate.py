@@ -42,10 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from seektrain.distributed.env import pick_device
+    from seektrain.host_limits import fit_torch_threads
     from seektrain.infer.generate import SamplingConfig, generate, stream_text
     from seektrain.infer.kv_cache import latent_bytes_per_token, naive_bytes_per_token
     from seektrain.infer.runs import load_run, run_tokenizer
 
+    fit_torch_threads()  # on CPU at most one per CPU it may use, as the trainer runs
     check_prompt(args.prompt)
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens,

@@ -102,13 +102,25 @@ def is_data_dir(path: str | os.PathLike) -> bool:
 
 
 def tokenizer_file(data_dir: str | os.PathLike) -> Path:
-    """A data dir's tokenizer.json; UserError saying what to run where the folder is no prepared data dir
-    (missing, raw text, a damaged manifest) or lacks the file."""
-    path = Path(data_dir) / TOKENIZER_FILE
-    if not path.is_file():
-        load_manifest(data_dir)
-        raise UserError(f"{data_dir} lacks its {TOKENIZER_FILE}: prepare it again (`seektrain prepare`)")
-    return path
+    """A data dir's tokenizer.json, for a command given one with --data; UserError saying what to give
+    where the path is none (missing, a file, a folder of raw text, which is what a user most likely
+    passed: the advice must not be to replace it)."""
+    folder = Path(data_dir)
+    path = folder / TOKENIZER_FILE
+    if path.is_file():
+        return path
+    if not folder.exists():
+        what = "does not exist"
+    elif not folder.is_dir():
+        what = "is a file"
+    elif not (folder / MANIFEST).is_file():
+        what = f"is not a prepared data dir (no {MANIFEST})"
+    else:
+        what = f"lacks its {TOKENIZER_FILE}"
+    raise UserError(
+        f"{data_dir} {what}: give a data dir that `seektrain prepare` made "
+        "(`seektrain prepare --input RAW_TEXT --out data/NAME`)"
+    )
 
 
 def load_manifest(data_dir: str | os.PathLike) -> dict:
@@ -118,8 +130,12 @@ def load_manifest(data_dir: str | os.PathLike) -> dict:
     # prepare replaces only an empty folder or a data dir: one without a readable manifest goes first
     lost = f"delete {data_dir}, then run `seektrain prepare --out {data_dir}` to create it again"
     if not path.is_file():
-        nonempty = Path(data_dir).is_dir() and any(Path(data_dir).iterdir())
-        raise UserError(f"no prepared data at {data_dir} ({MANIFEST} missing): {lost if nonempty else hint}")
+        if Path(data_dir).is_dir() and any(Path(data_dir).iterdir()):  # raw text, most likely: keep it
+            hint = (
+                "prepare one from raw text with `seektrain prepare --input … --out data/NAME` (a data dir "
+                f"that lost its {MANIFEST}: delete it, then prepare it again)"
+            )
+        raise UserError(f"no prepared data at {data_dir} ({MANIFEST} missing): {hint}")
     manifest = _read_manifest(path, lost)
     version = manifest["format_version"]
     if version != FORMAT_VERSION:

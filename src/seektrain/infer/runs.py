@@ -20,7 +20,6 @@ from seektrain.checkpoint.sharded import is_sharded, read_model_state
 from seektrain.config import RunConfig
 from seektrain.data.shards import TOKENIZER_FILE
 from seektrain.errors import UserError
-from seektrain.host_limits import fit_torch_threads
 from seektrain.model.config import ModelConfig
 from seektrain.model.transformer import Transformer
 
@@ -88,9 +87,7 @@ def load_run(
     checkpoint: str | os.PathLike | None = None,
 ) -> LoadedRun:
     """The model of a run's newest (or the given) checkpoint, on `device` in `dtype`
-    (the routers' correction biases stay fp32). On CPU torch's threads are capped as the trainer's are."""
-    if torch.device(device).type == "cpu":
-        fit_torch_threads()
+    (the routers' correction biases stay fp32)."""
     for attempt in range(3):
         path = find_checkpoint(run_dir, checkpoint)
         try:
