@@ -147,12 +147,17 @@ def _handle_signals() -> dict:
 
 
 def _release_signals(previous: dict) -> None:
-    """Undo `_handle_signals`: stop the retries of deferred signals, restore the previous handlers."""
+    """Undo `_handle_signals`: stop the retries of deferred signals, restore the previous handlers (also
+    where a retry sent meanwhile raises here). Off the main thread there is nothing of its own to undo."""
     global _caller
-    _cancel_retries()
-    for signum, handler in previous.items():
-        signal.signal(signum, handler)
-    _caller = None
+    if threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        _cancel_retries()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _caller = None
 
 
 def _raise_terminated(signum, frame) -> None:
@@ -189,8 +194,7 @@ def _signal_again(signum: int) -> bool:
         since = _waiting_since.setdefault(signum, time.monotonic())
         if time.monotonic() - since > IMPORT_WAIT_MAX_S:
             return False
-        timer = threading.Timer(IMPORT_RETRY_S, _send_again, (signum,))
-        timer.args = (signum, timer)
+        timer = threading.Timer(IMPORT_RETRY_S, lambda: _send_again(signum, timer))
         timer.daemon = True
         _timers[signum] = timer
         try:
@@ -205,6 +209,8 @@ def _send_again(signum: int, timer: threading.Timer) -> None:
     with _timers_lock:  # held while sending: `_cancel_retries` returns only once no retry is in flight
         if _timers.get(signum) is timer:
             del _timers[signum]
+            if signal.getsignal(signum) not in (_raise_terminated, _raise_interrupt):
+                _waiting_since.pop(signum, None)  # another's handler takes it: this wait is over
             os.kill(os.getpid(), signum)
 
 

@@ -306,8 +306,7 @@ def test_pool_workers_ignore_ctrl_c_and_sigterm_even_under_the_clis_handler():
         assert signal.getsignal(signal.SIGTERM) is cli._raise_terminated
         assert not {signal.SIGINT, signal.SIGTERM} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        cli._release_signals(previous)
 
 
 def test_a_worker_that_dies_ends_prepare_with_one_error_instead_of_a_hang():

@@ -574,6 +574,12 @@ def test_merge_refuses_slices_that_overlap(prepared, tmp_path, corpus_docs, monk
     assert load_manifest(tmp_path / "all")["splits"]["train"]["tokens"] == load_manifest(whole)["splits"][
         "train"
     ]["tokens"]
+    for name in ("whole", "third1"):  # prepared before the fingerprint: the inputs as typed stand for it
+        manifest = load_manifest(tmp_path / name)
+        del manifest["sources"]["corpus"]
+        (tmp_path / name / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"third1 holds slice 1 of 3, .*whole one of 1 of the same corpus"):
+        merge([whole, thirds[1]], str(tmp_path / "refused"))
     (tmp_path / "elsewhere").mkdir()  # another corpus, prepared whole from a folder also typed "src"
     write_corpus(tmp_path / "elsewhere" / "src", corpus_docs[24:40])
     monkeypatch.chdir(tmp_path / "elsewhere")

@@ -149,6 +149,9 @@ def test_eval_generate_and_export_cap_cpu_threads_as_the_trainer_does(trained_ru
             torch.set_num_threads(2)
             assert cli.main([str(a) for a in argv]) == 0
             assert torch.get_num_threads() == 1, argv[0]
+        torch.set_num_threads(2)  # a library call leaves its caller's threads alone
+        load_run(trained_run, device="cpu")
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 

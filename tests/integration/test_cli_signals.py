@@ -179,3 +179,30 @@ signal.signal(signal.SIGTERM, lambda signum, frame: print("the trainer's handler
 time.sleep(0.5)
 """
     assert run_script(tmp_path, module, script) == ["the trainer's handler got it"]
+
+
+def test_release_restores_the_handlers_and_leaves_other_threads_state_alone(tmp_path):
+    """A retry's signal raised while `main` cancelled the retries skipped the restore (the CLI's handlers
+    stayed, and the next `main` would not take SIGINT up again); `main` run off the main thread cancelled
+    the main thread's deferred Ctrl-C."""
+    script = HEADER + """
+import signal, threading
+previous = cli._handle_signals()
+cli._timers[signal.SIGINT] = "pending"  # stands for a Ctrl-C the main thread deferred past an import
+worker = threading.Thread(target=cli._release_signals, args=({},))
+worker.start()
+worker.join()
+print("kept" if signal.SIGINT in cli._timers else "lost")
+cli._timers.clear()
+
+def interrupted():
+    raise KeyboardInterrupt
+
+cli._cancel_retries = interrupted  # a retry's signal, raised while they are cancelled
+try:
+    cli._release_signals(previous)
+except KeyboardInterrupt:
+    pass
+print(signal.getsignal(signal.SIGINT) is signal.default_int_handler, cli._caller is None)
+"""
+    assert run_script(tmp_path, "", script) == ["kept", "True True"]

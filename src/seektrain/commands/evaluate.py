@@ -30,8 +30,9 @@ def run(args: argparse.Namespace) -> int:
     from seektrain.infer.evaluate import EvalConfig, evaluate_run
     from seektrain.train.metrics import strict_dumps
 
-    fit_torch_threads()  # on CPU at most one per CPU it may use, as the trainer runs
     device = pick_device(args.device)
+    if device.type == "cpu":
+        fit_torch_threads()  # at most one per CPU it may use, as the trainer runs
     cfg = EvalConfig(
         data=args.data,
         split=args.split,

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from seektrain.export import export_run
     from seektrain.host_limits import fit_torch_threads
 
-    fit_torch_threads()  # on CPU at most one per CPU it may use, as the trainer runs
+    fit_torch_threads()  # it runs on CPU: at most one per CPU it may use, as the trainer runs
     if not (args.max_shard_gb > 0 and math.isfinite(args.max_shard_gb)):  # also rejects nan
         raise UserError(f"--max-shard-gb must be a finite positive number, got {args.max_shard_gb}")
     out = export_run(

@@ -47,7 +47,6 @@ def run(args: argparse.Namespace) -> int:
     from seektrain.infer.kv_cache import latent_bytes_per_token, naive_bytes_per_token
     from seektrain.infer.runs import load_run, run_tokenizer
 
-    fit_torch_threads()  # on CPU at most one per CPU it may use, as the trainer runs
     check_prompt(args.prompt)
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
@@ -57,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     device = pick_device(args.device)
+    if device.type == "cpu":
+        fit_torch_threads()  # at most one per CPU it may use, as the trainer runs
     loaded = load_run(args.run, device=device, checkpoint=args.checkpoint)
     tokenizer, _ = run_tokenizer(loaded, args.tokenizer)
     prompt = tokenizer.encode(args.prompt, add_special_tokens=False).ids

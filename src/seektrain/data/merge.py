@@ -8,6 +8,7 @@ original checksums, so the global token stream is slice 0's, then slice 1's, and
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections import Counter
@@ -31,13 +32,15 @@ from seektrain.paths import recover_interrupted
 
 def slices_held(manifest: dict) -> list[list]:
     """[corpus, index, K] of each slice a data dir holds: its own (`sources.slice`, of the corpus whose
-    fingerprint `sources.corpus` is), or those a merge recorded; none where the manifest predates them."""
+    fingerprint `sources.corpus` is), or those a merge recorded; none for a merge that predates them."""
     sources = manifest.get("sources", {})
     if "slices" in sources:
         return sources["slices"]
-    if "corpus" in sources and "slice" in sources:
-        return [[sources["corpus"], *sources["slice"]]]
-    return []
+    if "slice" not in sources:
+        return []
+    # prepared before the fingerprint (2026-11-27): its inputs as typed stand for the corpus
+    corpus = sources.get("corpus") or "inputs: " + json.dumps(sources.get("inputs", []))
+    return [[corpus, *sources["slice"]]]
 
 
 def _check_slices(slice_dirs: list[str], manifests: list[dict]) -> None:

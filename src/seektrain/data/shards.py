@@ -116,7 +116,7 @@ def tokenizer_file(data_dir: str | os.PathLike) -> Path:
     elif not (folder / MANIFEST).is_file():
         what = f"is not a prepared data dir (no {MANIFEST})"
     else:
-        what = f"lacks its {TOKENIZER_FILE}"
+        raise UserError(f"{data_dir} lacks its {TOKENIZER_FILE}: prepare it again (`seektrain prepare`)")
     raise UserError(
         f"{data_dir} {what}: give a data dir that `seektrain prepare` made "
         "(`seektrain prepare --input RAW_TEXT --out data/NAME`)"
