@@ -16,15 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seektrain.data.prepare import (
-    REPORT,
-    _swap_into_place,
-    build_failed,
-    check_out_dir,
-    make_parent,
-    remove_if_empty,
-    resolve_out,
-)
+from seektrain.data.prepare import REPORT, building, check_out_dir, resolve_out
 from seektrain.data.shards import MANIFEST, atomic_write_json, load_manifest, verify_shards
 from seektrain.errors import UserError
 from seektrain.paths import recover_interrupted
@@ -136,11 +128,7 @@ def merge(slice_dirs: list[str], out_dir: str) -> dict:
     out = resolve_out(out_dir)
     recover_interrupted(out, MANIFEST)  # what a killed prepare or merge left beside `out`
     check_out_dir(out, slice_dirs)
-    created = make_parent(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with building(out) as tmp:
         shutil.copyfile(Path(slice_dirs[0]) / first["tokenizer"]["file"], tmp / first["tokenizer"]["file"])
         splits = {}
         for split in first["splits"]:
@@ -196,11 +184,4 @@ def merge(slice_dirs: list[str], out_dir: str) -> dict:
         }
         atomic_write_json(tmp / REPORT, report)
         atomic_write_json(tmp / MANIFEST, manifest)
-        _swap_into_place(tmp, out)
-        created = []
         return report
-    except OSError as e:
-        raise UserError(build_failed(e, out)) from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        remove_if_empty(created)

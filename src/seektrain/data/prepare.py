@@ -359,9 +359,30 @@ def corpus_fingerprint(files: list[SourceFile]) -> str:
     return hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
-def make_parent(out: Path) -> list[Path]:
+@contextlib.contextmanager
+def building(out: Path) -> Iterator[Path]:
+    """A temp dir beside `out` (`.NAME.tmp-PID`) to build it in, swapped into place when the body ends
+    normally. Whatever ends it otherwise, the temp dir goes, and so do the folders made to hold `out`
+    where they are left empty; an OSError (a full disk, no write permission) is one line that says
+    `out` keeps what it held."""
+    created = _make_parent(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        yield tmp
+        _swap_into_place(tmp, out)
+        created = []
+    except OSError as e:
+        raise UserError(_build_failed(e, out)) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_if_empty(created)
+
+
+def _make_parent(out: Path) -> list[Path]:
     """Create the folder that holds `out` and its temp sibling; UserError when a file stands in its way.
-    Returns the folders it created, deepest first, for `remove_if_empty` where the build then fails."""
+    Returns the folders it created, deepest first, for `_remove_if_empty` where the build then fails."""
     check_dir_target(out, "--out")
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     try:
@@ -371,7 +392,7 @@ def make_parent(out: Path) -> list[Path]:
     return created
 
 
-def remove_if_empty(folders: list[Path]) -> None:
+def _remove_if_empty(folders: list[Path]) -> None:
     """Remove the folders (deepest first) that a failed or interrupted build created and left empty (an
     interrupted first `seektrain train` left ./data behind)."""
     for folder in folders:
@@ -404,14 +425,9 @@ def prepare(cfg: PrepareConfig) -> dict:
         else None
     )
 
-    created = make_parent(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     stats = {"documents_in": 0, "bytes_in": 0, "dropped": Counter()}
     seconds: dict[str, float] = {}
-    progress = _Progress(cfg.progress)
-    try:
-        tmp.mkdir()
+    with building(out) as tmp, contextlib.closing(_Progress(cfg.progress)) as progress:
         scratch = tmp / "clean.scratch"
         t = time.perf_counter()
         offsets, keys, split_hashes, band_rows = _clean_pass(files, cfg, scratch, minhash, stats, progress)
@@ -502,18 +518,10 @@ def prepare(cfg: PrepareConfig) -> dict:
         }
         atomic_write_json(tmp / REPORT, report)
         atomic_write_json(tmp / MANIFEST, manifest)  # last: its presence marks a complete data dir
-        _swap_into_place(tmp, out)
-        created = []
         return report
-    except OSError as e:  # writing: a full disk, a folder without write permission
-        raise UserError(build_failed(e, out)) from e
-    finally:
-        progress.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        remove_if_empty(created)
 
 
-def build_failed(e: OSError, out: Path) -> str:
+def _build_failed(e: OSError, out: Path) -> str:
     """One line for an OSError while a data dir is built beside `out` (reads raise their own UserError)."""
     where = f" ({e.filename})" if e.filename else ""
     return f"cannot build {out}: {e.strerror or e}{where}; it keeps what it held before"
@@ -533,8 +541,7 @@ def print_summary(report: dict) -> None:
     else:
         head = (
             f"prepared {report['out_dir']} in {report['seconds']['total']:.1f} s "
-            f"({report['mb_per_s']:.1f} MB/s of raw text, {report['workers']} "
-            f"worker{'s' if report['workers'] != 1 else ''})"
+            f"({report['mb_per_s']:.1f} MB/s of raw text, {_plural(report['workers'], 'worker')})"
         )
     lines = [
         head,
