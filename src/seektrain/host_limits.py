@@ -43,38 +43,32 @@ def fit_torch_threads(root: Path = CGROUP_ROOT, proc: Path = PROC_CGROUP) -> int
 
 def cpu_quota(root: Path = CGROUP_ROOT, proc: Path = PROC_CGROUP) -> float | None:
     """CPUs' worth of time per period the cgroup allows (quota / period, the smallest along the path),
-    or None without a quota."""
-    quotas = []
-    if (v2 := _v2_dirs(root, proc)) is not None:
-        for d in v2:
-            fields = _read(d / "cpu.max").split()  # "max 100000" or "150000 100000"
-            if len(fields) == 2 and fields[0] != "max":
-                quotas.append(_ratio(fields[0], fields[1]))
-    else:
-        for d in _v1_dirs(root, proc, "cpu"):
-            quota, period = _read(d / "cpu.cfs_quota_us"), _read(d / "cpu.cfs_period_us")
-            if quota.lstrip("-").isdigit() and int(quota) > 0:  # -1: no quota
-                quotas.append(_ratio(quota, period))
-    quotas = [q for q in quotas if q is not None]
+    or None without a quota ("max" in v2, -1 in v1)."""
+    dirs, v2 = _limit_dirs(root, proc, "cpu")
+    v1_files = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+    pairs = [_read(d / "cpu.max").split() if v2 else [_read(d / f) for f in v1_files] for d in dirs]
+    quotas = [q for pair in pairs if len(pair) == 2 and (q := _ratio(*pair)) is not None]
     return min(quotas) if quotas else None
+
+
+# per cgroup version (v2?): the limit file, the usage file, and the inactive page cache's key in memory.stat
+_MEMORY_FILES = {
+    True: ("memory.max", "memory.current", "inactive_file"),
+    False: ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+}
 
 
 def memory_headroom(root: Path = CGROUP_ROOT, proc: Path = PROC_CGROUP) -> int | None:
     """Bytes the process may still allocate under its cgroup's memory limit (the least along the path):
     the limit minus what the cgroup uses, less its inactive page cache, which the kernel reclaims first
     (the working set Kubernetes and Docker compare with the limit); None without a limit."""
+    dirs, v2 = _limit_dirs(root, proc, "memory")
+    limit_file, usage_file, inactive_key = _MEMORY_FILES[v2]
     room = []
-    if (v2 := _v2_dirs(root, proc)) is not None:
-        for d in v2:
-            limit, usage = _read(d / "memory.max"), _read(d / "memory.current")
-            if limit.isdigit() and usage.isdigit():
-                room.append(int(limit) - int(usage) + _stat(d / "memory.stat").get("inactive_file", 0))
-    else:
-        for d in _v1_dirs(root, proc, "memory"):
-            limit, usage = _read(d / "memory.limit_in_bytes"), _read(d / "memory.usage_in_bytes")
-            if limit.isdigit() and usage.isdigit() and int(limit) < _V1_NO_LIMIT:
-                inactive = _stat(d / "memory.stat").get("total_inactive_file", 0)
-                room.append(int(limit) - int(usage) + inactive)
+    for d in dirs:
+        limit, usage = _read(d / limit_file), _read(d / usage_file)  # v2 "max", v1 ~2**63: no limit
+        if limit.isdigit() and usage.isdigit() and int(limit) < _V1_NO_LIMIT:
+            room.append(int(limit) - int(usage) + _stat(d / "memory.stat").get(inactive_key, 0))
     return max(0, min(room)) if room else None
 
 
@@ -107,18 +101,14 @@ def _own_paths(proc: Path) -> dict[str, str]:
     return paths
 
 
-def _v2_dirs(root: Path, proc: Path) -> list[Path] | None:
-    """The v2 folders whose limits apply, or None where the root is not a v2 hierarchy."""
-    path = _own_paths(proc).get("")
-    if path is None or not (root / "cgroup.controllers").is_file():
-        return None
-    return _up_to(root, path)
-
-
-def _v1_dirs(root: Path, proc: Path, controller: str) -> list[Path]:
-    path = _own_paths(proc).get(controller)
-    base = root / controller  # a link to "cpu,cpuacct" where the two share a mount
-    return [] if path is None or not base.is_dir() else _up_to(base, path)
+def _limit_dirs(root: Path, proc: Path, controller: str) -> tuple[list[Path], bool]:
+    """The folders whose limits of `controller` apply to this process, and whether they are cgroup v2
+    (a v2 hierarchy at the root; else v1, with a mount per controller: "cpu" may link to "cpu,cpuacct")."""
+    paths = _own_paths(proc)
+    if "" in paths and (root / "cgroup.controllers").is_file():
+        return _up_to(root, paths[""]), True
+    base = root / controller
+    return ([] if controller not in paths or not base.is_dir() else _up_to(base, paths[controller])), False
 
 
 def _up_to(base: Path, path: str) -> list[Path]:
@@ -143,7 +133,9 @@ def _stat(path: Path) -> dict[str, int]:
 
 
 def _ratio(quota: str, period: str) -> float | None:
-    return int(quota) / int(period) if quota.isdigit() and period.isdigit() and int(period) > 0 else None
+    """quota / period where both are positive integers ("max" and "-1" mean no quota)."""
+    numbers = quota.isdigit() and period.isdigit() and int(quota) > 0 and int(period) > 0
+    return int(quota) / int(period) if numbers else None
 
 
 def _read(path: Path) -> str:
