@@ -66,7 +66,7 @@ def check_before_data(path: Path, cfg: RunConfig) -> None:
     check_same_model({**saved["model"], **{k: now.get(k) for k in SET_BY_THE_DATA}}, cfg, path)
     check_same_optimizer(saved["optim"], cfg, path)
     stream = {"seq_len": saved["data"]["seq_len"], "seed": saved["train"]["seed"]}
-    check_same_stream_settings(stream, {"seq_len": cfg.data.seq_len, "seed": cfg.train.seed}, path)
+    _check_same_stream_settings(stream, {"seq_len": cfg.data.seq_len, "seed": cfg.train.seed}, path)
 
 
 def check_same_optimizer(saved: dict, cfg: RunConfig, path: Path) -> None:
@@ -81,7 +81,7 @@ def check_same_optimizer(saved: dict, cfg: RunConfig, path: Path) -> None:
 def check_same_stream(saved: dict, now: dict, cfg: RunConfig, path: Path) -> None:
     """The token stream must go on where the checkpoint left it: the same data, sequence length and seed
     (the loader checks the rest of its state)."""
-    check_same_stream_settings(saved, now, path)
+    _check_same_stream_settings(saved, now, path)
     if any(saved.get(key, now[key]) != now[key] for key in ("data", "num_sequences")):
         raise UserError(
             f"cannot resume from {path}: it was trained on other data than data.path={cfg.data.path!r} "
@@ -90,7 +90,7 @@ def check_same_stream(saved: dict, now: dict, cfg: RunConfig, path: Path) -> Non
         )
 
 
-def check_same_stream_settings(saved: dict, now: dict, path: Path) -> None:
+def _check_same_stream_settings(saved: dict, now: dict, path: Path) -> None:
     """The sequence length and seed of the stream (`seq_len`, `seed` in both dicts) are the checkpoint's."""
     for key, setting in (("seq_len", "data.seq_len"), ("seed", "train.seed")):  # seq_len: before the count
         if saved.get(key, now[key]) != now[key]:
@@ -101,8 +101,8 @@ def check_same_stream_settings(saved: dict, now: dict, path: Path) -> None:
 
 
 def _stream_advice(path: Path) -> str:
-    config = path / "config.toml"
-    return f"use the run's settings (--config {config} has them) or start a new run in a new --run-dir"
+    settings = path / CONFIG_FILE
+    return f"use the run's settings (--config {settings} has them) or start a new run in a new --run-dir"
 
 
 def validation_change(saved: dict, cfg: RunConfig, val: TokenLoader | None) -> list[str]:
