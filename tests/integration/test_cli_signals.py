@@ -9,16 +9,40 @@ import sys
 
 import pytest
 
-SCRIPT = """
-import os, signal, sys, time
+HEADER = """
+import sys, time
 from seektrain import cli
+sys.path.insert(0, sys.argv[1])
+"""
+
+
+def run_script(tmp_path, module: str, script: str) -> list[str]:
+    """Run `script` (HEADER first) in a fresh interpreter, with `module` importable as slow_import; its
+    printed lines. It must end normally and print no traceback."""
+    (tmp_path / "slow_import.py").write_text(module)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    return result.stdout.splitlines()
+
+
+@pytest.mark.parametrize("name, raised", [("SIGTERM", "Terminated"), ("SIGINT", "KeyboardInterrupt")])
+def test_a_signal_during_an_import_stops_the_command_after_it(tmp_path, name, raised):
+    module = f"""
+import os, signal, time
+before_the_signal = True
+os.kill(os.getpid(), signal.{name})
+time.sleep(0.2)  # a Python handler runs in here, at the next bytecode
+after_the_signal = True
+"""
+    script = HEADER + """
 from seektrain.errors import Terminated
 
 cli._handle_signals()
-sys.path.insert(0, sys.argv[1])
 try:
-    import signals_itself  # its body sends the signal to this process half-way through
-    print("imported whole:", signals_itself.after_the_signal)
+    import slow_import  # its body sends the signal to this process half-way through
+    print("imported whole:", slow_import.after_the_signal)
     time.sleep(10)
     print("never stopped")
 except KeyboardInterrupt:
@@ -26,24 +50,7 @@ except KeyboardInterrupt:
 except Terminated:
     print("stopped: Terminated")
 """
-
-MODULE = """
-import os, signal, time
-before_the_signal = True
-os.kill(os.getpid(), signal.{name})
-time.sleep(0.2)  # a Python handler runs in here, at the next bytecode
-after_the_signal = True
-"""
-
-
-@pytest.mark.parametrize("name, raised", [("SIGTERM", "Terminated"), ("SIGINT", "KeyboardInterrupt")])
-def test_a_signal_during_an_import_stops_the_command_after_it(tmp_path, name, raised):
-    (tmp_path / "signals_itself.py").write_text(MODULE.format(name=name))
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=60
-    )
-    assert result.stdout.splitlines() == ["imported whole: True", f"stopped: {raised}"], result
-    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert run_script(tmp_path, module, script) == ["imported whole: True", f"stopped: {raised}"]
 
 
 def test_an_ignored_ctrl_c_stays_ignored():
@@ -81,22 +88,6 @@ def test_under_a_launcher_only_rank_zero_says_interrupted(tmp_path):
         proc.send_signal(signal.SIGINT)
         outputs[rank] = (proc.wait(timeout=60), proc.stderr.read())
     assert outputs == {"0": (130, "interrupted\n"), "1": (130, "")}, outputs
-
-
-def run_script(tmp_path, module: str, script: str) -> list[str]:
-    (tmp_path / "slow_import.py").write_text(module)
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60
-    )
-    assert "Traceback" not in result.stderr, result.stderr
-    return result.stdout.splitlines()
-
-
-HEADER = """
-import sys, time
-from seektrain import cli
-sys.path.insert(0, sys.argv[1])
-"""
 
 
 def test_ctrl_c_pressed_again_while_an_import_finishes_is_not_replayed_into_the_cleanup(tmp_path):
